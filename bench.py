@@ -1,0 +1,106 @@
+"""
+Benchmark the training step: tokens/s, MFU and peak memory, eager and torch.compiled, on random tokens.
+
+    python bench.py                                  # the demo LM on this machine, eager and compiled
+    python bench.py --encoder=siglip                 # the demo VLM: encoder unfrozen, frozen, frozen + cached features
+    python bench.py --model=79m --block_size=2048 --batch_size=8 --device=cuda
+
+MFU is measured against a peak: on CUDA the datasheet's dense bf16 figure (model.PEAK_FLOPS), and in every case the
+matmul throughput this device really reaches, measured here first, so a CPU gets an MFU too.
+"""
+
+import resource
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+
+from configurator import configure
+from encoders import build_encoder
+from model import GPT, PRESETS, VLM, GPTConfig, device_peak_flops
+
+config = dict(model='demo', block_size=256, batch_size=16, vocab_size=320, device='auto', dtype='auto', steps=10,
+              warmup=3, modes='', encoder='', encoder_scale='tiny', images_per_row=2, seed=0)
+IMAGE_TOKEN = 257
+
+
+def measured_peak_flops(device, dtype, n=2048, repeats=10):
+    """FLOP/s of a large square matmul: the most this device does in practice."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
+    for _ in range(2):
+        a @ b
+    sync()
+    t = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    sync()
+    return 2 * n ** 3 * repeats / (time.perf_counter() - t)
+
+
+def bench_step(model, optimizer, x, autocast, steps, warmup, sync, **inputs):
+    """Seconds per training step, after warmup steps (which include compilation)."""
+    for i in range(warmup + steps):
+        if i == warmup:
+            sync()
+            t = time.perf_counter()
+        with autocast:
+            _, loss = model(x, x, **inputs)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    sync()
+    return (time.perf_counter() - t) / steps
+
+
+def main(cfg):
+    dev = torch.device(cfg['device'] if cfg['device'] != 'auto' else ('cuda' if torch.cuda.is_available() else 'cpu'))
+    dtype = cfg['dtype'] if cfg['dtype'] != 'auto' else ('bfloat16' if dev.type == 'cuda' else 'float32')
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if dtype == 'bfloat16' else nullcontext()
+    sync = torch.cuda.synchronize if dev.type == 'cuda' else (lambda: None)
+    peak = measured_peak_flops(dev, getattr(torch, dtype))
+    sheet = device_peak_flops(dev)
+    print(f'device {dev} ({torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"{torch.get_num_threads()} threads"}), '
+          f'{dtype}: measured matmul peak {peak / 1e12:.3f} TFLOP/s'
+          + (f', datasheet {sheet / 1e12:.0f} TFLOP/s' if sheet else ''))
+    modes = cfg['modes'] or ('unfrozen,frozen,cached' if cfg['encoder'] else 'eager,compiled')
+    for mode in modes.split(','):
+        torch.manual_seed(cfg['seed'])
+        gpt = GPT(GPTConfig(block_size=cfg['block_size'], vocab_size=cfg['vocab_size'], **PRESETS[cfg['model']]))
+        x = torch.randint(0, 256, (cfg['batch_size'], cfg['block_size']), device=dev)
+        inputs, n_images = {}, 0
+        if cfg['encoder']:
+            enc = build_encoder(cfg['encoder'], cfg['encoder_scale'], freeze=mode != 'unfrozen')
+            gpt = VLM(gpt, enc, IMAGE_TOKEN)
+            n_images = cfg['batch_size'] * cfg['images_per_row']
+            x[:, :cfg['images_per_row'] * enc.num_tokens] = IMAGE_TOKEN  # each row starts with its images
+            images = torch.randint(0, 256, (n_images, enc.img_size, enc.img_size, 3), dtype=torch.uint8, device=dev)
+            if mode == 'cached':  # what a feature cache hands the step: float16 features, no encoder call
+                inputs['features'] = enc.to(dev).encode(images).half()
+            else:
+                inputs['images'] = images
+        gpt = gpt.to(dev)
+        extra = {'encoder_lr': 1e-4} if cfg['encoder'] else {}
+        optimizer = gpt.configure_optimizers(0.1, 1e-4, (0.9, 0.95), dev.type, **extra)
+        model = torch.compile(gpt) if mode == 'compiled' else gpt
+        if dev.type == 'cuda':
+            torch.cuda.reset_peak_memory_stats(dev)
+        dt = bench_step(model, optimizer, x, autocast, cfg['steps'], cfg['warmup'], sync, **inputs)
+        tok_s = cfg['batch_size'] * cfg['block_size'] / dt
+        if dev.type == 'cuda':
+            mem = f'peak memory {torch.cuda.max_memory_allocated(dev) / 2 ** 30:.2f} GiB'
+        else:  # the process's high-water mark so far: an upper bound for this mode
+            mem = f'peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.2f} GiB'
+        name = cfg['model'] + (f' + {cfg["encoder"]}' if cfg['encoder'] else '')
+        line = (f'{name} {mode:>8}: {gpt.num_params() / 1e6:.2f}M params | {dt * 1000:.1f} ms/step | '
+                f'{tok_s:,.0f} tok/s' + (f' | {n_images / dt:,.0f} images/s' if n_images else '') +
+                f' | LM MFU {gpt.estimate_mfu(tok_s, peak):.1%} of measured peak')
+        if sheet:
+            line += f', {gpt.estimate_mfu(tok_s, sheet):.1%} of datasheet'
+        print(line + f' | {mem}')
+
+
+if __name__ == '__main__':
+    main(configure(sys.argv[1:], config))

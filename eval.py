@@ -1,0 +1,183 @@
+"""
+Evaluate a nanoVLP checkpoint: per-task accuracy, chance, centered accuracy and bootstrap intervals, and the
+stable scores: the mean centered accuracy over the text tasks (text stable score) and over the vision tasks
+(vision stable score).
+
+    python eval.py --ckpt=out/text/ckpt_100          # prints a table, writes out/text/ckpt_100/eval.json
+
+Centered accuracy (a - c) / (1 - c) puts chance at 0 and a perfect score at 1, so tasks with different numbers of
+choices average fairly.
+"""
+
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+import data
+from configurator import configure
+from model import GPT, GPTConfig
+
+# -----------------------------------------------------------------------------
+# loading checkpoints
+
+
+def read_checkpoint_info(ckpt_dir):
+    path = os.path.join(ckpt_dir, 'config.json')
+    if not os.path.exists(path):
+        raise FileNotFoundError(f'no checkpoint at {ckpt_dir} ({path} is missing): create it with '
+                                f'`python train.py --stages=text` (text checkpoints go to text_out_dir/ckpt_XXX)')
+    with open(path) as f:
+        return json.load(f)
+
+
+def load_model(ckpt_dir, device='cpu'):
+    """Rebuild the model saved in ckpt_dir; returns (model in eval mode, the checkpoint's config.json)."""
+    info = read_checkpoint_info(ckpt_dir)
+    model = GPT(GPTConfig(**info['model_args']))
+    state = load_file(os.path.join(ckpt_dir, 'model.safetensors'))
+    model.load_state_dict(state, strict=True)
+    return model.to(device).eval(), info
+
+
+# -----------------------------------------------------------------------------
+# multiple choice by log-likelihood
+
+@torch.no_grad()
+def score_choices(model, enc, items, device, max_elements=2 ** 25):
+    """
+    Log-likelihood of each item's choices as continuations of its prompt. Returns per item a list of
+    (sum of log-probabilities, number of bytes) for its choices. Sequences are batched longest-first, with as many
+    rows as keep the logits under max_elements floats.
+    """
+    block = model.config.block_size
+    seqs = []  # (item index, choice index, prompt tokens, choice tokens)
+    for i, item in enumerate(items):
+        prompt = enc.encode_ordinary(item['prompt'])
+        for j, choice in enumerate(item['choices']):
+            cont = enc.encode_ordinary(choice)
+            ctx = prompt[-(block - len(cont)):]  # keep the end of an over-long prompt
+            seqs.append((i, j, ctx, cont))
+    seqs.sort(key=lambda s: -(len(s[2]) + len(s[3])))
+    scores = [[None] * len(item['choices']) for item in items]
+    vocab = model.config.vocab_size
+    start = 0
+    while start < len(seqs):
+        T = len(seqs[start][2]) + len(seqs[start][3]) - 1
+        rows = max(1, max_elements // (T * vocab))
+        batch = seqs[start:start + rows]
+        start += rows
+        x = torch.zeros(len(batch), T, dtype=torch.long)
+        for r, (_, _, ctx, cont) in enumerate(batch):
+            full = ctx + cont
+            x[r, :len(full) - 1] = torch.tensor(full[:-1])
+        logprobs = F.log_softmax(model(x.to(device))[0].float(), dim=-1).cpu()
+        for r, (i, j, ctx, cont) in enumerate(batch):
+            pos = torch.arange(len(ctx) - 1, len(ctx) - 1 + len(cont))
+            lp = logprobs[r, pos, torch.tensor(cont)].sum().item()
+            scores[i][j] = (lp, len(items[i]['choices'][j].encode()))
+    return scores
+
+
+def multiple_choice(model, enc, items, device):
+    """Per item: 1.0 when the highest-likelihood choice is the answer; also the per-byte normalized variant."""
+    scores = score_choices(model, enc, items, device)
+    raw = [float(np.argmax([lp for lp, _ in s]) == it['answer']) for s, it in zip(scores, items)]
+    norm = [float(np.argmax([lp / n for lp, n in s]) == it['answer']) for s, it in zip(scores, items)]
+    return raw, norm
+
+
+# -----------------------------------------------------------------------------
+# scores and intervals
+
+def centered(accuracy, chance):
+    return (accuracy - chance) / (1.0 - chance)
+
+
+def bootstrap_means(scores, n_boot, rng):
+    """n_boot bootstrap resamples of the mean of scores."""
+    scores = np.asarray(scores, dtype=np.float64)
+    return scores[rng.integers(0, len(scores), size=(n_boot, len(scores)))].mean(axis=1)
+
+
+def interval(samples):
+    return [float(np.percentile(samples, 2.5)), float(np.percentile(samples, 97.5))]
+
+
+def task_result(modality, scores, chance, rng, n_boot=1000, **extra):
+    acc = float(np.mean(scores))
+    boots = centered(bootstrap_means(scores, n_boot, rng), chance)
+    return dict(modality=modality, accuracy=acc, chance=chance, centered=centered(acc, chance), n=len(scores),
+                ci95=interval(boots), scores=[float(s) for s in scores], **extra)
+
+
+def stable_score(tasks, modality, rng, n_boot=1000):
+    """Mean centered accuracy over the tasks of one modality, with a bootstrap interval that resamples each task."""
+    chosen = [t for t in tasks.values() if t['modality'] == modality]
+    if not chosen:
+        return None, None
+    boots = np.mean([centered(bootstrap_means(t['scores'], n_boot, rng), t['chance']) for t in chosen], axis=0)
+    return float(np.mean([t['centered'] for t in chosen])), interval(boots)
+
+
+def text_tasks(model, enc, items, device, rng):
+    tasks = {}
+    for name in sorted({it['task'] for it in items}):
+        chosen = [it for it in items if it['task'] == name]
+        k = {len(it['choices']) for it in chosen}
+        if len(k) != 1:
+            raise ValueError(f'text task {name} mixes items with {sorted(k)} choices: chance would be unknown')
+        raw, norm = multiple_choice(model, enc, chosen, device)
+        tasks[name] = task_result('text', raw, 1.0 / k.pop(), rng, accuracy_norm=float(np.mean(norm)))
+    return tasks
+
+
+def evaluate(model, enc, folder, device, seed=0):
+    """All tasks of the dataset in folder; returns the eval.json dict."""
+    rng = np.random.default_rng(seed)
+    tasks = text_tasks(model, enc, data.load_text_tasks(folder), device, rng)
+    results = {'vision_stable_score': None, 'vision_stable_score_ci95': None,
+               'vision_blind_stable_score': None, 'vision_blind_stable_score_ci95': None}
+    score, ci = stable_score(tasks, 'text', rng)
+    results.update(text_stable_score=score, text_stable_score_ci95=ci, tasks=tasks)
+    return results
+
+
+def format_table(results):
+    lines = [f"{'task':<14}{'modality':<10}{'acc':>7}{'chance':>8}{'centered':>10}  {'95% CI':<16}{'n':>6}"]
+    for name, t in results['tasks'].items():
+        lo, hi = t['ci95']
+        lines.append(f"{name:<14}{t['modality']:<10}{t['accuracy']:>7.3f}{t['chance']:>8.3f}{t['centered']:>10.3f}  "
+                     f"[{lo:+.3f}, {hi:+.3f}]{t['n']:>6}")
+    for key in ('vision_stable_score', 'vision_blind_stable_score', 'text_stable_score'):
+        value, ci = results[key], results[key + '_ci95']
+        shown = 'n/a (no image encoder)' if value is None else f'{value:.3f}  [{ci[0]:+.3f}, {ci[1]:+.3f}]'
+        lines.append(f"{key.replace('_', ' '):<32}{shown}")
+    return '\n'.join(lines)
+
+
+def evaluate_checkpoint(ckpt_dir, device='cpu', verbose=True):
+    """Evaluate the model in ckpt_dir and write ckpt_dir/eval.json; returns the results."""
+    model, info = load_model(ckpt_dir, device)
+    enc = data.get_tokenizer(info['tokenizer'])
+    folder = data.dataset_dir(info['config']['dataset'], info['config']['data_dir'])
+    results = evaluate(model, enc, folder, device)
+    results['checkpoint'] = {'stage': info['stage'], 'step': info['step']}
+    tmp = os.path.join(ckpt_dir, 'eval.json.tmp')
+    with open(tmp, 'w') as f:
+        json.dump(results, f)
+    os.replace(tmp, os.path.join(ckpt_dir, 'eval.json'))
+    if verbose:
+        print(f'{ckpt_dir} ({info["stage"]} stage, step {info["step"]})\n{format_table(results)}')
+    return results
+
+
+if __name__ == '__main__':
+    args = configure(sys.argv[1:], {'ckpt': '', 'device': 'cpu'})
+    if not args['ckpt']:
+        sys.exit('usage: python eval.py --ckpt=DIR [--device=cuda]')
+    evaluate_checkpoint(args['ckpt'], args['device'])

@@ -1,0 +1,106 @@
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import data
+
+
+def test_byte_tokenizer_round_trip_and_specials():
+    enc = data.get_tokenizer('bytes')
+    text = 'Bumi has a pet cat. ünïcode ✓'
+    ids = enc.encode_ordinary(text)
+    assert max(ids) < 256 and enc.decode(ids) == text
+    assert [data.special_id(enc, t) for t in data.SPECIAL_TOKENS] == [256, 257, 258, 259]
+    assert data.padded_vocab_size(enc) == 320
+
+
+def test_text_never_produces_special_tokens():
+    enc = data.get_tokenizer('bytes')
+    ids = enc.encode_ordinary('a caption with <|image|> and <|endoftext|> in it')
+    assert max(ids) < 256
+    assert enc.decode(ids).count('<|image|>') == 1
+
+
+def test_unknown_tokenizer():
+    with pytest.raises(ValueError, match="unknown tokenizer 'bpe'"):
+        data.get_tokenizer('bpe')
+
+
+def test_world_and_corpus_are_deterministic():
+    assert data.make_world() == data.make_world()
+    world = data.make_world()
+    assert data.make_corpus(world, 1, 5000) == data.make_corpus(world, 1, 5000)
+    assert data.make_corpus(world, 1, 5000) != data.make_corpus(world, 2, 5000)
+
+
+def test_corpus_states_the_world_facts():
+    world = data.make_world()
+    text = ' '.join(data.make_corpus(world, 1, 200_000))
+    person = world['people'][0]
+    facts = world['facts'][person]
+    assert f"The favorite color of {person} is {facts['color']}." in text or \
+        f"{person} likes the color {facts['color']} best." in text
+    assert 'three plus four is seven.' in text
+
+
+def test_text_tasks_have_known_chance_and_uniform_answers():
+    items = data.make_text_tasks(data.make_world(), 3, 400)
+    assert {it['task'] for it in items} == {'facts', 'arithmetic', 'sequence'}
+    for it in items:
+        assert len(it['choices']) == 4 and len(set(it['choices'])) == 4
+        assert it['choices'][it['answer']].startswith(' ')
+    # the right answer sits uniformly among the choices, so an answer-blind scorer gets 1/4
+    positions = np.bincount([it['answer'] for it in items if it['task'] != 'arithmetic'], minlength=4)
+    assert positions.min() > 0.2 * positions.sum()
+    world = data.make_world()
+    for it in items:
+        if it['task'] == 'arithmetic':
+            a, op, b = it['prompt'].split()[:3]
+            a, b = data.NUMBER_WORDS.index(a), data.NUMBER_WORDS.index(b)
+            assert it['choices'][it['answer']].strip() == data.NUMBER_WORDS[a + b if op == 'plus' else a - b]
+        if it['task'] == 'facts' and it['prompt'].startswith('The pet of'):
+            person = it['prompt'].split()[3]
+            assert it['choices'][it['answer']].strip() == world['facts'][person]['pet']
+
+
+def test_prepared_shards_match_meta(shapes_dir):
+    folder = os.path.join(shapes_dir, 'shapes')
+    meta = data.load_meta(folder)
+    for split in ('train', 'val'):
+        tokens = data.open_shard(folder, split)
+        assert len(tokens) == meta['tokens'][split] and tokens.dtype == np.uint16
+    assert data.open_shard(folder, 'train')[:200].max() <= 256
+
+
+def test_wrong_shard_size_or_dtype_is_a_clear_error(tmp_path):
+    np.arange(100, dtype=np.uint16).tofile(tmp_path / 'train.bin')
+    (tmp_path / 'meta.json').write_text(json.dumps({'dtype': 'uint16', 'tokens': {'train': 120}}))
+    with pytest.raises(ValueError, match='truncated or was written with another dtype'):
+        data.open_shard(str(tmp_path), 'train')
+    np.arange(60, dtype=np.uint32).tofile(tmp_path / 'train.bin')  # 240 bytes: 120 uint16 would fit...
+    (tmp_path / 'meta.json').write_text(json.dumps({'dtype': 'uint32', 'tokens': {'train': 120}}))
+    with pytest.raises(ValueError, match='480 bytes'):  # ...but meta says uint32
+        data.open_shard(str(tmp_path), 'train')
+
+
+def test_missing_meta_names_the_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match='meta.json not found'):
+        data.open_shard(str(tmp_path), 'train')
+
+
+def test_text_batch_targets_are_shifted_inputs(shapes_dir):
+    tokens = data.open_shard(os.path.join(shapes_dir, 'shapes'), 'train')
+    x, y = data.text_batch(tokens, 4, 32, torch.Generator().manual_seed(0))
+    assert x.shape == y.shape == (4, 32)
+    assert torch.equal(x[:, 1:], y[:, :-1])
+
+
+def test_ranks_split_the_single_process_batch(shapes_dir):
+    tokens = data.open_shard(os.path.join(shapes_dir, 'shapes'), 'train')
+    whole, _ = data.text_batch(tokens, 8, 16, torch.Generator().manual_seed(5))
+    halves = [data.text_batch(tokens, 4, 16, torch.Generator().manual_seed(5), rank=r, world_size=2)[0]
+              for r in range(2)]
+    assert torch.equal(torch.cat(halves), whole)

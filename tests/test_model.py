@@ -1,0 +1,132 @@
+import math
+
+import pytest
+import torch
+
+from model import GPT, PRESETS, GPTConfig
+
+
+def tiny(**kw):
+    args = dict(block_size=32, vocab_size=64, n_layer=2, n_head=2, n_embd=32)
+    args.update(kw)
+    return GPT(GPTConfig(**args))
+
+
+@pytest.mark.parametrize('name,expected', [('79m', 78.785e6), ('1b', 1.439e9)])
+def test_presets_match_the_paper(name, expected):
+    with torch.device('meta'):
+        gpt = GPT(GPTConfig(vocab_size=50304, block_size=2048, **PRESETS[name]))
+    assert gpt.num_params() == pytest.approx(expected, rel=1e-3)
+
+
+def test_swiglu_width_is_openlm_rule():
+    assert GPTConfig(n_embd=512).mlp_hidden == 1536  # 8/3 * 512 = 1365.3 -> 1536
+    assert GPTConfig(n_embd=2048).mlp_hidden == 5632
+
+
+def test_tied_embeddings_share_one_tensor():
+    gpt = tiny(tie_embeddings=True)
+    assert gpt.lm_head.weight is gpt.wte.weight
+    assert gpt.num_params() == tiny().num_params() - 64 * 32
+
+
+def test_weight_decay_only_on_matrices():
+    gpt = tiny()
+    opt = gpt.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 'cpu')
+    decay, no_decay = opt.param_groups
+    assert decay['weight_decay'] == 0.1 and all(p.dim() >= 2 for p in decay['params'])
+    assert no_decay['weight_decay'] == 0.0 and all(p.dim() < 2 for p in no_decay['params'])
+    assert len(decay['params']) + len(no_decay['params']) == len(list(gpt.parameters()))
+
+
+def test_kv_cache_logits_equal_full_forward():
+    gpt = tiny().eval()
+    idx = torch.randint(0, 64, (3, 20))
+    full, _ = gpt(idx)
+    cache = gpt.make_cache(3)
+    prefix, _ = gpt(idx[:, :7], cache=cache, pos=0)
+    chunk, _ = gpt(idx[:, 7:12], cache=cache, pos=7)  # several tokens at once: needs the offset causal mask
+    steps = [gpt(idx[:, t:t + 1], cache=cache, pos=t)[0] for t in range(12, 20)]
+    cached = torch.cat([prefix, chunk, *steps], dim=1)
+    torch.testing.assert_close(cached, full, atol=1e-5, rtol=1e-5)
+
+
+def test_greedy_generate_matches_full_forward_argmax():
+    gpt = tiny().eval()
+    idx = torch.randint(0, 64, (2, 5))
+    out = gpt.generate(idx, max_new_tokens=10)
+    ref = idx
+    for _ in range(10):  # the slow way: a full forward pass for every new token
+        ref = torch.cat([ref, gpt(ref)[0][:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(out, ref)
+
+
+def test_generate_stops_and_pads_with_stop_token():
+    gpt = tiny().eval()
+    idx = torch.randint(0, 64, (2, 5))
+    first = gpt.generate(idx, max_new_tokens=1)[:, -1]
+    out = gpt.generate(idx, max_new_tokens=6, stop_token=int(first[0]))
+    assert (out[0, 5:] == first[0]).all()  # row 0 stopped at once and is padded with the stop token
+
+
+def test_top_k_one_is_greedy():
+    gpt = tiny().eval()
+    idx = torch.randint(0, 64, (2, 5))
+    assert torch.equal(gpt.generate(idx, 8, temperature=1.0, top_k=1), gpt.generate(idx, 8))
+
+
+def test_splice_writes_values_at_masked_positions():
+    gpt = tiny().eval()
+    idx = torch.randint(0, 64, (2, 10))
+    mask = torch.zeros(2, 10, dtype=torch.bool)
+    mask[0, 2:4] = True
+    mask[1, 7] = True
+    values = torch.randn(3, 32)
+    seen = {}
+    gpt.blocks[1].register_forward_pre_hook(lambda m, args: seen.update(x=args[0].detach().clone()))
+    gpt(idx, splice=(1, mask, values))
+    assert torch.equal(seen['x'][mask], values)  # row-major order: row 0's two positions, then row 1's
+    assert not torch.equal(seen['x'][~mask][:1], values[:1])
+
+
+def test_loss_ignores_minus_one_targets():
+    gpt = tiny()
+    idx = torch.randint(0, 64, (2, 8))
+    targets = idx.clone()
+    targets[:, :4] = -1
+    logits, loss = gpt(idx, targets)
+    expected = torch.nn.functional.cross_entropy(logits[:, 4:].reshape(-1, 64), idx[:, 4:].reshape(-1))
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_too_long_sequence_is_an_error():
+    with pytest.raises(ValueError, match='exceeds block_size=32'):
+        tiny()(torch.zeros(1, 33, dtype=torch.long))
+
+
+def test_mfu_arithmetic():
+    gpt = tiny()
+    c = gpt.config
+    flops = 6 * gpt.num_params(non_embedding=True) + 12 * c.n_layer * c.n_embd * c.block_size
+    assert gpt.flops_per_token() == flops
+    assert gpt.estimate_mfu(1000.0, peak_flops=flops * 4000.0) == pytest.approx(0.25)
+    assert gpt.estimate_mfu(1000.0) is None  # a CPU has no datasheet peak
+
+
+def test_loss_falls_on_shapes_text(shapes_dir):
+    import data
+    folder = data.dataset_dir('shapes', shapes_dir)
+    tokens = data.open_shard(folder, 'train')
+    gpt = GPT(GPTConfig(block_size=64, vocab_size=320, n_layer=2, n_head=2, n_embd=64))
+    opt = gpt.configure_optimizers(0.0, 3e-3, (0.9, 0.95), 'cpu')
+    gen = torch.Generator().manual_seed(0)
+    losses = []
+    for _ in range(60):
+        x, y = data.text_batch(tokens, 16, 64, gen)
+        _, loss = gpt(x, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[0] == pytest.approx(math.log(320), rel=0.05)  # starts near uniform over the vocabulary
+    assert sum(losses[-10:]) / 10 < 3.0

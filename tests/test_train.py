@@ -1,0 +1,128 @@
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import eval as ev
+import train
+from configurator import ConfigError
+from model import GPT, GPTConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAST = ['--stages=text', '--block_size=64', '--batch_size=4', '--text_iters=12', '--save_fracs=[0.5,1.0]',
+        '--warmup_iters=2', '--log_interval=4', '--eval_interval=6', '--eval_iters=2', '--device=cpu']
+
+
+def run(tmp_path, shapes_dir, *extra, name='text'):
+    out = str(tmp_path / name)
+    cfg = train.get_config(FAST + [f'--data_dir={shapes_dir}', f'--text_out_dir={out}', *extra])
+    train.main(cfg)
+    return out
+
+
+def weights(folder):
+    return load_file(os.path.join(folder, 'model.safetensors'))
+
+
+def test_text_stage_writes_checkpoints_in_design_format(tmp_path, shapes_dir, capsys):
+    out = run(tmp_path, shapes_dir)
+    assert sorted(os.listdir(out)) == ['ckpt_050', 'ckpt_100']  # nothing .tmp or .old left behind
+    for name in ('ckpt_050', 'ckpt_100'):
+        assert sorted(os.listdir(os.path.join(out, name))) == ['config.json', 'eval.json', 'model.safetensors',
+                                                                'state.pt']
+    info = ev.read_checkpoint_info(os.path.join(out, 'ckpt_050'))
+    assert (info['stage'], info['step'], info['tokenizer']) == ('text', 6, 'bytes')
+    assert all(not k.startswith(('_orig_mod', 'module')) for k in weights(os.path.join(out, 'ckpt_100')))
+    printed = capsys.readouterr().out
+    assert 'text step 12/12' in printed and 'eta' in printed and 'val loss' in printed
+
+
+def test_eval_json_has_design_keys(tmp_path, shapes_dir):
+    out = run(tmp_path, shapes_dir)
+    result = ev.evaluate_checkpoint(os.path.join(out, 'ckpt_100'), verbose=False)
+    for key in ('vision_stable_score', 'text_stable_score', 'vision_blind_stable_score', 'text_stable_score_ci95'):
+        assert key in result
+    assert result['vision_stable_score'] is None  # a text-only model has no vision score
+    assert set(result['tasks']) == {'facts', 'arithmetic', 'sequence'}
+    for task in result['tasks'].values():
+        assert set(task) >= {'modality', 'accuracy', 'chance', 'centered', 'n', 'ci95'}
+        assert task['chance'] == 0.25 and task['n'] == 40
+
+
+def test_checkpoint_round_trip_is_exact(tmp_path):
+    gpt = GPT(GPTConfig(block_size=32, vocab_size=64, n_layer=2, n_head=2, n_embd=32, tie_embeddings=True))
+    opt = gpt.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 'cpu')
+    gpt(torch.randint(0, 64, (2, 8)), torch.randint(0, 64, (2, 8)))[1].backward()
+    opt.step()
+    info = {'stage': 'text', 'step': 1, 'tokenizer': 'bytes', 'model_args': vars(gpt.config), 'config': {}}
+    gen = torch.Generator().manual_seed(3)
+    train.save_checkpoint(str(tmp_path / 'ck'), gpt, opt, info, {'text_generator': gen.get_state()})
+    loaded, _ = ev.load_model(str(tmp_path / 'ck'))
+    for (k, a), (_, b) in zip(gpt.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), k
+    assert loaded.lm_head.weight is loaded.wte.weight
+    state = train.load_state(str(tmp_path / 'ck'))
+    assert state['step'] == 1
+    opt2 = gpt.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 'cpu')
+    opt2.load_state_dict(state['optimizer'])
+    assert torch.equal(opt2.state_dict()['state'][0]['exp_avg'], opt.state_dict()['state'][0]['exp_avg'])
+
+
+def test_resume_continues_exactly(tmp_path, shapes_dir):
+    straight = run(tmp_path, shapes_dir, name='straight')
+    interrupted = run(tmp_path, shapes_dir, name='interrupted')
+    torch.manual_seed(999)  # resuming must restore the RNG, not depend on it
+    import shutil
+    shutil.rmtree(os.path.join(interrupted, 'ckpt_100'))  # as if killed after the step-6 checkpoint
+    run(tmp_path, shapes_dir, '--init_from=resume', name='interrupted')
+    a, b = weights(os.path.join(straight, 'ckpt_100')), weights(os.path.join(interrupted, 'ckpt_100'))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_finished_text_stage_is_reused_and_other_settings_refused(tmp_path, shapes_dir, capsys):
+    out = run(tmp_path, shapes_dir)
+    before = os.path.getmtime(os.path.join(out, 'ckpt_100', 'model.safetensors'))
+    run(tmp_path, shapes_dir)
+    assert 'already complete' in capsys.readouterr().out
+    assert os.path.getmtime(os.path.join(out, 'ckpt_100', 'model.safetensors')) == before
+    with pytest.raises(ConfigError, match=r'learning_rate: 0.003 there, 0.001 here'):
+        run(tmp_path, shapes_dir, '--learning_rate=1e-3')
+
+
+def test_config_errors_before_compute(tmp_path):
+    with pytest.raises(ConfigError, match='not divisible'):
+        train.setup_runtime(train.get_config(['--batch_size=6', '--gradient_accumulation_steps=4']))
+    with pytest.raises(ConfigError, match="unknown stage 'txt'"):
+        train.get_config(['--stages=txt'])
+    with pytest.raises(ConfigError, match='must be distinct'):
+        train.get_config(['--text_iters=3', '--save_fracs=[0.2,0.3]'])
+    with pytest.raises(ConfigError, match='did you mean text_iters'):
+        train.get_config(['--text_iter=3'])
+
+
+def test_cosine_schedule():
+    lr = lambda s, **kw: train.cosine_lr(s, peak=1.0, warmup=10, total=110, floor=0.1, **kw)
+    assert lr(0) == pytest.approx(1 / 11) and lr(9) == pytest.approx(10 / 11)
+    assert lr(10) == pytest.approx(1.0) and lr(60) == pytest.approx(0.55) and lr(110) == pytest.approx(0.1)
+    # continuing from a reached LR: no warmup, from start down to the floor
+    assert lr(0, start=0.4) == pytest.approx(0.4) and lr(110, start=0.4) == pytest.approx(0.1)
+
+
+def test_torchrun_two_ranks_match_one_process(tmp_path, shapes_dir):
+    args = FAST + [f'--data_dir={shapes_dir}']
+    single = str(tmp_path / 'single')
+    subprocess.run([sys.executable, 'train.py', *args, f'--text_out_dir={single}'], cwd=ROOT, check=True,
+                   capture_output=True)
+    double = str(tmp_path / 'ddp')
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'train.py', *args,
+           f'--text_out_dir={double}']
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert 'weights identical on all 2 ranks' in proc.stdout
+    a, b = weights(os.path.join(single, 'ckpt_100')), weights(os.path.join(double, 'ckpt_100'))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=1e-3)

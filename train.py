@@ -1,0 +1,406 @@
+"""
+Train nanoVLP stage by stage: text pre-training, then (with an image encoder) image injection and instruction
+fine-tuning, each followed by evaluation.
+
+    python train.py --stages=text                      # text pre-training on the shapes world: out/text/ckpt_020 ...
+    python train.py config/dino_siglip_unfrozen.py     # one cell of the encoder ablation
+    torchrun --standalone --nproc_per_node=2 train.py  # DDP: nccl on CUDA, gloo on CPU
+
+Every global in the config section below is a key that config files and --key=value flags set (configurator.py).
+"""
+
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import data
+from configurator import ConfigError, configure
+from eval import evaluate_checkpoint, read_checkpoint_info
+from model import GPT, PRESETS, GPTConfig
+
+# -----------------------------------------------------------------------------
+# config
+# I/O
+out_dir = 'out'  # this run's image and finetune stages write to {out_dir}/image and {out_dir}/finetune
+text_out_dir = 'out/text'  # the text stage's checkpoints; ablation cells that share it share one text stage
+stages = 'text'  # comma-separated stages to run, in order
+init_from = 'scratch'  # 'scratch', or 'resume': continue an interrupted stage from its newest checkpoint
+eval_interval = 100  # steps between validation-loss estimates
+eval_iters = 10  # batches per validation-loss estimate
+log_interval = 25  # steps between log lines
+# data
+dataset = 'shapes'  # 'shapes' (the embedded world, generated on first use) or a folder from `data.py prepare text`
+data_dir = 'data'  # where the shapes world is cached
+# model
+model = 'demo'  # a preset of model.PRESETS: demo, 79m, 1b
+block_size = 256  # context length in tokens
+qk_norm = True
+tie_embeddings = False  # the paper's OpenLM models keep input and output embeddings separate
+# text stage
+text_iters = 400  # optimizer steps of text pre-training
+save_fracs = [0.2, 0.4, 0.6, 0.8, 1.0]  # fractions of text_iters with a checkpoint: the candidate injection points
+batch_size = 16  # sequences per optimizer step, summed over ranks and micro-steps
+gradient_accumulation_steps = 1  # micro-steps per optimizer step
+learning_rate = 3e-3  # peak LR of the text stage
+min_lr = 3e-4  # where every cosine schedule ends
+warmup_iters = 40
+weight_decay = 0.1
+beta1 = 0.9
+beta2 = 0.95
+grad_clip = 1.0  # clip the global gradient norm to this; 0 disables
+# system
+device = 'auto'  # 'auto' (cuda when available), 'cpu', 'cuda', 'cuda:1', ...
+dtype = 'auto'  # 'auto' (bfloat16 on CUDA, float32 on CPU), 'bfloat16', 'float32'
+compile = None  # torch.compile the model; None means on for CUDA, off for CPU
+peak_flops = 0.0  # the device's peak FLOP/s for MFU; 0 looks it up (A100, H100) or leaves MFU out (CPU)
+seed = 1337
+# -----------------------------------------------------------------------------
+
+STAGES = ('text',)
+# the keys that define a text stage: runs whose values agree may share its checkpoints
+TEXT_KEYS = ('dataset', 'model', 'block_size', 'qk_norm', 'tie_embeddings', 'text_iters', 'batch_size',
+             'learning_rate', 'min_lr', 'warmup_iters', 'weight_decay', 'beta1', 'beta2', 'grad_clip', 'seed')
+
+
+def default_config():
+    return {k: v for k, v in globals().items()
+            if not k.startswith('_') and k.islower() and isinstance(v, (int, float, bool, str, list, type(None)))}
+
+
+def get_config(args):
+    """Defaults, then config files and --key=value flags, then checks that need no compute."""
+    cfg = SimpleNamespace(**configure(args, default_config()))
+    for stage in cfg.stages.split(','):
+        if stage not in STAGES:
+            raise ConfigError(f'stages={cfg.stages!r}: unknown stage {stage!r}; the stages are {", ".join(STAGES)}')
+    if cfg.model not in PRESETS:
+        raise ConfigError(f'model={cfg.model!r}: the presets are {", ".join(PRESETS)}')
+    if not cfg.save_fracs or any(not 0 < f <= 1 for f in cfg.save_fracs):
+        raise ConfigError(f'save_fracs={cfg.save_fracs}: every fraction must be in (0, 1]')
+    steps = [frac_step(f, cfg.text_iters) for f in cfg.save_fracs]
+    if len(set(steps)) != len(steps) or min(steps) < 1:
+        raise ConfigError(f'save_fracs={cfg.save_fracs} with text_iters={cfg.text_iters} gives checkpoint steps '
+                          f'{steps}: they must be distinct and >= 1; raise text_iters')
+    if cfg.dtype not in ('auto', 'float32', 'bfloat16'):
+        raise ConfigError(f"dtype={cfg.dtype!r}: use 'auto', 'float32' or 'bfloat16'")
+    if cfg.init_from not in ('scratch', 'resume'):
+        raise ConfigError(f"init_from={cfg.init_from!r}: use 'scratch' or 'resume'")
+    return cfg
+
+
+def frac_step(frac, iters):
+    return round(frac * iters)
+
+
+def frac_name(frac):
+    return f'ckpt_{round(frac * 100):03d}'
+
+
+# -----------------------------------------------------------------------------
+# runtime: devices, processes, precision
+
+def setup_runtime(cfg):
+    """Device, DDP process group, autocast context; returns a namespace every stage uses."""
+    ddp = int(os.environ.get('RANK', -1)) != -1
+    dev = cfg.device if cfg.device != 'auto' else ('cuda' if torch.cuda.is_available() else 'cpu')
+    rank, local_rank, world_size = 0, 0, 1
+    if ddp:
+        rank, local_rank, world_size = (int(os.environ[k]) for k in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE'))
+        if dev.startswith('cuda'):
+            dev = f'cuda:{local_rank}'
+            torch.cuda.set_device(dev)
+        dist.init_process_group(backend='nccl' if dev.startswith('cuda') else 'gloo')
+    device_type = 'cuda' if dev.startswith('cuda') else 'cpu'
+    dtype = cfg.dtype if cfg.dtype != 'auto' else ('bfloat16' if device_type == 'cuda' else 'float32')
+    if dtype == 'bfloat16':
+        autocast = torch.autocast(device_type=device_type, dtype=torch.bfloat16)
+    else:
+        autocast = nullcontext()
+    if device_type == 'cuda':
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    per_step = world_size * cfg.gradient_accumulation_steps
+    if cfg.batch_size % per_step:
+        raise ConfigError(f'batch_size={cfg.batch_size} is not divisible by {world_size} ranks x '
+                          f'{cfg.gradient_accumulation_steps} gradient_accumulation_steps; make it a multiple of '
+                          f'{per_step}')
+    return SimpleNamespace(ddp=ddp, rank=rank, world_size=world_size, master=rank == 0, device=dev,
+                           device_type=device_type, autocast=autocast, micro_batch=cfg.batch_size // per_step,
+                           micro_steps=cfg.gradient_accumulation_steps,
+                           compile=cfg.compile if cfg.compile is not None else device_type == 'cuda')
+
+
+def barrier(rt):
+    if rt.ddp:
+        dist.barrier()
+
+
+def log(rt, *args):
+    if rt.master:
+        print(*args, flush=True)
+
+
+def format_time(seconds):
+    seconds = int(seconds)
+    return f'{seconds // 3600}h{seconds % 3600 // 60:02d}m' if seconds >= 3600 else f'{seconds // 60}m{seconds % 60:02d}s'
+
+
+# -----------------------------------------------------------------------------
+# checkpoints: {folder}/model.safetensors, state.pt, config.json, written to {folder}.tmp and renamed
+
+def rng_state():
+    py_version, py_state, py_gauss = random.getstate()
+    np_state = np.random.get_state()
+    return {'torch': torch.get_rng_state(),
+            'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            'numpy': [torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+            'python': [py_version, list(py_state), py_gauss]}
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state['torch'])
+    if state['cuda'] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state['cuda'])
+    keys, pos, has_gauss, gauss = state['numpy']
+    np.random.set_state(('MT19937', keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, py_state, py_gauss = state['python']
+    random.setstate((version, tuple(py_state), py_gauss))
+
+
+def save_checkpoint(folder, raw_model, optimizer, info, data_state):
+    """Write a checkpoint atomically: a crash leaves either the old folder or the new one, never half of one."""
+    tmp, old = folder + '.tmp', folder + '.old'
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    # copies, so tied weights are two tensors to safetensors; no compile / DDP prefix: raw_model is unwrapped
+    weights = {k: v.detach().to('cpu', copy=True).contiguous() for k, v in raw_model.state_dict().items()}
+    save_file(weights, os.path.join(tmp, 'model.safetensors'))
+    torch.save({'optimizer': optimizer.state_dict(), 'step': info['step'], 'rng': rng_state(), 'data': data_state},
+               os.path.join(tmp, 'state.pt'))
+    with open(os.path.join(tmp, 'config.json'), 'w') as f:
+        json.dump(info, f, indent=1)
+    if os.path.exists(folder):
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_state(folder):
+    path = os.path.join(folder, 'state.pt')
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # weights_only refuses pickled code: say which file and why
+        raise RuntimeError(f'cannot load {path} safely (weights_only=True): {e}') from e
+
+
+def stage_checkpoints(folder):
+    """Finished checkpoints of a stage folder, as (step, path), oldest first."""
+    found = []
+    if os.path.isdir(folder):
+        for name in os.listdir(folder):
+            path = os.path.join(folder, name)
+            if not name.endswith(('.tmp', '.old')) and os.path.exists(os.path.join(path, 'config.json')):
+                found.append((read_checkpoint_info(path)['step'], path))
+    return sorted(found)
+
+
+# -----------------------------------------------------------------------------
+# the training loop every stage shares
+
+def cosine_lr(step, peak, warmup, total, floor, start=None):
+    """
+    Linear warmup to peak over `warmup` steps, then cosine decay to `floor` at `total`. With start given there is
+    no warmup: the cosine runs from start (e.g. the LR a text checkpoint had reached) down to floor.
+    """
+    if start is None and step < warmup:
+        return peak * (step + 1) / (warmup + 1)
+    top = peak if start is None else start
+    begin = warmup if start is None else 0
+    progress = min(1.0, (step - begin) / max(1, total - begin))
+    return floor + 0.5 * (1.0 + math.cos(math.pi * progress)) * (top - floor)
+
+
+def train_steps(rt, stage, model, raw_model, optimizer, next_batch, lr_at, first, last, on_step=None, val_loss=None,
+                tokens_per_step=0, eval_interval=0, log_interval=10, grad_clip=0.0, peak_flops=0.0):
+    """
+    Optimizer steps first .. last-1. next_batch() gives one micro-batch (x, y) on the device; lr_at(step) the LR
+    factor every param group multiplies its peak_lr by; on_step(step_done) runs after each step (checkpoints).
+    """
+    accum = rt.micro_steps
+    t_start, t_last, step_last = time.time(), time.time(), first
+    losses = []
+    for step in range(first, last):
+        factor = lr_at(step)
+        for group in optimizer.param_groups:
+            group['lr'] = group['peak_lr'] * factor
+        for micro in range(accum):
+            x, y = next_batch()
+            # under DDP, all-reduce the gradients only on the last micro-step
+            sync = nullcontext() if not rt.ddp or micro == accum - 1 else model.no_sync()
+            with sync:
+                with rt.autocast:
+                    _, loss = model(x, y)
+                (loss / accum).backward()
+        if grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.detach())
+        done = step + 1
+        if done % log_interval == 0 or done == last:
+            now = time.time()
+            dt = (now - t_last) / (done - step_last)
+            tok_s = tokens_per_step / dt
+            mfu = raw_model.estimate_mfu(tok_s, peak_flops or None)
+            mean_loss = torch.stack(losses).mean().item()
+            log(rt, f'{stage} step {done}/{last} | loss {mean_loss:.4f} | lr {optimizer.param_groups[0]["lr"]:.2e} | '
+                    f'{tok_s:,.0f} tok/s | mfu {"n/a" if mfu is None else f"{mfu:.1%}"} | '
+                    f'eta {format_time((last - done) * (now - t_start) / (done - first))}')
+            t_last, step_last, losses = now, done, []
+        if val_loss is not None and eval_interval and (done % eval_interval == 0 or done == last):
+            log(rt, f'{stage} step {done}: val loss {val_loss():.4f}')
+        if on_step is not None:
+            on_step(done)
+
+
+def check_ranks_agree(rt, raw_model):
+    """Under DDP every rank must hold the same weights: compare a fingerprint of them across ranks."""
+    if not rt.ddp:
+        return
+    fingerprint = sum((i + 1) * p.detach().double().sum() for i, p in enumerate(raw_model.parameters()))
+    mine = fingerprint.reshape(1).to(rt.device)
+    every = [torch.zeros_like(mine) for _ in range(rt.world_size)]
+    dist.all_gather(every, mine)
+    if any(not torch.equal(other, mine) for other in every):
+        raise RuntimeError(f'the ranks hold different weights: fingerprints {[x.item() for x in every]}')
+    log(rt, f'weights identical on all {rt.world_size} ranks')
+
+
+def wrap_model(rt, raw_model):
+    """torch.compile and DDP around the model; checkpoints always save raw_model."""
+    model = torch.compile(raw_model) if rt.compile else raw_model
+    if rt.ddp:
+        model = DDP(model, device_ids=[rt.device] if rt.device_type == 'cuda' else None)
+    return model
+
+
+# -----------------------------------------------------------------------------
+# stage 1: text pre-training
+
+def text_stage_matches(cfg, folder):
+    """Whether the text checkpoints in folder were made by this config's text settings (else: an error)."""
+    found = stage_checkpoints(folder)
+    if not found:
+        return
+    made_by = read_checkpoint_info(found[-1][1])['config']
+    differ = [k for k in TEXT_KEYS if made_by.get(k) != getattr(cfg, k)]
+    if differ:
+        diffs = ', '.join(f'{k}: {made_by.get(k)!r} there, {getattr(cfg, k)!r} here' for k in differ)
+        raise ConfigError(f'{folder} holds a text stage made with other settings ({diffs}); set text_out_dir to a '
+                          f'new folder, or delete {folder}')
+
+
+def train_text(cfg, rt):
+    folder = cfg.text_out_dir
+    text_stage_matches(cfg, folder)
+    targets = {frac_step(f, cfg.text_iters): os.path.join(folder, frac_name(f)) for f in cfg.save_fracs}
+    if all(os.path.exists(os.path.join(p, 'config.json')) for p in targets.values()):
+        log(rt, f'text stage: already complete in {folder}, reusing it')
+        return
+    if rt.master:
+        data_folder = data.dataset_dir(cfg.dataset, cfg.data_dir)  # generates the shapes world on first use
+    barrier(rt)
+    data_folder = data.dataset_dir(cfg.dataset, cfg.data_dir)
+    meta = data.load_meta(data_folder)
+    enc = data.get_tokenizer(meta['tokenizer'])
+    train_tokens, val_tokens = data.open_shard(data_folder, 'train'), data.open_shard(data_folder, 'val')
+
+    torch.manual_seed(cfg.seed)
+    gpt_config = GPTConfig(block_size=cfg.block_size, vocab_size=data.padded_vocab_size(enc), qk_norm=cfg.qk_norm,
+                           tie_embeddings=cfg.tie_embeddings, **PRESETS[cfg.model])
+    raw_model = GPT(gpt_config).to(rt.device)
+    log(rt, f'text stage: {cfg.model} GPT, {raw_model.num_params():,} parameters '
+            f'({raw_model.num_params(non_embedding=True):,} without the input embedding)')
+    optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
+                                               rt.device_type)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    first = 0
+    if cfg.init_from == 'resume':
+        found = stage_checkpoints(folder)
+        if found:
+            first, path = found[-1]
+            raw_model.load_state_dict(load_file(os.path.join(path, 'model.safetensors')))
+            state = load_state(path)
+            optimizer.load_state_dict(state['optimizer'])
+            set_rng_state(state['rng'])
+            generator.set_state(state['data']['text_generator'])
+            log(rt, f'text stage: resuming from {path} at step {first}')
+    model = wrap_model(rt, raw_model)
+
+    def next_batch():
+        x, y = data.text_batch(train_tokens, rt.micro_batch, cfg.block_size, generator, rt.rank, rt.world_size)
+        return x.to(rt.device), y.to(rt.device)
+
+    @torch.no_grad()
+    def val_loss():
+        raw_model.eval()
+        gen = torch.Generator().manual_seed(0)  # the same batches every time, so the curve compares like with like
+        losses = []
+        for _ in range(cfg.eval_iters):
+            x, y = data.text_batch(val_tokens, rt.micro_batch, cfg.block_size, gen)
+            with rt.autocast:
+                losses.append(raw_model(x.to(rt.device), y.to(rt.device))[1].item())
+        raw_model.train()
+        return float(np.mean(losses))
+
+    def on_step(done):
+        if done in targets and rt.master:
+            info = {'stage': 'text', 'step': done, 'iters': cfg.text_iters, 'tokenizer': meta['tokenizer'],
+                    'model_args': asdict(gpt_config), 'config': vars(cfg)}
+            save_checkpoint(targets[done], raw_model, optimizer, info, {'text_generator': generator.get_state()})
+            result = evaluate_checkpoint(targets[done], rt.device, verbose=False)
+            log(rt, f'text stage: saved {targets[done]} | text stable score {result["text_stable_score"]:.3f}')
+        if done in targets:
+            barrier(rt)
+
+    lr_at = lambda step: cosine_lr(step, cfg.learning_rate, cfg.warmup_iters, cfg.text_iters,
+                                   cfg.min_lr) / cfg.learning_rate
+    train_steps(rt, 'text', model, raw_model, optimizer, next_batch, lr_at, first, cfg.text_iters, on_step=on_step,
+                val_loss=val_loss, tokens_per_step=cfg.batch_size * cfg.block_size, eval_interval=cfg.eval_interval,
+                log_interval=cfg.log_interval, grad_clip=cfg.grad_clip, peak_flops=cfg.peak_flops)
+    check_ranks_agree(rt, raw_model)
+
+
+# -----------------------------------------------------------------------------
+
+def main(cfg):
+    rt = setup_runtime(cfg)
+    t0 = time.time()
+    try:
+        if 'text' in cfg.stages.split(','):
+            train_text(cfg, rt)
+        log(rt, f'done in {format_time(time.time() - t0)}')
+    finally:
+        if rt.ddp:
+            dist.destroy_process_group()
+
+
+if __name__ == '__main__':
+    try:
+        config = get_config(sys.argv[1:])
+    except ConfigError as e:
+        sys.exit(f'config error: {e}')
+    main(config)
