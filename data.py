@@ -191,6 +191,267 @@ def make_text_tasks(world, seed, n_per_task):
 
 
 # -----------------------------------------------------------------------------
+# the shapes world: scenes, their pictures, captions and questions
+
+SHAPES = ['circle', 'square', 'triangle', 'cross']
+SIZES = ['small', 'large']
+POSITIONS = ['top left', 'top', 'top right', 'left', 'center', 'right', 'bottom left', 'bottom', 'bottom right']
+RGB = {'red': (220, 40, 40), 'green': (40, 180, 60), 'blue': (60, 100, 240), 'yellow': (235, 215, 40),
+       'purple': (160, 70, 210), 'orange': (245, 140, 30)}
+BACKGROUND = 25  # dark gray: every color above stands out against it
+MAX_OBJECTS = 4
+VISION_TASKS = ('color', 'shape', 'count', 'exists', 'position')
+
+
+def random_object(rng, cell, shape=None, color=None):
+    return dict(shape=shape or rng.choice(SHAPES), color=color or rng.choice(COLORS), size=rng.choice(SIZES),
+                cell=cell)
+
+
+def render(scene, size=48):
+    """A scene as uint8 [size, size, 3]: each object drawn in its cell of the 3x3 grid."""
+    img = np.full((size, size, 3), BACKGROUND, dtype=np.uint8)
+    cell = size / 3
+    yy, xx = np.mgrid[0:size, 0:size] + 0.5
+    for obj in scene:
+        row, col = divmod(obj['cell'], 3)
+        dx, dy = xx - (col + 0.5) * cell, yy - (row + 0.5) * cell
+        r = cell * (0.42 if obj['size'] == 'large' else 0.27)
+        if obj['shape'] == 'circle':
+            mask = dx ** 2 + dy ** 2 <= r ** 2
+        elif obj['shape'] == 'square':
+            mask = np.maximum(np.abs(dx), np.abs(dy)) <= 0.85 * r
+        elif obj['shape'] == 'triangle':  # apex up, base at 0.8 r below the center
+            mask = (dy <= 0.8 * r) & (np.abs(dx) <= (dy + r) / 1.8)
+        else:  # cross
+            mask = ((np.abs(dx) <= r / 3) & (np.abs(dy) <= r)) | ((np.abs(dy) <= r / 3) & (np.abs(dx) <= r))
+        img[mask] = RGB[obj['color']]
+    return img
+
+
+def describe(obj, rng):
+    words = f"{obj['size'] + ' ' if rng.random() < 0.5 else ''}{obj['color']} {obj['shape']}"  # size: sometimes
+    return f"{'an' if words[0] in 'aeiou' else 'a'} {words} at the {POSITIONS[obj['cell']]}"
+
+
+def caption(scene, rng):
+    objs = [describe(o, rng) for o in rng.sample(scene, len(scene))]
+    listed = objs[0] if len(objs) == 1 else ', '.join(objs[:-1]) + ' and ' + objs[-1]
+    n = len(scene)
+    template = rng.choice(['{l}.', 'In this picture: {l}.', 'We see {l}.',
+                           'There ' + ('is one shape' if n == 1 else f'are {NUMBER_WORDS[n]} shapes') + ': {l}.'])
+    text = template.format(l=listed)
+    return text[0].upper() + text[1:]
+
+
+def scene_with(rng, first, n=None):
+    """A scene of n objects (1 .. MAX_OBJECTS) whose first object has the attributes in `first`; the others avoid
+    its shape and its color, so a question about it by shape or by color has one answer."""
+    n = n or rng.randint(1, MAX_OBJECTS)
+    cell = first.get('cell', rng.randrange(9))
+    obj = random_object(rng, cell, first.get('shape'), first.get('color'))
+    others = rng.sample([c for c in range(9) if c != cell], n - 1)
+    return [obj] + [random_object(rng, c, rng.choice([s for s in SHAPES if s != obj['shape']]),
+                                  rng.choice([k for k in COLORS if k != obj['color']])) for c in others]
+
+
+def question(rng, task):
+    """(scene, question, answer) with the answer uniform over the task's answer set; returns also that set."""
+    if task == 'color':
+        answer = rng.choice(COLORS)
+        scene = scene_with(rng, {'color': answer})
+        return scene, f"What color is the {scene[0]['shape']}?", answer, COLORS
+    if task == 'shape':
+        answer = rng.choice(SHAPES)
+        scene = scene_with(rng, {'shape': answer})
+        return scene, f"What shape is the {scene[0]['color']} object?", answer, SHAPES
+    if task == 'count':
+        n = rng.randint(1, MAX_OBJECTS)
+        return scene_with(rng, {}, n), 'How many shapes are there?', NUMBER_WORDS[n], NUMBER_WORDS[1:MAX_OBJECTS + 1]
+    if task == 'exists':
+        scene = scene_with(rng, {})
+        if rng.random() < 0.5:
+            obj = rng.choice(scene)
+            color, shape, answer = obj['color'], obj['shape'], 'yes'
+        else:
+            present = {(o['color'], o['shape']) for o in scene}
+            color, shape = rng.choice([(c, s) for c in COLORS for s in SHAPES if (c, s) not in present])
+            answer = 'no'
+        return scene, f'Is there a {color} {shape}?', answer, ['yes', 'no']
+    if task == 'position':
+        cell = rng.randrange(9)
+        scene = scene_with(rng, {'cell': cell})
+        return scene, f"Where is the {scene[0]['shape']}?", POSITIONS[cell], POSITIONS
+    raise ValueError(f'unknown vision task {task!r}; the tasks are {", ".join(VISION_TASKS)}')
+
+
+def conversation(rng):
+    """A scene and one or two question-answer turns about it."""
+    scene, q, a, _ = question(rng, rng.choice(VISION_TASKS))
+    turns = [(q, a)]
+    if rng.random() < 0.3:  # a second turn that any scene answers
+        turns.append(('How many shapes are there?', NUMBER_WORDS[len(scene)]))
+    return scene, turns
+
+
+def render_all(scenes, size):
+    return np.stack([render(scene, size) for scene in scenes]) if scenes else np.zeros((0, size, size, 3), np.uint8)
+
+
+# -----------------------------------------------------------------------------
+# image-text samples and their packing into rows
+
+def chat_tokens(enc, turns):
+    """<|user|> q <|assistant|> a <|endoftext|> per turn; the mask marks the answer tokens and their end token."""
+    user, assistant, eot = (special_id(enc, t) for t in ('<|user|>', '<|assistant|>', '<|endoftext|>'))
+    tokens, mask = [], []
+    for q, a in turns:
+        prompt = [user] + enc.encode_ordinary(q) + [assistant]
+        answer = enc.encode_ordinary(a) + [eot]
+        tokens += prompt + answer
+        mask += [False] * len(prompt) + [True] * len(answer)
+    return tokens, mask
+
+
+def caption_sample(enc, text, n_image_tokens):
+    """<|image|> x N, the caption, <|endoftext|>: the loss is on the caption and its end."""
+    image = special_id(enc, '<|image|>')
+    words = enc.encode_ordinary(text) + [special_id(enc, '<|endoftext|>')]
+    return [image] * n_image_tokens + words, [False] * n_image_tokens + [True] * len(words)
+
+
+def question_prompt(enc, question, n_image_tokens):
+    """What the model sees before it answers: the image, the question, the assistant marker."""
+    return ([special_id(enc, '<|image|>')] * n_image_tokens + [special_id(enc, '<|user|>')] +
+            enc.encode_ordinary(question) + [special_id(enc, '<|assistant|>')])
+
+
+def instruct_sample(enc, turns, n_image_tokens):
+    image = special_id(enc, '<|image|>')
+    tokens, mask = chat_tokens(enc, turns)
+    return [image] * n_image_tokens + tokens, [False] * n_image_tokens + mask
+
+
+def pack_row(samples, block_size, eot):
+    """
+    Samples (tokens, mask, image ids) laid end to end after one <|endoftext|>, never split: returns inputs and
+    targets of length block_size (targets -1 where the mask is off or past the end) and the row's image ids.
+    """
+    tokens, mask, images = [eot], [False], []
+    for t, m, ims in samples:
+        tokens += t
+        mask += m
+        images += ims
+    if len(tokens) > block_size + 1:
+        raise ValueError(f'{len(samples)} samples of {len(tokens)} tokens do not fit block_size={block_size}')
+    pad = block_size + 1 - len(tokens)
+    tokens, mask = tokens + [eot] * pad, mask + [False] * pad
+    x = torch.tensor(tokens[:-1])
+    y = torch.where(torch.tensor(mask[1:]), torch.tensor(tokens[1:]), -1)
+    return x, y, images
+
+
+def fill_row(draw, block_size):
+    """Draw samples (tokens, mask, image ids) while they fit; the first one that does not is kept for later."""
+    row, used = [], 1
+    while True:
+        sample = draw()
+        if used + len(sample[0]) > block_size + 1:
+            if not row:
+                raise ValueError(f'one sample of {len(sample[0])} tokens does not fit block_size={block_size}')
+            return row, sample
+        row.append(sample)
+        used += len(sample[0])
+
+
+class ImageWorld:
+    """
+    The shapes world's image data, rendered once and kept in memory: the caption scenes and the instruction
+    conversations of the train split (fixed sets, so a frozen encoder's features can be cached), and the vision
+    eval items of the test split.
+    """
+
+    def __init__(self, folder, scene_size, n_captions=8000, n_instruct=6000, n_eval=100):
+        self.folder, self.scene_size = folder, scene_size
+        rng = random.Random(SPLIT_SEEDS['train'] * 1000 + 7)
+        self.caption_scenes = [scene_with(rng, {}) for _ in range(n_captions)]
+        self.conversations = [conversation(rng) for _ in range(n_instruct)]
+        rng = random.Random(SPLIT_SEEDS['test'] * 1000 + 7)
+        self.eval_items = [dict(task=t, scene=s, question=q, answer=a, answers=k)
+                           for t in VISION_TASKS for s, q, a, k in (question(rng, t) for _ in range(n_eval))]
+        path = os.path.join(folder, f'images_{scene_size}px_{n_captions}_{n_instruct}_{n_eval}.npy')
+        if not os.path.exists(path):  # rendering is a few seconds: do it once per resolution
+            scenes = self.caption_scenes + [s for s, _ in self.conversations] + [it['scene'] for it in self.eval_items]
+            np.save(path + '.tmp.npy', render_all(scenes, scene_size))
+            os.replace(path + '.tmp.npy', path)
+        self.images = np.load(path, mmap_mode='r')
+        self.caption_ids = np.arange(n_captions)
+        self.conversation_ids = n_captions + np.arange(n_instruct)
+        self.eval_ids = n_captions + n_instruct + np.arange(len(self.eval_items))
+        if len(self.images) != len(self.eval_ids) + n_captions + n_instruct:
+            raise ValueError(f'{path} does not match the scene lists: delete it to render it again')
+
+
+def randint(generator, n):
+    return int(torch.randint(n, (1,), generator=generator))
+
+
+def mixture_batch(world, enc, text_tokens, batch_size, block_size, n_image_tokens, image_ratio, instruct_ratio,
+                  generator, rank=0, world_size=1):
+    """
+    One micro-batch of the image stage: each row is image-caption (probability image_ratio), instruction
+    (instruct_ratio) or text (the rest). Rows of the whole global micro-batch are drawn from one generator and each
+    rank keeps its slice, as in text_batch. Returns inputs, targets and the image ids of the rows in order.
+    """
+    eot = special_id(enc, '<|endoftext|>')
+
+    def draw_caption():
+        i = randint(generator, len(world.caption_ids))
+        rng = random.Random(int(torch.randint(2 ** 31, (1,), generator=generator)))
+        t, m = caption_sample(enc, caption(world.caption_scenes[i], rng), n_image_tokens)
+        return t, m, [int(world.caption_ids[i])]
+
+    def draw_conversation():
+        i = randint(generator, len(world.conversation_ids))
+        t, m = instruct_sample(enc, world.conversations[i][1], n_image_tokens)
+        return t, m, [int(world.conversation_ids[i])]
+
+    xs, ys, image_ids = [], [], []
+    kinds = torch.rand(batch_size * world_size, generator=generator)
+    for r, u in enumerate(kinds.tolist()):
+        if u < image_ratio + instruct_ratio:
+            draw = draw_caption if u < image_ratio else draw_conversation
+            samples, _ = fill_row(draw, block_size)  # the sample that did not fit is dropped: rows stay random
+            x, y, ims = pack_row(samples, block_size, eot)
+        else:
+            x, y = text_batch(text_tokens, 1, block_size, generator)
+            x, y, ims = x[0], y[0], []
+        if rank * batch_size <= r < (rank + 1) * batch_size:
+            xs.append(x)
+            ys.append(y)
+            image_ids += ims
+    return torch.stack(xs), torch.stack(ys), image_ids
+
+
+def finetune_rows(world, enc, block_size, n_image_tokens, generator):
+    """One epoch of the instruction set: the conversations shuffled, packed into rows; returns [(x, y, ids)]."""
+    eot = special_id(enc, '<|endoftext|>')
+    order = torch.randperm(len(world.conversation_ids), generator=generator).tolist()
+    samples = [instruct_sample(enc, world.conversations[i][1], n_image_tokens) + ([int(world.conversation_ids[i])],)
+               for i in order]
+    rows, row, used = [], [], 1
+    for sample in samples:
+        if used + len(sample[0]) > block_size + 1:
+            rows.append(pack_row(row, block_size, eot))
+            row, used = [], 1
+        row.append(sample)
+        used += len(sample[0])
+    if row:
+        rows.append(pack_row(row, block_size, eot))
+    return rows
+
+
+# -----------------------------------------------------------------------------
 # token shards on disk
 
 SHAPES_VERSION = 2  # bump when the generator changes, so stale caches are rebuilt

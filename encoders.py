@@ -342,7 +342,7 @@ def cached_features(encoder, images, image_set, cache_dir, batch_size=256, verbo
         device = next(encoder.parameters()).device
         out = np.lib.format.open_memmap(path + '.tmp', mode='w+', dtype=np.float16, shape=shape)
         for start in range(0, len(images), batch_size):
-            batch = torch.as_tensor(np.asarray(images[start:start + batch_size])).to(device)
+            batch = torch.from_numpy(np.array(images[start:start + batch_size])).to(device)
             out[start:start + batch_size] = encoder.encode(batch).float().cpu().numpy()
         out.flush()
         del out

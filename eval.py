@@ -11,6 +11,8 @@ choices average fairly.
 
 import json
 import os
+import re
+import string
 import sys
 
 import numpy as np
@@ -20,7 +22,8 @@ from safetensors.torch import load_file
 
 import data
 from configurator import configure
-from model import GPT, GPTConfig
+from encoders import build_encoder
+from model import GPT, VLM, GPTConfig
 
 # -----------------------------------------------------------------------------
 # loading checkpoints
@@ -35,12 +38,29 @@ def read_checkpoint_info(ckpt_dir):
         return json.load(f)
 
 
+def build_model(info):
+    """A GPT, or a VLM with its encoder, of the shape recorded in a checkpoint's config.json (weights: see below)."""
+    gpt = GPT(GPTConfig(**info['model_args']))
+    if 'encoder' not in info:
+        return gpt
+    e = info['encoder']
+    # an encoder whose weights the checkpoint holds starts random; a frozen one is rebuilt from its recorded source
+    weights = 'random' if e['saved'] else e['weights']
+    encoder = build_encoder(e['name'], e['scale'], weights, e['img_size'], freeze=e['frozen'])
+    return VLM(gpt, encoder, e['image_token'], e['projector'], e['inject_layer'])
+
+
 def load_model(ckpt_dir, device='cpu'):
     """Rebuild the model saved in ckpt_dir; returns (model in eval mode, the checkpoint's config.json)."""
     info = read_checkpoint_info(ckpt_dir)
-    model = GPT(GPTConfig(**info['model_args']))
+    model = build_model(info)
     state = load_file(os.path.join(ckpt_dir, 'model.safetensors'))
-    model.load_state_dict(state, strict=True)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if 'encoder' in info and not info['encoder']['saved']:
+        missing = [k for k in missing if not k.startswith('encoder.')]
+    if missing or unexpected:
+        raise ValueError(f'{ckpt_dir}/model.safetensors does not fit the model in its config.json: missing '
+                         f'{missing[:5]}, unexpected {unexpected[:5]}')
     return model.to(device).eval(), info
 
 
@@ -136,12 +156,68 @@ def text_tasks(model, enc, items, device, rng):
     return tasks
 
 
-def evaluate(model, enc, folder, device, seed=0):
+# -----------------------------------------------------------------------------
+# open-ended questions about images, by greedy generation
+
+def normalize_answer(text):
+    """Lower case, no punctuation, no articles, single spaces: 'The Red.' and 'red' are the same answer."""
+    text = text.lower().translate(str.maketrans('', '', string.punctuation))
+    return ' '.join(w for w in text.split() if w not in ('a', 'an', 'the'))
+
+
+@torch.no_grad()
+def answer(model, enc, prompts, images, device, max_new_tokens=16, batch_size=64):
+    """Greedy answers to prompts (token lists, each with its image); batched among prompts of equal length."""
+    stops = {data.special_id(enc, t) for t in data.SPECIAL_TOKENS if t != '<|image|>'}
+    answers = [None] * len(prompts)
+    by_length = {}
+    for i, p in enumerate(prompts):
+        by_length.setdefault(len(p), []).append(i)
+    for length, members in by_length.items():
+        for start in range(0, len(members), batch_size):
+            chunk = members[start:start + batch_size]
+            idx = torch.tensor([prompts[i] for i in chunk], device=device)
+            imgs = torch.from_numpy(np.stack([images[i] for i in chunk])).to(device)
+            out = model.generate(idx, imgs, max_new_tokens, stop_token=data.special_id(enc, '<|endoftext|>'))
+            for i, row in zip(chunk, out[:, length:].tolist()):
+                cut = next((j for j, t in enumerate(row) if t in stops), len(row))
+                answers[i] = enc.decode(row[:cut])
+    return answers
+
+
+def vision_tasks(model, enc, world, device, rng, blind=False):
+    """The shapes world's vision questions; blind: every image replaced by a uniform gray one."""
+    n_tokens = model.encoder.num_tokens
+    prompts = [data.question_prompt(enc, it['question'], n_tokens) for it in world.eval_items]
+    images = np.asarray(world.images[world.eval_ids])
+    if blind:
+        images = np.full_like(images, 128)
+    predictions = answer(model, enc, prompts, images, device)
+    tasks = {}
+    for name in data.VISION_TASKS:
+        chosen = [(p, it) for p, it in zip(predictions, world.eval_items) if it['task'] == name]
+        scores = [float(normalize_answer(p) == normalize_answer(it['answer'])) for p, it in chosen]
+        # the answers are balanced over a known set of k, so an image-blind model gets 1/k
+        tasks[name] = task_result('vision', scores, 1.0 / len(chosen[0][1]['answers']), rng,
+                                  predictions=[p for p, _ in chosen])
+    return tasks
+
+
+def evaluate(model, enc, folder, device, world_args=(), seed=0):
     """All tasks of the dataset in folder; returns the eval.json dict."""
     rng = np.random.default_rng(seed)
     tasks = text_tasks(model, enc, data.load_text_tasks(folder), device, rng)
     results = {'vision_stable_score': None, 'vision_stable_score_ci95': None,
                'vision_blind_stable_score': None, 'vision_blind_stable_score_ci95': None}
+    if isinstance(model, VLM):
+        world = data.ImageWorld(folder, *world_args)
+        vision = vision_tasks(model, enc, world, device, rng)
+        blind = vision_tasks(model, enc, world, device, rng, blind=True)
+        tasks.update(vision)
+        score, ci = stable_score(vision, 'vision', rng)
+        blind_score, blind_ci = stable_score(blind, 'vision', rng)
+        results.update(vision_stable_score=score, vision_stable_score_ci95=ci, vision_blind_stable_score=blind_score,
+                       vision_blind_stable_score_ci95=blind_ci, blind_tasks={k: v['accuracy'] for k, v in blind.items()})
     score, ci = stable_score(tasks, 'text', rng)
     results.update(text_stable_score=score, text_stable_score_ci95=ci, tasks=tasks)
     return results
@@ -165,7 +241,9 @@ def evaluate_checkpoint(ckpt_dir, device='cpu', verbose=True):
     model, info = load_model(ckpt_dir, device)
     enc = data.get_tokenizer(info['tokenizer'])
     folder = data.dataset_dir(info['config']['dataset'], info['config']['data_dir'])
-    results = evaluate(model, enc, folder, device)
+    c = info['config']
+    world_args = (c['scene_size'], c['caption_scenes'], c['conversations']) if 'encoder' in info else ()
+    results = evaluate(model, enc, folder, device, world_args)
     results['checkpoint'] = {'stage': info['stage'], 'step': info['step']}
     tmp = os.path.join(ckpt_dir, 'eval.json.tmp')
     with open(tmp, 'w') as f:

@@ -28,15 +28,22 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 from configurator import ConfigError, configure
-from eval import evaluate_checkpoint, read_checkpoint_info
-from model import GPT, PRESETS, GPTConfig
+from encoders import ENCODERS, build_encoder, cached_features
+from eval import build_model, evaluate_checkpoint, format_table, read_checkpoint_info
+from model import GPT, PRESETS, VLM, GPTConfig
+
+LONGEST_CAPTION = 200  # bytes: four objects in the longest phrasing, with room to spare
+# keys that change how a run is carried out, not what it computes: they may differ between runs sharing a stage
+RUN_ONLY_KEYS = ('stages', 'init_from', 'eval_interval', 'eval_iters', 'log_interval', 'device', 'dtype', 'compile',
+                 'peak_flops')
+FINETUNE_KEYS = ('finetune_epochs', 'finetune_lr')
 
 # -----------------------------------------------------------------------------
 # config
 # I/O
 out_dir = 'out'  # this run's image and finetune stages write to {out_dir}/image and {out_dir}/finetune
 text_out_dir = 'out/text'  # the text stage's checkpoints; ablation cells that share it share one text stage
-stages = 'text'  # comma-separated stages to run, in order
+stages = 'text,image,finetune'  # comma-separated stages to run, in order
 init_from = 'scratch'  # 'scratch', or 'resume': continue an interrupted stage from its newest checkpoint
 eval_interval = 100  # steps between validation-loss estimates
 eval_iters = 10  # batches per validation-loss estimate
@@ -61,6 +68,27 @@ weight_decay = 0.1
 beta1 = 0.9
 beta2 = 0.95
 grad_clip = 1.0  # clip the global gradient norm to this; 0 disables
+# image stage
+image_inject_frac = 0.8  # the image injection point: which text checkpoint (a value of save_fracs) gets the images
+image_iters = 300  # optimizer steps of the image stage
+image_ratio = 0.1  # fraction of the sequences that are image-caption sequences
+instruct_ratio = 0.0  # fraction that are instruction conversations (the paper's "instruction data in pre-training")
+image_lr = 3e-3  # peak LR when injecting into the fully trained model (image_inject_frac=1.0 re-warms up)
+rewarm_iters = 20  # warmup steps of a stage that re-warms its LR (image at 1.0, finetune)
+encoder = 'siglip'  # siglip, dinov2, dino_siglip, vit, resnet, patch
+encoder_scale = 'tiny'  # 'tiny' (CPU demo) or 'paper' (SigLIP SO400M, DINOv2 ViT-L, ...)
+encoder_weights = 'random'  # 'random', 'hub' (download), or a .safetensors path
+freeze_encoder = True  # keep the encoder's weights fixed (no grad, eval mode, not in the optimizer)
+encoder_lr = 3e-4  # peak LR of an unfrozen encoder
+projector = 'mlp'  # linear, mlp, fused_mlp
+image_inject_layer = 0  # the LM block before which visual tokens enter the residual stream (0: input embeddings)
+cache_features = True  # with a frozen encoder: compute the image set's features once, then read them back
+scene_size = 48  # shapes-world pictures are rendered at this many pixels; the encoder resizes to its own size
+caption_scenes = 8000  # shapes-world scenes with captions for the image stage (a fixed set: features can be cached)
+conversations = 6000  # shapes-world instruction conversations (fine-tuning, and instruct_ratio in the image stage)
+# finetune stage
+finetune_epochs = 2  # passes over the instruction conversations
+finetune_lr = 1e-3  # peak LR of fine-tuning (re-warmed)
 # system
 device = 'auto'  # 'auto' (cuda when available), 'cpu', 'cuda', 'cuda:1', ...
 dtype = 'auto'  # 'auto' (bfloat16 on CUDA, float32 on CPU), 'bfloat16', 'float32'
@@ -69,7 +97,7 @@ peak_flops = 0.0  # the device's peak FLOP/s for MFU; 0 looks it up (A100, H100)
 seed = 1337
 # -----------------------------------------------------------------------------
 
-STAGES = ('text',)
+STAGES = ('text', 'image', 'finetune')
 # the keys that define a text stage: runs whose values agree may share its checkpoints
 TEXT_KEYS = ('dataset', 'model', 'block_size', 'qk_norm', 'tie_embeddings', 'text_iters', 'batch_size',
              'learning_rate', 'min_lr', 'warmup_iters', 'weight_decay', 'beta1', 'beta2', 'grad_clip', 'seed')
@@ -98,6 +126,22 @@ def get_config(args):
         raise ConfigError(f"dtype={cfg.dtype!r}: use 'auto', 'float32' or 'bfloat16'")
     if cfg.init_from not in ('scratch', 'resume'):
         raise ConfigError(f"init_from={cfg.init_from!r}: use 'scratch' or 'resume'")
+    if cfg.image_inject_frac not in cfg.save_fracs:
+        raise ConfigError(f'image_inject_frac={cfg.image_inject_frac} is not one of save_fracs={cfg.save_fracs}: '
+                          f'images can only be injected at a saved text checkpoint')
+    if not 0 <= cfg.image_ratio + cfg.instruct_ratio <= 1 or min(cfg.image_ratio, cfg.instruct_ratio) < 0:
+        raise ConfigError(f'image_ratio={cfg.image_ratio} and instruct_ratio={cfg.instruct_ratio} must be >= 0 '
+                          f'and sum to at most 1')
+    if cfg.encoder == 'patch' and cfg.freeze_encoder:
+        raise ConfigError('encoder=patch is a learned projection with nothing to freeze: set freeze_encoder=False')
+    if cfg.encoder not in ENCODERS:
+        raise ConfigError(f'encoder={cfg.encoder!r}: the encoders are {", ".join(ENCODERS)}')
+    if {'image', 'finetune'} & set(cfg.stages.split(',')):
+        enc_tokens = 729 if cfg.encoder_scale == 'paper' else (cfg.scene_size // 8) ** 2
+        longest = enc_tokens + LONGEST_CAPTION
+        if longest + 1 > cfg.block_size:
+            raise ConfigError(f'block_size={cfg.block_size} cannot hold one image ({enc_tokens} tokens) and a caption '
+                              f'(up to {LONGEST_CAPTION} tokens): raise block_size to at least {longest + 1}')
     return cfg
 
 
@@ -180,14 +224,20 @@ def set_rng_state(state):
     random.setstate((version, tuple(py_state), py_gauss))
 
 
+def checkpoint_weights(raw_model):
+    """The tensors a checkpoint stores: all, but a frozen encoder with a recorded source is rebuilt from it."""
+    skip_encoder = isinstance(raw_model, VLM) and raw_model.encoder.frozen and raw_model.encoder.weights != 'random'
+    # copies, so tied weights are two tensors to safetensors; no compile / DDP prefix: raw_model is unwrapped
+    return {k: v.detach().to('cpu', copy=True).contiguous() for k, v in raw_model.state_dict().items()
+            if not (skip_encoder and k.startswith('encoder.'))}
+
+
 def save_checkpoint(folder, raw_model, optimizer, info, data_state):
     """Write a checkpoint atomically: a crash leaves either the old folder or the new one, never half of one."""
     tmp, old = folder + '.tmp', folder + '.old'
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    # copies, so tied weights are two tensors to safetensors; no compile / DDP prefix: raw_model is unwrapped
-    weights = {k: v.detach().to('cpu', copy=True).contiguous() for k, v in raw_model.state_dict().items()}
-    save_file(weights, os.path.join(tmp, 'model.safetensors'))
+    save_file(checkpoint_weights(raw_model), os.path.join(tmp, 'model.safetensors'))
     torch.save({'optimizer': optimizer.state_dict(), 'step': info['step'], 'rng': rng_state(), 'data': data_state},
                os.path.join(tmp, 'state.pt'))
     with open(os.path.join(tmp, 'config.json'), 'w') as f:
@@ -247,12 +297,12 @@ def train_steps(rt, stage, model, raw_model, optimizer, next_batch, lr_at, first
         for group in optimizer.param_groups:
             group['lr'] = group['peak_lr'] * factor
         for micro in range(accum):
-            x, y = next_batch()
+            x, y, inputs = next_batch()
             # under DDP, all-reduce the gradients only on the last micro-step
             sync = nullcontext() if not rt.ddp or micro == accum - 1 else model.no_sync()
             with sync:
                 with rt.autocast:
-                    _, loss = model(x, y)
+                    _, loss = model(x, y, **inputs)
                 (loss / accum).backward()
         if grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
@@ -293,7 +343,9 @@ def wrap_model(rt, raw_model):
     """torch.compile and DDP around the model; checkpoints always save raw_model."""
     model = torch.compile(raw_model) if rt.compile else raw_model
     if rt.ddp:
-        model = DDP(model, device_ids=[rt.device] if rt.device_type == 'cuda' else None)
+        # a micro-batch without images leaves the projector (and a trainable encoder) without gradients
+        model = DDP(model, device_ids=[rt.device] if rt.device_type == 'cuda' else None,
+                    find_unused_parameters=isinstance(raw_model, VLM))
     return model
 
 
@@ -352,7 +404,7 @@ def train_text(cfg, rt):
 
     def next_batch():
         x, y = data.text_batch(train_tokens, rt.micro_batch, cfg.block_size, generator, rt.rank, rt.world_size)
-        return x.to(rt.device), y.to(rt.device)
+        return x.to(rt.device), y.to(rt.device), {}
 
     @torch.no_grad()
     def val_loss():
@@ -385,13 +437,208 @@ def train_text(cfg, rt):
 
 
 # -----------------------------------------------------------------------------
+# stages 2 and 3: image injection, instruction fine-tuning
+
+def image_stage_keys(cfg):
+    return [k for k in vars(cfg) if k not in RUN_ONLY_KEYS + FINETUNE_KEYS]
+
+
+def reusable(cfg, folder, keys, rt):
+    """True when folder holds a finished checkpoint made with these settings; one made with others is an error."""
+    if not os.path.exists(os.path.join(folder, 'config.json')):
+        return False
+    made_by = read_checkpoint_info(folder)['config']
+    differ = [k for k in keys if made_by.get(k) != getattr(cfg, k)]
+    if differ:
+        diffs = ', '.join(f'{k}: {made_by.get(k)!r} there, {getattr(cfg, k)!r} here' for k in differ)
+        raise ConfigError(f'{folder} was made with other settings ({diffs}); set out_dir to a new folder, or delete '
+                          f'{folder}')
+    log(rt, f'{os.path.basename(folder)} stage: already complete in {folder}, reusing it')
+    return True
+
+
+def encoder_saved(raw_model):
+    """A checkpoint stores the encoder's weights unless it is frozen and rebuilt from a recorded source."""
+    return not (raw_model.encoder.frozen and raw_model.encoder.weights != 'random')
+
+
+def vlm_info(cfg, raw_model, stage, step, iters, tokenizer):
+    e = raw_model.encoder
+    return {'stage': stage, 'step': step, 'iters': iters, 'tokenizer': tokenizer,
+            'model_args': asdict(raw_model.gpt.config), 'config': vars(cfg),
+            'encoder': {'name': e.name, 'scale': e.scale, 'weights': e.weights, 'img_size': e.img_size,
+                        'frozen': e.frozen, 'saved': encoder_saved(raw_model), 'projector': cfg.projector,
+                        'inject_layer': raw_model.inject_layer, 'image_token': raw_model.image_token}}
+
+
+def image_data(cfg, rt):
+    """Tokenizer, text shard and the shapes world's images; rank 0 renders them first, the others wait."""
+    world = lambda: data.ImageWorld(data.dataset_dir(cfg.dataset, cfg.data_dir), cfg.scene_size, cfg.caption_scenes,
+                                    cfg.conversations)
+    if rt.master:
+        world()
+    barrier(rt)
+    folder = data.dataset_dir(cfg.dataset, cfg.data_dir)
+    enc = data.get_tokenizer(data.load_meta(folder)['tokenizer'])
+    return enc, data.open_shard(folder, 'train'), world()
+
+
+def image_inputs(cfg, rt, world, features, ids):
+    """The model inputs for a batch's images: cached features of a frozen encoder, or the uint8 pictures."""
+    if not ids:
+        return {}
+    if features is not None:
+        return {'features': torch.from_numpy(np.asarray(features[ids])).to(rt.device)}
+    return {'images': torch.from_numpy(np.asarray(world.images[ids])).to(rt.device)}
+
+
+def feature_cache(cfg, rt, world, raw_model):
+    if not (cfg.cache_features and raw_model.encoder.frozen):
+        return None
+    cache_dir = os.path.join(cfg.data_dir, 'features')
+    name = f'shapes-v{data.SHAPES_VERSION}-{cfg.scene_size}px-{cfg.caption_scenes}-{cfg.conversations}'
+    if rt.master:
+        cached_features(raw_model.encoder, world.images, name, cache_dir)
+    barrier(rt)
+    return cached_features(raw_model.encoder, world.images, name, cache_dir, verbose=False)
+
+
+def finish_stage(cfg, rt, stage, folder, raw_model, optimizer, step, iters, enc, data_state):
+    check_ranks_agree(rt, raw_model)
+    if rt.master:
+        info = vlm_info(cfg, raw_model, stage, step, iters, enc.name.removeprefix('nanovlp_'))
+        save_checkpoint(folder, raw_model, optimizer, info, data_state)
+        result = evaluate_checkpoint(folder, rt.device, verbose=False)
+        log(rt, f'{stage} stage: saved {folder} | vision {result["vision_stable_score"]:.3f} | blind '
+                f'{result["vision_blind_stable_score"]:.3f} | text {result["text_stable_score"]:.3f}')
+    barrier(rt)
+
+
+def image_schedule(cfg):
+    """
+    The image stage's peak LR and LR factor per step. Below 1.0 the text schedule continues from the LR it had
+    reached at the injection point down to min_lr (the paper's cooldown); at 1.0 it re-warms up to image_lr.
+    """
+    if cfg.image_inject_frac < 1.0:
+        reached = cosine_lr(frac_step(cfg.image_inject_frac, cfg.text_iters), cfg.learning_rate, cfg.warmup_iters,
+                            cfg.text_iters, cfg.min_lr)
+        peak = cfg.learning_rate
+        return peak, lambda step: cosine_lr(step, peak, 0, cfg.image_iters, cfg.min_lr, start=reached) / peak
+    peak = cfg.image_lr
+    return peak, lambda step: cosine_lr(step, peak, cfg.rewarm_iters, cfg.image_iters, cfg.min_lr) / peak
+
+
+def train_image(cfg, rt):
+    folder = os.path.join(cfg.out_dir, 'image')
+    if reusable(cfg, folder, image_stage_keys(cfg), rt):
+        return
+    text_ckpt = os.path.join(cfg.text_out_dir, frac_name(cfg.image_inject_frac))
+    if not os.path.exists(os.path.join(text_ckpt, 'config.json')):
+        log(rt, f'image stage: {text_ckpt} does not exist yet, running the text stage first')
+        train_text(cfg, rt)
+    enc, text_tokens, world = image_data(cfg, rt)
+    gpt = build_model(read_checkpoint_info(text_ckpt))
+    gpt.load_state_dict(load_file(os.path.join(text_ckpt, 'model.safetensors')))
+    torch.manual_seed(cfg.seed)
+    encoder = build_encoder(cfg.encoder, cfg.encoder_scale, cfg.encoder_weights, freeze=cfg.freeze_encoder)
+    raw_model = VLM(gpt, encoder, data.special_id(enc, '<|image|>'), cfg.projector, cfg.image_inject_layer)
+    raw_model = raw_model.to(rt.device).train()
+    log(rt, f'image stage: {cfg.encoder} ({"frozen" if encoder.frozen else "trained"}, {encoder.num_tokens} tokens '
+            f'x {encoder.dim}) into {text_ckpt}, {cfg.image_iters} steps at image ratio {cfg.image_ratio}')
+    features = feature_cache(cfg, rt, world, raw_model)
+    peak, lr_at = image_schedule(cfg)
+    optimizer = raw_model.configure_optimizers(cfg.weight_decay, peak, (cfg.beta1, cfg.beta2), rt.device_type,
+                                               encoder_lr=cfg.encoder_lr)
+    model = wrap_model(rt, raw_model)
+    generator = torch.Generator().manual_seed(cfg.seed + 1)
+
+    def next_batch():
+        x, y, ids = data.mixture_batch(world, enc, text_tokens, rt.micro_batch, cfg.block_size, encoder.num_tokens,
+                                       cfg.image_ratio, cfg.instruct_ratio, generator, rt.rank, rt.world_size)
+        return x.to(rt.device), y.to(rt.device), image_inputs(cfg, rt, world, features, ids)
+
+    train_steps(rt, 'image', model, raw_model, optimizer, next_batch, lr_at, 0, cfg.image_iters,
+                tokens_per_step=cfg.batch_size * cfg.block_size, log_interval=cfg.log_interval,
+                grad_clip=cfg.grad_clip, peak_flops=cfg.peak_flops)
+    finish_stage(cfg, rt, 'image', folder, raw_model, optimizer, cfg.image_iters, cfg.image_iters, enc,
+                 {'generator': generator.get_state()})
+
+
+def train_finetune(cfg, rt):
+    folder = os.path.join(cfg.out_dir, 'finetune')
+    if reusable(cfg, folder, [k for k in vars(cfg) if k not in RUN_ONLY_KEYS], rt):
+        return
+    image_ckpt = os.path.join(cfg.out_dir, 'image')
+    if not os.path.exists(os.path.join(image_ckpt, 'config.json')):
+        log(rt, f'finetune stage: {image_ckpt} does not exist yet, running the image stage first')
+        train_image(cfg, rt)
+    enc, _, world = image_data(cfg, rt)
+    raw_model = build_model(read_checkpoint_info(image_ckpt))
+    state = load_file(os.path.join(image_ckpt, 'model.safetensors'))
+    raw_model.load_state_dict(state, strict=encoder_saved(raw_model))
+    raw_model = raw_model.to(rt.device).train()
+    features = feature_cache(cfg, rt, world, raw_model)
+    generator = torch.Generator().manual_seed(cfg.seed + 2)
+    epochs = [data.finetune_rows(world, enc, cfg.block_size, raw_model.encoder.num_tokens, generator)
+              for _ in range(cfg.finetune_epochs)]
+    steps_per_epoch = len(epochs[0]) // cfg.batch_size
+    if steps_per_epoch == 0:
+        raise ConfigError(f'the instruction set packs into {len(epochs[0])} rows, fewer than batch_size='
+                          f'{cfg.batch_size}: lower batch_size')
+    iters = steps_per_epoch * cfg.finetune_epochs
+    log(rt, f'finetune stage: {len(world.conversations):,} conversations in {len(epochs[0])} rows, '
+            f'{cfg.finetune_epochs} epochs = {iters} steps')
+    # every optimizer step takes batch_size rows; micro-step m of rank r takes its slice of them
+    micro = [(e, s * cfg.batch_size + (m * rt.world_size + rt.rank) * rt.micro_batch)
+             for e in range(cfg.finetune_epochs) for s in range(steps_per_epoch) for m in range(rt.micro_steps)]
+    position = iter(micro)
+
+    def next_batch():
+        e, start = next(position)
+        rows = epochs[e][start:start + rt.micro_batch]
+        x, y = torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])
+        ids = [i for r in rows for i in r[2]]
+        return x.to(rt.device), y.to(rt.device), image_inputs(cfg, rt, world, features, ids)
+
+    peak = cfg.finetune_lr
+    optimizer = raw_model.configure_optimizers(cfg.weight_decay, peak, (cfg.beta1, cfg.beta2), rt.device_type,
+                                               encoder_lr=cfg.encoder_lr)
+    model = wrap_model(rt, raw_model)
+    lr_at = lambda step: cosine_lr(step, peak, cfg.rewarm_iters, iters, cfg.min_lr) / peak
+    train_steps(rt, 'finetune', model, raw_model, optimizer, next_batch, lr_at, 0, iters,
+                tokens_per_step=cfg.batch_size * cfg.block_size, log_interval=cfg.log_interval,
+                grad_clip=cfg.grad_clip, peak_flops=cfg.peak_flops)
+    finish_stage(cfg, rt, 'finetune', folder, raw_model, optimizer, iters, iters, enc,
+                 {'generator': generator.get_state()})
+
+
+def summary(cfg):
+    """The stable scores of the text checkpoint at the injection point and of each later stage, as a table."""
+    rows = [('text ' + frac_name(cfg.image_inject_frac), os.path.join(cfg.text_out_dir, frac_name(cfg.image_inject_frac))),
+            ('image', os.path.join(cfg.out_dir, 'image')), ('finetune', os.path.join(cfg.out_dir, 'finetune'))]
+    fmt = lambda r, k: ('n/a' if r.get(k) is None else f"{r[k]:.3f} [{r[k + '_ci95'][0]:+.3f}, {r[k + '_ci95'][1]:+.3f}]")
+    lines = [f"{'checkpoint':<16}{'vision':<26}{'vision (blind)':<26}{'text':<26}"]
+    for name, path in rows:
+        path = os.path.join(path, 'eval.json')
+        if os.path.exists(path):
+            with open(path) as f:
+                r = json.load(f)
+            lines.append(f"{name:<16}{fmt(r, 'vision_stable_score'):<26}{fmt(r, 'vision_blind_stable_score'):<26}"
+                         f"{fmt(r, 'text_stable_score'):<26}")
+    return '\n'.join(lines)
+
+
+# -----------------------------------------------------------------------------
 
 def main(cfg):
     rt = setup_runtime(cfg)
     t0 = time.time()
     try:
-        if 'text' in cfg.stages.split(','):
-            train_text(cfg, rt)
+        stages = cfg.stages.split(',')
+        for stage in stages:
+            {'text': train_text, 'image': train_image, 'finetune': train_finetune}[stage](cfg, rt)
+        if rt.master and stages != ['text']:
+            print(f'\nstable scores with 95% intervals ({cfg.out_dir}):\n{summary(cfg)}')
         log(rt, f'done in {format_time(time.time() - t0)}')
     finally:
         if rt.ddp:

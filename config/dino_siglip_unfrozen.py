@@ -1,0 +1,4 @@
+# encoder ablation cell: DINO-SigLIP (DINOv2 and SigLIP features side by side), trained along with the LM at encoder_lr
+encoder = 'dino_siglip'
+projector = 'fused_mlp'  # Prismatic's projector for fused features
+freeze_encoder = False

@@ -1,0 +1,3 @@
+# encoder ablation cell: no pretrained encoder at all, only a learned linear patch embedding (trained with the LM)
+encoder = 'patch'
+freeze_encoder = False

@@ -1,0 +1,3 @@
+# encoder ablation cell: a ResNet, weights frozen (the paper's default)
+encoder = 'resnet'
+freeze_encoder = True

@@ -1,0 +1,199 @@
+"""The image and fine-tuning stages on the shapes world: samples, packing, mixtures, schedules, the whole run."""
+import json
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+
+import data
+import eval as ev
+import train
+from configurator import ConfigError
+
+N = 36  # image tokens of every tiny encoder at 48 px
+
+
+@pytest.fixture(scope='module')
+def world(shapes_dir):
+    return data.ImageWorld(os.path.join(shapes_dir, 'shapes'), 48, n_captions=200, n_instruct=150, n_eval=20)
+
+
+@pytest.fixture(scope='module')
+def enc():
+    return data.get_tokenizer('bytes')
+
+
+def image_runs(row, image_token):
+    """Lengths of the runs of consecutive <|image|> tokens in a row."""
+    runs, n = [], 0
+    for t in row.tolist() + [-1]:
+        if t == image_token:
+            n += 1
+        elif n:
+            runs.append(n)
+            n = 0
+    return runs
+
+
+def test_scenes_render_their_objects():
+    scene = [dict(shape='square', color='red', size='large', cell=4)]
+    img = data.render(scene, 48)
+    assert img.shape == (48, 48, 3) and img.dtype == np.uint8
+    assert tuple(img[24, 24]) == data.RGB['red'] and tuple(img[2, 2]) == (data.BACKGROUND,) * 3
+    assert (img == data.RGB['red']).all(-1).sum() > 100
+
+
+@pytest.mark.parametrize('task', data.VISION_TASKS)
+def test_questions_are_answerable_and_balanced(task):
+    rng = random.Random(0)
+    answers = []
+    for _ in range(600):
+        scene, q, a, choices = data.question(rng, task)
+        assert a in choices and 1 <= len(scene) <= data.MAX_OBJECTS
+        assert len({o['cell'] for o in scene}) == len(scene)
+        if task == 'color':  # the shape asked about is unique, and has the answered color
+            shape = q.split()[-1][:-1]
+            assert [o['color'] for o in scene if o['shape'] == shape] == [a]
+        if task == 'count':
+            assert data.NUMBER_WORDS[len(scene)] == a
+        if task == 'exists':
+            color, shape = q[:-1].split()[-2:]
+            assert (a == 'yes') == any(o['color'] == color and o['shape'] == shape for o in scene)
+        if task == 'position':
+            assert [data.POSITIONS[o['cell']] for o in scene if o['shape'] == q.split()[-1][:-1]] == [a]
+        answers.append(a)
+    counts = np.array([answers.count(c) for c in set(choices)])
+    assert counts.min() > 0.6 * 600 / len(choices)  # every answer about equally often: chance is 1/k
+
+
+def test_caption_mentions_every_object():
+    rng = random.Random(1)
+    scene = data.scene_with(rng, {}, 3)
+    text = data.caption(scene, rng)
+    for o in scene:
+        assert f"{o['color']} {o['shape']} at the {data.POSITIONS[o['cell']]}" in text
+
+
+def test_loss_mask_covers_exactly_the_answers(enc):
+    turns = [('What color is the circle?', 'red'), ('How many shapes are there?', 'two')]
+    tokens, mask = data.instruct_sample(enc, turns, N)
+    eot = data.special_id(enc, '<|endoftext|>')
+    answer_tokens = [t for t, m in zip(tokens, mask) if m]
+    assert answer_tokens == enc.encode_ordinary('red') + [eot] + enc.encode_ordinary('two') + [eot]
+    x, y, _ = data.pack_row([(tokens, mask, [0])], 128, eot)
+    assert [t for t in y.tolist() if t != -1] == answer_tokens
+
+
+def test_packing_never_splits_and_fits_block(world, enc, shapes_dir):
+    text = data.open_shard(os.path.join(shapes_dir, 'shapes'), 'train')
+    gen = torch.Generator().manual_seed(0)
+    image = data.special_id(enc, '<|image|>')
+    for _ in range(20):
+        x, y, ids = data.mixture_batch(world, enc, text, 8, 256, N, 0.5, 0.3, gen)
+        assert x.shape == y.shape == (8, 256)
+        runs = [r for row in x for r in image_runs(row, image)]
+        assert all(r == N for r in runs)  # every image whole
+        assert len(runs) == len(ids)  # one image id per image, in order
+    rows = data.finetune_rows(world, enc, 256, N, torch.Generator().manual_seed(0))
+    assert sum(len(image_runs(x, image)) for x, _, _ in rows) == len(world.conversations)  # each exactly once
+    for x, y, ids in rows:
+        assert len(x) == 256 and all(r == N for r in image_runs(x, image)) and len(ids) == len(image_runs(x, image))
+        assert enc.decode(x[x < 256].tolist()).count('?') >= len(ids)  # each conversation kept its question
+
+
+def test_realized_ratios_match_config(world, enc, shapes_dir):
+    text = data.open_shard(os.path.join(shapes_dir, 'shapes'), 'train')
+    gen = torch.Generator().manual_seed(0)
+    image, user = data.special_id(enc, '<|image|>'), data.special_id(enc, '<|user|>')
+    kinds = {'caption': 0, 'instruct': 0, 'text': 0}
+    for _ in range(1000):
+        x, _, _ = data.mixture_batch(world, enc, text, 16, 256, N, 0.1, 0.05, gen)
+        for row in x:
+            kinds['instruct' if (row == user).any() else 'caption' if (row == image).any() else 'text'] += 1
+    total = sum(kinds.values())
+    assert abs(kinds['caption'] / total - 0.1) < 0.02 and abs(kinds['instruct'] / total - 0.05) < 0.02
+
+
+def test_ranks_split_the_mixture_batch(world, enc, shapes_dir):
+    text = data.open_shard(os.path.join(shapes_dir, 'shapes'), 'train')
+    whole = data.mixture_batch(world, enc, text, 8, 256, N, 0.5, 0.2, torch.Generator().manual_seed(3))
+    halves = [data.mixture_batch(world, enc, text, 4, 256, N, 0.5, 0.2, torch.Generator().manual_seed(3), r, 2)
+              for r in range(2)]
+    assert torch.equal(torch.cat([h[0] for h in halves]), whole[0])
+    assert halves[0][2] + halves[1][2] == whole[2]
+
+
+def test_image_stage_lr_continues_or_rewarms():
+    cfg = train.get_config(['--text_iters=100', '--warmup_iters=10', '--image_iters=50', '--image_inject_frac=0.6'])
+    peak, lr_at = train.image_schedule(cfg)
+    reached = train.cosine_lr(60, cfg.learning_rate, 10, 100, cfg.min_lr)
+    assert peak * lr_at(0) == pytest.approx(reached)  # no warmup: the text schedule's LR at step 60
+    assert peak * lr_at(50) == pytest.approx(cfg.min_lr)
+    assert all(lr_at(s) >= lr_at(s + 1) for s in range(50))  # and only down from there
+    cfg = train.get_config(['--image_iters=50', '--image_inject_frac=1.0', '--rewarm_iters=5', '--image_lr=1e-3'])
+    peak, lr_at = train.image_schedule(cfg)
+    assert peak == 1e-3 and peak * lr_at(0) == pytest.approx(1e-3 / 6) and peak * lr_at(5) == pytest.approx(1e-3)
+    assert peak * lr_at(50) == pytest.approx(cfg.min_lr)
+
+
+def test_bad_injection_point_and_block_size_fail_before_training():
+    with pytest.raises(ConfigError, match=r'image_inject_frac=0.5 is not one of save_fracs'):
+        train.get_config(['--image_inject_frac=0.5'])
+    with pytest.raises(ConfigError, match='block_size=128 cannot hold one image'):
+        train.get_config(['--block_size=128'])
+    train.get_config(['--block_size=128', '--stages=text'])  # text alone needs no room for images
+
+
+def test_blind_eval_feeds_gray_images(world, enc):
+    seen = []
+
+    class Spy(torch.nn.Module):
+        encoder = type('E', (), {'num_tokens': N})()
+
+        def generate(self, idx, images, max_new_tokens, stop_token=None):
+            seen.append(images.clone())
+            return torch.cat([idx, torch.full((len(idx), 1), stop_token)], dim=1)
+
+    rng = np.random.default_rng(0)
+    ev.vision_tasks(Spy(), enc, world, 'cpu', rng, blind=True)
+    assert all((imgs == 128).all() for imgs in seen) and sum(len(i) for i in seen) == len(world.eval_items)
+    seen.clear()
+    ev.vision_tasks(Spy(), enc, world, 'cpu', rng)
+    assert any((imgs != 128).any() for imgs in seen)
+
+
+def test_normalized_exact_match():
+    assert ev.normalize_answer(' The Red.') == 'red'
+    assert ev.normalize_answer('bottom  right!') == 'bottom right'
+    assert ev.normalize_answer('a cross') == ev.normalize_answer('cross')
+
+
+@pytest.mark.parametrize('encoder,freeze', [('siglip', True), ('patch', False)])
+def test_all_stages_end_to_end(tmp_path, shapes_dir, encoder, freeze):
+    out = str(tmp_path / 'run')
+    cfg = train.get_config([
+        f'--data_dir={shapes_dir}', f'--out_dir={out}', f'--text_out_dir={out}/text', '--text_iters=10',
+        '--save_fracs=[0.5,1.0]', '--image_inject_frac=0.5', '--warmup_iters=2', '--batch_size=4', '--image_iters=4',
+        '--image_ratio=0.5', '--caption_scenes=40', '--conversations=40', '--finetune_epochs=1', '--rewarm_iters=1',
+        '--log_interval=2', f'--encoder={encoder}', f'--freeze_encoder={freeze}', '--device=cpu'])
+    train.main(cfg)
+    for stage in ('image', 'finetune'):
+        with open(os.path.join(out, stage, 'eval.json')) as f:
+            result = json.load(f)
+        for key in ('vision_stable_score', 'text_stable_score', 'vision_blind_stable_score',
+                    'vision_stable_score_ci95', 'text_stable_score_ci95', 'vision_blind_stable_score_ci95'):
+            assert result[key] is not None, key
+        assert set(result['tasks']) == set(data.VISION_TASKS) | {'facts', 'arithmetic', 'sequence'}
+        assert result['tasks']['position']['chance'] == pytest.approx(1 / 9)
+    model, info = ev.load_model(os.path.join(out, 'finetune'))
+    assert info['encoder']['name'] == encoder and model.encoder.frozen == freeze
+
+
+@pytest.mark.parametrize('path', sorted(os.listdir(os.path.join(os.path.dirname(__file__), '..', 'config'))))
+def test_every_config_file_is_valid(path):
+    cfg = train.get_config([os.path.join(os.path.dirname(__file__), '..', 'config', path)])
+    assert cfg.encoder in ('siglip', 'dinov2', 'dino_siglip', 'vit', 'resnet', 'patch')
+    if path.startswith('scale_'):
+        assert cfg.encoder_scale == 'paper' and cfg.batch_size % cfg.gradient_accumulation_steps == 0
