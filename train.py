@@ -126,9 +126,6 @@ def get_config(args):
         raise ConfigError(f"dtype={cfg.dtype!r}: use 'auto', 'float32' or 'bfloat16'")
     if cfg.init_from not in ('scratch', 'resume'):
         raise ConfigError(f"init_from={cfg.init_from!r}: use 'scratch' or 'resume'")
-    if cfg.image_inject_frac not in cfg.save_fracs:
-        raise ConfigError(f'image_inject_frac={cfg.image_inject_frac} is not one of save_fracs={cfg.save_fracs}: '
-                          f'images can only be injected at a saved text checkpoint')
     if not 0 <= cfg.image_ratio + cfg.instruct_ratio <= 1 or min(cfg.image_ratio, cfg.instruct_ratio) < 0:
         raise ConfigError(f'image_ratio={cfg.image_ratio} and instruct_ratio={cfg.instruct_ratio} must be >= 0 '
                           f'and sum to at most 1')
@@ -137,6 +134,9 @@ def get_config(args):
     if cfg.encoder not in ENCODERS:
         raise ConfigError(f'encoder={cfg.encoder!r}: the encoders are {", ".join(ENCODERS)}')
     if {'image', 'finetune'} & set(cfg.stages.split(',')):
+        if cfg.image_inject_frac not in cfg.save_fracs:
+            raise ConfigError(f'image_inject_frac={cfg.image_inject_frac} is not one of save_fracs={cfg.save_fracs}: '
+                              f'images can only be injected at a saved text checkpoint')
         enc_tokens = 729 if cfg.encoder_scale == 'paper' else (cfg.scene_size // 8) ** 2
         longest = enc_tokens + LONGEST_CAPTION
         if longest + 1 > cfg.block_size:
@@ -352,22 +352,21 @@ def wrap_model(rt, raw_model):
 # -----------------------------------------------------------------------------
 # stage 1: text pre-training
 
-def text_stage_matches(cfg, folder):
-    """Whether the text checkpoints in folder were made by this config's text settings (else: an error)."""
-    found = stage_checkpoints(folder)
-    if not found:
-        return
-    made_by = read_checkpoint_info(found[-1][1])['config']
-    differ = [k for k in TEXT_KEYS if made_by.get(k) != getattr(cfg, k)]
+def check_made_with(cfg, ckpt, keys, what):
+    """A checkpoint may be reused only by a run whose values of keys are those it was made with."""
+    made_by = read_checkpoint_info(ckpt)['config']
+    differ = [k for k in keys if made_by.get(k) != getattr(cfg, k)]
     if differ:
         diffs = ', '.join(f'{k}: {made_by.get(k)!r} there, {getattr(cfg, k)!r} here' for k in differ)
-        raise ConfigError(f'{folder} holds a text stage made with other settings ({diffs}); set text_out_dir to a '
-                          f'new folder, or delete {folder}')
+        raise ConfigError(f'{ckpt} holds a {what} made with other settings ({diffs}); choose another folder for '
+                          f'this run, or delete {ckpt}')
 
 
 def train_text(cfg, rt):
     folder = cfg.text_out_dir
-    text_stage_matches(cfg, folder)
+    found = stage_checkpoints(folder)
+    if found:
+        check_made_with(cfg, found[-1][1], TEXT_KEYS, 'text stage')
     targets = {frac_step(f, cfg.text_iters): os.path.join(folder, frac_name(f)) for f in cfg.save_fracs}
     if all(os.path.exists(os.path.join(p, 'config.json')) for p in targets.values()):
         log(rt, f'text stage: already complete in {folder}, reusing it')
@@ -447,12 +446,7 @@ def reusable(cfg, folder, keys, rt):
     """True when folder holds a finished checkpoint made with these settings; one made with others is an error."""
     if not os.path.exists(os.path.join(folder, 'config.json')):
         return False
-    made_by = read_checkpoint_info(folder)['config']
-    differ = [k for k in keys if made_by.get(k) != getattr(cfg, k)]
-    if differ:
-        diffs = ', '.join(f'{k}: {made_by.get(k)!r} there, {getattr(cfg, k)!r} here' for k in differ)
-        raise ConfigError(f'{folder} was made with other settings ({diffs}); set out_dir to a new folder, or delete '
-                          f'{folder}')
+    check_made_with(cfg, folder, keys, f'{os.path.basename(folder)} stage')
     log(rt, f'{os.path.basename(folder)} stage: already complete in {folder}, reusing it')
     return True
 
