@@ -200,6 +200,8 @@ RGB = {'red': (220, 40, 40), 'green': (40, 180, 60), 'blue': (60, 100, 240), 'ye
        'purple': (160, 70, 210), 'orange': (245, 140, 30)}
 BACKGROUND = 25  # dark gray: every color above stands out against it
 MAX_OBJECTS = 4
+# scenes with fewer objects are more common: a small model first learns to read one object, then to pick one out
+OBJECT_COUNT_WEIGHTS = (4, 3, 2, 1)
 VISION_TASKS = ('color', 'shape', 'count', 'exists', 'position')
 
 
@@ -247,7 +249,7 @@ def caption(scene, rng):
 def scene_with(rng, first, n=None):
     """A scene of n objects (1 .. MAX_OBJECTS) whose first object has the attributes in `first`; the others avoid
     its shape and its color, so a question about it by shape or by color has one answer."""
-    n = n or rng.randint(1, MAX_OBJECTS)
+    n = n or rng.choices(range(1, MAX_OBJECTS + 1), weights=OBJECT_COUNT_WEIGHTS)[0]
     cell = first.get('cell', rng.randrange(9))
     obj = random_object(rng, cell, first.get('shape'), first.get('color'))
     others = rng.sample([c for c in range(9) if c != cell], n - 1)
@@ -379,7 +381,7 @@ class ImageWorld:
         rng = random.Random(SPLIT_SEEDS['test'] * 1000 + 7)
         self.eval_items = [dict(task=t, scene=s, question=q, answer=a, answers=k)
                            for t in VISION_TASKS for s, q, a, k in (question(rng, t) for _ in range(n_eval))]
-        path = os.path.join(folder, f'images_{scene_size}px_{n_captions}_{n_instruct}_{n_eval}.npy')
+        path = os.path.join(folder, f'images_v{SHAPES_VERSION}_{scene_size}px_{n_captions}_{n_instruct}_{n_eval}.npy')
         if not os.path.exists(path):  # rendering is a few seconds: do it once per resolution
             scenes = self.caption_scenes + [s for s, _ in self.conversations] + [it['scene'] for it in self.eval_items]
             np.save(path + '.tmp.npy', render_all(scenes, scene_size))
@@ -454,7 +456,7 @@ def finetune_rows(world, enc, block_size, n_image_tokens, generator):
 # -----------------------------------------------------------------------------
 # token shards on disk
 
-SHAPES_VERSION = 2  # bump when the generator changes, so stale caches are rebuilt
+SHAPES_VERSION = 3  # bump when the generator changes, so stale caches are rebuilt
 SPLIT_SEEDS = {'train': 1, 'val': 2, 'test': 3}  # disjoint streams of sentences and items
 
 

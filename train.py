@@ -36,7 +36,7 @@ LONGEST_CAPTION = 200  # bytes: four objects in the longest phrasing, with room 
 # keys that change how a run is carried out, not what it computes: they may differ between runs sharing a stage
 RUN_ONLY_KEYS = ('stages', 'init_from', 'eval_interval', 'eval_iters', 'log_interval', 'device', 'dtype', 'compile',
                  'peak_flops')
-FINETUNE_KEYS = ('finetune_epochs', 'finetune_lr')
+FINETUNE_KEYS = ('finetune_epochs', 'finetune_lr', 'finetune_text_ratio')
 
 # -----------------------------------------------------------------------------
 # config
@@ -89,6 +89,7 @@ conversations = 6000  # shapes-world instruction conversations (fine-tuning, and
 # finetune stage
 finetune_epochs = 2  # passes over the instruction conversations
 finetune_lr = 1e-3  # peak LR of fine-tuning (re-warmed)
+finetune_text_ratio = 0.25  # fraction of each fine-tuning batch that is plain text, so text is not forgotten
 # system
 device = 'auto'  # 'auto' (cuda when available), 'cpu', 'cuda', 'cuda:1', ...
 dtype = 'auto'  # 'auto' (bfloat16 on CUDA, float32 on CPU), 'bfloat16', 'float32'
@@ -137,7 +138,8 @@ def get_config(args):
         if cfg.image_inject_frac not in cfg.save_fracs:
             raise ConfigError(f'image_inject_frac={cfg.image_inject_frac} is not one of save_fracs={cfg.save_fracs}: '
                               f'images can only be injected at a saved text checkpoint')
-        enc_tokens = 729 if cfg.encoder_scale == 'paper' else (cfg.scene_size // 8) ** 2
+        with torch.device('meta'):  # the encoder's shape without its weights: instant even at paper scale
+            enc_tokens = build_encoder(cfg.encoder, cfg.encoder_scale, 'random', freeze=cfg.freeze_encoder).num_tokens
         longest = enc_tokens + LONGEST_CAPTION
         if longest + 1 > cfg.block_size:
             raise ConfigError(f'block_size={cfg.block_size} cannot hold one image ({enc_tokens} tokens) and a caption '
@@ -566,7 +568,7 @@ def train_finetune(cfg, rt):
     if not os.path.exists(os.path.join(image_ckpt, 'config.json')):
         log(rt, f'finetune stage: {image_ckpt} does not exist yet, running the image stage first')
         train_image(cfg, rt)
-    enc, _, world = image_data(cfg, rt)
+    enc, text_tokens, world = image_data(cfg, rt)
     raw_model = build_model(read_checkpoint_info(image_ckpt))
     state = load_file(os.path.join(image_ckpt, 'model.safetensors'))
     raw_model.load_state_dict(state, strict=encoder_saved(raw_model))
@@ -575,21 +577,35 @@ def train_finetune(cfg, rt):
     generator = torch.Generator().manual_seed(cfg.seed + 2)
     epochs = [data.finetune_rows(world, enc, cfg.block_size, raw_model.encoder.num_tokens, generator)
               for _ in range(cfg.finetune_epochs)]
-    steps_per_epoch = len(epochs[0]) // cfg.batch_size
-    if steps_per_epoch == 0:
-        raise ConfigError(f'the instruction set packs into {len(epochs[0])} rows, fewer than batch_size='
-                          f'{cfg.batch_size}: lower batch_size')
+    # each optimizer step: n_conv rows of conversations and n_text rows of plain text (LLaVA keeps text-only
+    # conversations in its mix for the same reason: without them fine-tuning erases the LM's text knowledge)
+    n_text = round(cfg.batch_size * cfg.finetune_text_ratio)
+    n_conv = cfg.batch_size - n_text
+    steps_per_epoch = len(epochs[0]) // max(n_conv, 1)
+    if n_conv == 0 or steps_per_epoch == 0:
+        raise ConfigError(f'the instruction set packs into {len(epochs[0])} rows, fewer than the {n_conv} a step '
+                          f'takes (batch_size={cfg.batch_size}, finetune_text_ratio={cfg.finetune_text_ratio}): '
+                          f'lower either')
     iters = steps_per_epoch * cfg.finetune_epochs
     log(rt, f'finetune stage: {len(world.conversations):,} conversations in {len(epochs[0])} rows, '
-            f'{cfg.finetune_epochs} epochs = {iters} steps')
-    # every optimizer step takes batch_size rows; micro-step m of rank r takes its slice of them
-    micro = [(e, s * cfg.batch_size + (m * rt.world_size + rt.rank) * rt.micro_batch)
-             for e in range(cfg.finetune_epochs) for s in range(steps_per_epoch) for m in range(rt.micro_steps)]
-    position = iter(micro)
+            f'{cfg.finetune_epochs} epochs = {iters} steps of {n_conv} conversation + {n_text} text rows')
+
+    def micro_batches():
+        """Every step's rows, the same on every rank; micro-step m of rank r takes its slice of them."""
+        for epoch in epochs:
+            for s in range(steps_per_epoch):
+                rows = epoch[s * n_conv:(s + 1) * n_conv]
+                if n_text:
+                    x, y = data.text_batch(text_tokens, n_text, cfg.block_size, generator)
+                    rows = rows + [(x[i], y[i], []) for i in range(n_text)]
+                for m in range(rt.micro_steps):
+                    start = (m * rt.world_size + rt.rank) * rt.micro_batch
+                    yield rows[start:start + rt.micro_batch]
+
+    position = micro_batches()
 
     def next_batch():
-        e, start = next(position)
-        rows = epochs[e][start:start + rt.micro_batch]
+        rows = next(position)
         x, y = torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])
         ids = [i for r in rows for i in r[2]]
         return x.to(rt.device), y.to(rt.device), image_inputs(cfg, rt, world, features, ids)

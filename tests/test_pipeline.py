@@ -171,7 +171,7 @@ def test_normalized_exact_match():
 
 
 @pytest.mark.parametrize('encoder,freeze', [('siglip', True), ('patch', False)])
-def test_all_stages_end_to_end(tmp_path, shapes_dir, encoder, freeze):
+def test_all_stages_end_to_end(tmp_path, shapes_dir, encoder, freeze, capsys):
     out = str(tmp_path / 'run')
     cfg = train.get_config([
         f'--data_dir={shapes_dir}', f'--out_dir={out}', f'--text_out_dir={out}/text', '--text_iters=10',
@@ -179,6 +179,7 @@ def test_all_stages_end_to_end(tmp_path, shapes_dir, encoder, freeze):
         '--image_ratio=0.5', '--caption_scenes=40', '--conversations=40', '--finetune_epochs=1', '--rewarm_iters=1',
         '--log_interval=2', f'--encoder={encoder}', f'--freeze_encoder={freeze}', '--device=cpu'])
     train.main(cfg)
+    assert 'steps of 3 conversation + 1 text rows' in capsys.readouterr().out  # finetune_text_ratio=0.25 of 4
     for stage in ('image', 'finetune'):
         with open(os.path.join(out, stage, 'eval.json')) as f:
             result = json.load(f)
