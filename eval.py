@@ -11,7 +11,6 @@ choices average fairly.
 
 import json
 import os
-import re
 import string
 import sys
 

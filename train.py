@@ -29,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import data
 from configurator import ConfigError, configure
 from encoders import ENCODERS, build_encoder, cached_features
-from eval import build_model, evaluate_checkpoint, format_table, read_checkpoint_info
+from eval import build_model, evaluate_checkpoint, read_checkpoint_info
 from model import GPT, PRESETS, VLM, GPTConfig
 
 LONGEST_CAPTION = 200  # bytes: four objects in the longest phrasing, with room to spare
@@ -192,6 +192,14 @@ def setup_runtime(cfg):
 def barrier(rt):
     if rt.ddp:
         dist.barrier()
+
+
+def master_first(rt, make):
+    """make() on rank 0 first (it may write a cache), then on the other ranks, which read what rank 0 wrote."""
+    if rt.master:
+        result = make()
+    barrier(rt)
+    return result if rt.master else make()
 
 
 def log(rt, *args):
@@ -373,10 +381,7 @@ def train_text(cfg, rt):
     if all(os.path.exists(os.path.join(p, 'config.json')) for p in targets.values()):
         log(rt, f'text stage: already complete in {folder}, reusing it')
         return
-    if rt.master:
-        data_folder = data.dataset_dir(cfg.dataset, cfg.data_dir)  # generates the shapes world on first use
-    barrier(rt)
-    data_folder = data.dataset_dir(cfg.dataset, cfg.data_dir)
+    data_folder = master_first(rt, lambda: data.dataset_dir(cfg.dataset, cfg.data_dir))  # generated on first use
     meta = data.load_meta(data_folder)
     enc = data.get_tokenizer(meta['tokenizer'])
     train_tokens, val_tokens = data.open_shard(data_folder, 'train'), data.open_shard(data_folder, 'val')
@@ -469,14 +474,10 @@ def vlm_info(cfg, raw_model, stage, step, iters, tokenizer):
 
 def image_data(cfg, rt):
     """Tokenizer, text shard and the shapes world's images; rank 0 renders them first, the others wait."""
-    world = lambda: data.ImageWorld(data.dataset_dir(cfg.dataset, cfg.data_dir), cfg.scene_size, cfg.caption_scenes,
-                                    cfg.conversations)
-    if rt.master:
-        world()
-    barrier(rt)
-    folder = data.dataset_dir(cfg.dataset, cfg.data_dir)
+    folder = master_first(rt, lambda: data.dataset_dir(cfg.dataset, cfg.data_dir))
+    world = master_first(rt, lambda: data.ImageWorld(folder, cfg.scene_size, cfg.caption_scenes, cfg.conversations))
     enc = data.get_tokenizer(data.load_meta(folder)['tokenizer'])
-    return enc, data.open_shard(folder, 'train'), world()
+    return enc, data.open_shard(folder, 'train'), world
 
 
 def image_inputs(cfg, rt, world, features, ids):
@@ -493,10 +494,8 @@ def feature_cache(cfg, rt, world, raw_model):
         return None
     cache_dir = os.path.join(cfg.data_dir, 'features')
     name = f'shapes-v{data.SHAPES_VERSION}-{cfg.scene_size}px-{cfg.caption_scenes}-{cfg.conversations}'
-    if rt.master:
-        cached_features(raw_model.encoder, world.images, name, cache_dir)
-    barrier(rt)
-    return cached_features(raw_model.encoder, world.images, name, cache_dir, verbose=False)
+    return master_first(rt, lambda: cached_features(raw_model.encoder, world.images, name, cache_dir,
+                                                    verbose=rt.master))
 
 
 def finish_stage(cfg, rt, stage, folder, raw_model, optimizer, step, iters, enc, data_state):
