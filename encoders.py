@@ -27,7 +27,10 @@ from safetensors.torch import load_file
 from timm.layers import resample_abs_pos_embed
 
 ENCODERS = ('siglip', 'dinov2', 'dino_siglip', 'vit', 'resnet', 'patch')
-SHAPES_ENCODER_DIR = 'data/shapes/encoders'  # '<family>.safetensors', written by the shapes pre-training of encoders
+SHAPES_ENCODER_DIR = 'data/shapes/encoders'  # '<family>.safetensors', written by pretrain_encoders.py
+# the supervised ViT and ResNet are pre-trained on the shapes world's labels (pretrain_encoders.py): which of the
+# 24 color-shape pairs a scene holds, and its object count (4 classes). Their timm heads have that many outputs.
+SHAPES_CLASSES = 24 + 4
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 HALF = (0.5, 0.5, 0.5)
@@ -57,9 +60,10 @@ TINY_MODELS = {
     'dinov2': dict(timm_id='vit_large_patch14_reg4_dinov2', img_size=48, stride=8,  # class + 4 register tokens
                    kwargs=dict(patch_size=8, embed_dim=64, depth=4, num_heads=4)),
     'vit': dict(timm_id='vit_large_patch16_224', img_size=48, stride=8,  # class token
-                kwargs=dict(patch_size=8, embed_dim=64, depth=4, num_heads=4)),
+                kwargs=dict(patch_size=8, embed_dim=64, depth=4, num_heads=4, num_classes=SHAPES_CLASSES)),
     'resnet': dict(timm_id='resnet50', img_size=48, stride=8, stage='layer2',  # bottlenecks, 128 channels out
-                   kwargs=dict(layers=(1, 1, 1, 1), channels=(16, 32, 64, 128), stem_width=16)),
+                   kwargs=dict(layers=(1, 1, 1, 1), channels=(16, 32, 64, 128), stem_width=16,
+                               num_classes=SHAPES_CLASSES)),
     'patch': dict(timm_id=None, img_size=48, stride=8),
 }
 
@@ -252,10 +256,11 @@ def create_timm_model(family, scale, weights, img_size):
                                f"without a network, pass a local .safetensors path as weights instead "
                                f"(e.g. model.safetensors of hf-hub:timm/{cfg['timm_id']})") from e
     if weights == 'shapes':
-        path = os.path.join(SHAPES_ENCODER_DIR, f"{family}.safetensors")
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path} has not been created yet: pre-train the shapes encoders first, "
-                                    f"or use weights='random'")
+        if scale != 'tiny':
+            raise ValueError(f"weights='shapes' are the tiny encoders pre-trained on the shapes world; at "
+                             f"scale='{scale}' use 'hub', 'random' or a .safetensors path")
+        from pretrain_encoders import ensure_pretrained  # imported here: it builds on this module
+        path = ensure_pretrained(family, SHAPES_ENCODER_DIR)
     elif weights == 'random':
         path = None
     elif isinstance(weights, str) and weights.endswith('.safetensors'):
@@ -301,7 +306,7 @@ def build_encoder(name, scale='tiny', weights='random', img_size=None, freeze=Tr
         if freeze:
             raise ValueError("the patch encoder is a learned projection with nothing pretrained to freeze; "
                              "set freeze_encoder=False")
-        if weights != 'random':
+        if weights not in ('random', 'shapes'):  # 'shapes', the demo default: there is nothing to pre-train
             raise ValueError(f"the patch encoder is trained from scratch, so its weights must be 'random', "
                              f"got {weights!r}")
         encoder = PatchProjection(cfg['stride'], **common)

@@ -77,7 +77,7 @@ image_lr = 3e-3  # peak LR when injecting into the fully trained model (image_in
 rewarm_iters = 20  # warmup steps of a stage that re-warms its LR (image at 1.0, finetune)
 encoder = 'siglip'  # siglip, dinov2, dino_siglip, vit, resnet, patch
 encoder_scale = 'tiny'  # 'tiny' (CPU demo) or 'paper' (SigLIP SO400M, DINOv2 ViT-L, ...)
-encoder_weights = 'random'  # 'random', 'hub' (download), or a .safetensors path
+encoder_weights = 'shapes'  # 'shapes' (pre-trained on the shapes world, once), 'random', 'hub', or a .safetensors
 freeze_encoder = True  # keep the encoder's weights fixed (no grad, eval mode, not in the optimizer)
 encoder_lr = 3e-4  # peak LR of an unfrozen encoder
 projector = 'mlp'  # linear, mlp, fused_mlp
@@ -87,7 +87,7 @@ scene_size = 48  # shapes-world pictures are rendered at this many pixels; the e
 caption_scenes = 8000  # shapes-world scenes with captions for the image stage (a fixed set: features can be cached)
 conversations = 6000  # shapes-world instruction conversations (fine-tuning, and instruct_ratio in the image stage)
 # finetune stage
-finetune_epochs = 2  # passes over the instruction conversations
+finetune_epochs = 3  # passes over the instruction conversations
 finetune_lr = 1e-3  # peak LR of fine-tuning (re-warmed)
 finetune_text_ratio = 0.25  # fraction of each fine-tuning batch that is plain text, so text is not forgotten
 # system
@@ -535,7 +535,9 @@ def train_image(cfg, rt):
     gpt = build_model(read_checkpoint_info(text_ckpt))
     gpt.load_state_dict(load_file(os.path.join(text_ckpt, 'model.safetensors')))
     torch.manual_seed(cfg.seed)
-    encoder = build_encoder(cfg.encoder, cfg.encoder_scale, cfg.encoder_weights, freeze=cfg.freeze_encoder)
+    # rank 0 first: weights='shapes' pre-trains the encoder when its file is missing, and the others then read it
+    encoder = master_first(rt, lambda: build_encoder(cfg.encoder, cfg.encoder_scale, cfg.encoder_weights,
+                                                     freeze=cfg.freeze_encoder))
     raw_model = VLM(gpt, encoder, data.special_id(enc, '<|image|>'), cfg.projector, cfg.image_inject_layer)
     raw_model = raw_model.to(rt.device).train()
     log(rt, f'image stage: {cfg.encoder} ({"frozen" if encoder.frozen else "trained"}, {encoder.num_tokens} tokens '

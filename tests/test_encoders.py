@@ -221,16 +221,26 @@ def test_hub_without_network(monkeypatch):
         build('vit', weights='hub')
 
 
-def test_shapes_weights(tmp_path, monkeypatch):
+def test_shapes_weights_are_pretrained_once(tmp_path, monkeypatch):
+    import pretrain_encoders
     monkeypatch.setattr(encoders, 'SHAPES_ENCODER_DIR', str(tmp_path))
-    with pytest.raises(FileNotFoundError, match='not been created yet'):
-        build('resnet', weights='shapes')
     torch.manual_seed(7)
     full = tiny_timm('resnet')
-    save(full, tmp_path / 'resnet.safetensors')
-    enc = build('resnet', weights='shapes')
+    calls = []
+
+    def fake_pretrain(family, folder):  # stands in for minutes of training; writes what pretrain() would
+        calls.append((family, folder))
+        return save(full, tmp_path / f'{family}.safetensors')
+
+    monkeypatch.setattr(pretrain_encoders, 'pretrain', fake_pretrain)
+    enc = build('resnet', weights='shapes')  # missing: pre-trained first
+    assert calls == [('resnet', str(tmp_path))]
     assert enc.weights == 'shapes' and enc.scale == 'tiny'
     assert torch.equal(enc.resnet.conv1.weight, full.conv1.weight)
+    build('resnet', weights='shapes')  # cached: not retrained
+    assert len(calls) == 1
+    with pytest.raises(ValueError, match="weights='shapes' are the tiny encoders"):
+        build('resnet', scale='paper', weights='shapes')
 
 
 def test_random_init_uses_callers_rng():
@@ -255,7 +265,8 @@ def test_argument_errors():
     with pytest.raises(ValueError, match='freeze_encoder=False'):
         build_encoder('patch', freeze=True)
     with pytest.raises(ValueError, match="must be 'random'"):
-        build_encoder('patch', weights='shapes', freeze=False)
+        build_encoder('patch', weights='/some/file.safetensors', freeze=False)
+    assert build_encoder('patch', weights='shapes', freeze=False).weights == 'shapes'  # the default: nothing to load
     with pytest.raises(ValueError, match='scale'):
         build_encoder('vit', scale='huge')
 

@@ -177,7 +177,8 @@ def test_all_stages_end_to_end(tmp_path, shapes_dir, encoder, freeze, capsys):
         f'--data_dir={shapes_dir}', f'--out_dir={out}', f'--text_out_dir={out}/text', '--text_iters=10',
         '--save_fracs=[0.5,1.0]', '--image_inject_frac=0.5', '--warmup_iters=2', '--batch_size=4', '--image_iters=4',
         '--image_ratio=0.5', '--caption_scenes=40', '--conversations=40', '--finetune_epochs=1', '--rewarm_iters=1',
-        '--log_interval=2', f'--encoder={encoder}', f'--freeze_encoder={freeze}', '--device=cpu'])
+        '--log_interval=2', f'--encoder={encoder}', f'--freeze_encoder={freeze}', '--device=cpu',
+        '--encoder_weights=random'])  # 'shapes' would pre-train for a minute: tests/test_pretrain_encoders.py
     train.main(cfg)
     assert 'steps of 3 conversation + 1 text rows' in capsys.readouterr().out  # finetune_text_ratio=0.25 of 4
     for stage in ('image', 'finetune'):
@@ -192,7 +193,10 @@ def test_all_stages_end_to_end(tmp_path, shapes_dir, encoder, freeze, capsys):
     assert info['encoder']['name'] == encoder and model.encoder.frozen == freeze
 
 
-@pytest.mark.parametrize('path', sorted(os.listdir(os.path.join(os.path.dirname(__file__), '..', 'config'))))
+CONFIGS = sorted(os.listdir(os.path.join(os.path.dirname(__file__), '..', 'config')))
+
+
+@pytest.mark.parametrize('path', [p for p in CONFIGS if not p.startswith('ablate_')])  # tests/test_ablate.py
 def test_every_config_file_is_valid(path):
     cfg = train.get_config([os.path.join(os.path.dirname(__file__), '..', 'config', path)])
     assert cfg.encoder in ('siglip', 'dinov2', 'dino_siglip', 'vit', 'resnet', 'patch')

@@ -1,0 +1,341 @@
+"""
+Pre-train the tiny encoders on the shapes world, each family in the spirit of its paper-scale original, so that
+encoder_weights='shapes' (the demo default) means at demo scale what pretrained weights mean at paper scale.
+
+    python pretrain_encoders.py                      # every family whose weights are missing
+    python pretrain_encoders.py siglip --force       # retrain one family
+    python pretrain_encoders.py probe                # linear probes on frozen features: random init vs pre-trained
+
+Objectives, one per family (dino_siglip is the two pre-trained halves; patch has nothing to pre-train):
+  siglip        SigLIP's pairwise sigmoid loss between the image tower (timm's attention-pooled output) and a small
+                text tower that reads the scene's caption: language supervision.
+  dinov2        DINO self-distillation: a student matches an EMA teacher's centered, sharpened prototype distribution
+                across two augmented views (the class token), plus iBOT's masked-patch form of the same loss (the
+                patch tokens), as DINOv2 combines them. No labels, no captions.
+  vit, resnet   supervised classification, the shapes world's ImageNet: which color-shape pairs the scene holds
+                (24 labels, multi-label) and how many objects (4 classes), predicted by the model's own timm head.
+The weights are the full timm model's state dict (timm's key layout, heads included) in
+data/shapes/encoders/<family>.safetensors, and load through the same code as weights=PATH.
+"""
+
+import math
+import os
+import random
+import re
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+import data
+from encoders import SHAPES_CLASSES, SHAPES_ENCODER_DIR, build_encoder, create_timm_model, to_pixels, PAPER_MODELS
+
+FAMILIES = ('siglip', 'dinov2', 'vit', 'resnet')
+# steps x batch per family, on 2 CPU cores: siglip about 2 min, the others under 1 min each
+BUDGETS = {'siglip': dict(steps=600, batch_size=128, lr=1e-3), 'dinov2': dict(steps=400, batch_size=64, lr=1e-3),
+           'vit': dict(steps=400, batch_size=128, lr=2e-3), 'resnet': dict(steps=300, batch_size=128, lr=3e-3)}
+SCENE_SEEDS = {'train': 101, 'probe_train': 102, 'probe_test': 103}  # disjoint from the ImageWorld's seeds
+N_PAIRS = len(data.COLORS) * len(data.SHAPES)
+assert N_PAIRS + data.MAX_OBJECTS == SHAPES_CLASSES, 'encoders.SHAPES_CLASSES must match the supervised labels'
+
+# -----------------------------------------------------------------------------
+# scenes: uniform over 1..4 objects in random cells, unconstrained (the encoder should see every combination)
+
+
+def make_scenes(n, seed, size=48):
+    rng = random.Random(seed)
+    scenes = [[data.random_object(rng, c) for c in rng.sample(range(9), rng.randint(1, data.MAX_OBJECTS))]
+              for _ in range(n)]
+    images = np.stack([data.render(s, size) for s in scenes])
+    return scenes, images, rng
+
+
+def class_labels(scenes):
+    """The supervised targets: a multi-hot over color-shape pairs and the object count (0-based)."""
+    pairs = torch.zeros(len(scenes), N_PAIRS)
+    for i, scene in enumerate(scenes):
+        for obj in scene:
+            pairs[i, data.COLORS.index(obj['color']) * len(data.SHAPES) + data.SHAPES.index(obj['shape'])] = 1
+    return pairs, torch.tensor([len(s) - 1 for s in scenes])
+
+# -----------------------------------------------------------------------------
+# the objectives: each is a module holding the timm model plus whatever only pre-training needs (heads, towers)
+
+
+class SupervisedObjective(nn.Module):
+    def __init__(self, model, scenes):
+        super().__init__()
+        self.model = model
+        self.pairs, self.counts = class_labels(scenes)
+
+    def forward(self, pixels, idx):
+        logits = self.model(pixels)  # timm's head: class token (ViT) or average pool (ResNet), then a linear layer
+        pair_loss = F.binary_cross_entropy_with_logits(logits[:, :N_PAIRS], self.pairs[idx])
+        return pair_loss * N_PAIRS / data.MAX_OBJECTS + F.cross_entropy(logits[:, N_PAIRS:], self.counts[idx])
+
+
+def caption_words(text):
+    return re.findall(r"[a-z]+|[.,:]", text.lower())
+
+
+class TextTower(nn.Module):
+    """A small transformer over caption words; its output is the mean of the word states, projected."""
+
+    def __init__(self, vocab_size, dim, max_len, n_layer=2, n_head=4):
+        super().__init__()
+        self.tok = nn.Embedding(vocab_size, dim)
+        self.pos = nn.Parameter(torch.randn(max_len, dim) * 0.02)
+        layer = nn.TransformerEncoderLayer(dim, n_head, 4 * dim, dropout=0.0, batch_first=True, norm_first=True)
+        self.blocks = nn.TransformerEncoder(layer, n_layer, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, ids):
+        pad = ids == 0
+        x = self.blocks(self.tok(ids) + self.pos[:ids.shape[1]], src_key_padding_mask=pad)
+        keep = (~pad).unsqueeze(-1).float()
+        return self.proj(self.norm((x * keep).sum(1) / keep.sum(1)))
+
+
+class SigLIPObjective(nn.Module):
+    """SigLIP: every image-caption pair in the batch is a binary problem, matched (+1) or not (-1)."""
+
+    def __init__(self, model, scenes, rng, captions_per_scene=4):
+        super().__init__()
+        self.model = model
+        # several phrasings per scene, one drawn per step, as web captions vary for one picture
+        texts = [[caption_words(data.caption(s, rng)) for _ in range(captions_per_scene)] for s in scenes]
+        vocab = sorted({w for options in texts for t in options for w in t})
+        index = {w: i + 1 for i, w in enumerate(vocab)}  # 0 pads
+        max_len = max(len(t) for options in texts for t in options)
+        self.captions = torch.zeros(len(scenes), captions_per_scene, max_len, dtype=torch.long)
+        for i, options in enumerate(texts):
+            for j, t in enumerate(options):
+                self.captions[i, j, :len(t)] = torch.tensor([index[w] for w in t])
+        self.text = TextTower(len(vocab) + 1, model.embed_dim, max_len)
+        self.log_scale = nn.Parameter(torch.tensor(math.log(10.0)))  # SigLIP's initialization: t = 10, b = -10
+        self.bias = nn.Parameter(torch.tensor(-10.0))
+
+    def forward(self, pixels, idx):
+        pick = torch.randint(self.captions.shape[1], (len(idx),))
+        image = F.normalize(self.model(pixels), dim=-1)  # MAP-pooled, as SigLIP pools
+        text = F.normalize(self.text(self.captions[idx, pick]), dim=-1)
+        logits = image @ text.T * self.log_scale.exp() + self.bias
+        labels = 2 * torch.eye(len(idx)) - 1
+        return -F.logsigmoid(labels * logits).sum() / len(idx)
+
+
+def random_view(pixels, min_scale=0.6):
+    """A random crop (60-100 % of the side), resized back: DINO's global views, without flips or color jitter,
+    which would teach invariance to the very positions and colors the shapes world asks about."""
+    b = pixels.shape[0]
+    scale = torch.empty(b).uniform_(min_scale, 1.0)
+    shift = (torch.rand(b, 2) * 2 - 1) * (1 - scale).unsqueeze(1)
+    theta = torch.zeros(b, 2, 3)
+    theta[:, 0, 0] = theta[:, 1, 1] = scale
+    theta[:, :, 2] = shift
+    grid = F.affine_grid(theta, list(pixels.shape), align_corners=False)
+    return F.grid_sample(pixels, grid, mode='bilinear', padding_mode='border', align_corners=False)
+
+
+def sinkhorn(logits, iters=3):
+    """DINOv2's centering of the teacher: Sinkhorn-Knopp turns exp(logits) [N, K] into soft assignments whose
+    prototypes are used equally over the batch, so the targets can neither collapse onto one prototype nor go
+    uniform (the running-mean centering of DINO v1 went uniform within a hundred steps at this scale)."""
+    q = torch.exp(logits - logits.max()).T  # [K, N]
+    q /= q.sum()
+    k, n = q.shape
+    for _ in range(iters):
+        q /= q.sum(1, keepdim=True) * k  # every prototype gets 1/K of the mass
+        q /= q.sum(0, keepdim=True) * n  # every sample is a distribution
+    return (q * n).T
+
+
+class DINOObjective(nn.Module):
+    """DINO (class token, across views) + iBOT (masked patch tokens) with an EMA teacher, centered by Sinkhorn-Knopp
+    as in DINOv2."""
+
+    def __init__(self, model, n_prototypes=256, mask_ratio=0.4, student_temp=0.1, teacher_temp=0.04, momentum=0.996):
+        super().__init__()
+        dim = model.embed_dim
+        self.model = model
+        # batch norm in the head, as in DINO's optional head and BYOL: the outputs are standardized over the batch,
+        # so they cannot all become the same vector, the collapse a tiny model otherwise falls into within 100 steps
+        self.head = nn.Sequential(nn.Linear(dim, 256), nn.BatchNorm1d(256), nn.GELU(), nn.Linear(256, 64))
+        self.prototypes = nn.Linear(64, n_prototypes, bias=False)  # used with unit rows: logits are cosines
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.teacher = [model, self.head, self.prototypes]  # replaced by EMA copies in start()
+        self.mask_ratio, self.student_temp, self.teacher_temp = mask_ratio, student_temp, teacher_temp
+        self.momentum = momentum  # of the EMA teacher, raised to 1 over the run on a cosine
+
+    def start(self):
+        import copy
+        self.teacher = [copy.deepcopy(m).requires_grad_(False) for m in (self.model, self.head, self.prototypes)]
+
+    def tokens(self, vit, head, prototypes, pixels, mask=None):
+        x = vit.patch_embed(pixels)
+        if mask is not None:
+            x = torch.where(mask.unsqueeze(-1), self.mask_token.to(x.dtype), x)
+        x = vit.norm(vit.blocks(vit.norm_pre(vit._pos_embed(x))))
+        x = torch.cat([x[:, :1], x[:, vit.num_prefix_tokens:]], dim=1)  # class token + patches, registers dropped
+        # cosine logits in [-1, 1], DINO's normalized last layer: the student cannot flatten its output to uniform
+        # by shrinking weights, the trivial way to match a teacher it cannot yet predict
+        h = head(x.flatten(0, 1)).view(*x.shape[:2], -1)  # batch norm sees every token of the batch
+        return F.linear(F.normalize(h, dim=-1), F.normalize(prototypes.weight, dim=-1))
+
+    def forward(self, pixels, idx):
+        views = torch.cat([random_view(pixels), random_view(pixels)])
+        b, n = views.shape[0], self.model.patch_embed.num_patches
+        mask = torch.rand(b, n) < self.mask_ratio
+        with torch.no_grad():
+            t = self.tokens(*self.teacher, views)
+            t_cls = sinkhorn(t[:, 0] / self.teacher_temp)
+            t_patch = sinkhorn(t[:, 1:].flatten(0, 1) / self.teacher_temp).view(t[:, 1:].shape)
+        s = F.log_softmax(self.tokens(self.model, self.head, self.prototypes, views, mask) / self.student_temp, -1)
+        half = b // 2
+        # each view's student class token predicts the other view's teacher
+        cls_loss = -(t_cls.roll(half, 0) * s[:, 0]).sum(-1).mean()
+        patch_loss = -(t_patch * s[:, 1:]).sum(-1)[mask].mean()
+        return cls_loss + patch_loss
+
+    @torch.no_grad()
+    def update_teacher(self, momentum):
+        for teacher, student in zip(self.teacher, (self.model, self.head, self.prototypes)):
+            for pt, ps in zip(teacher.parameters(), student.parameters()):
+                pt.lerp_(ps, 1 - momentum)
+
+# -----------------------------------------------------------------------------
+
+
+def weights_path(family, folder=SHAPES_ENCODER_DIR):
+    return os.path.join(folder, f'{family}.safetensors')
+
+
+def pretrain(family, folder=SHAPES_ENCODER_DIR, steps=None, batch_size=None, lr=None, n_scenes=20000, seed=0,
+             verbose=True):
+    """Pre-train one family on the shapes world and save its timm state dict; returns the path. Runs under its
+    own RNG, so building an encoder leaves the caller's random state as it was."""
+    if family not in FAMILIES:
+        raise ValueError(f'nothing to pre-train for {family!r}: the pre-trained families are {", ".join(FAMILIES)}'
+                         f' (dino_siglip is dinov2 + siglip; patch is learned from scratch)')
+    budget = BUDGETS[family]
+    steps, batch_size, lr = steps or budget['steps'], batch_size or budget['batch_size'], lr or budget['lr']
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        scenes, images, rng = make_scenes(n_scenes, SCENE_SEEDS['train'])
+        model = create_timm_model(family, 'tiny', 'random', 48)
+        if family == 'siglip':
+            objective = SigLIPObjective(model, scenes, rng)
+        elif family == 'dinov2':
+            objective = DINOObjective(model)
+        else:
+            objective = SupervisedObjective(model, scenes)
+        params = [p for p in objective.parameters() if p.requires_grad]
+        if family == 'dinov2':
+            objective.start()  # the teacher starts as a copy of the student
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
+        cfg = PAPER_MODELS[family]
+        images = torch.from_numpy(images)
+        t0, losses = time.time(), []
+        objective.train()
+        for step in range(steps):
+            warm = min(1.0, (step + 1) / (steps // 10))
+            for group in optimizer.param_groups:
+                group['lr'] = lr * warm * 0.5 * (1 + math.cos(math.pi * step / steps))
+            idx = torch.randint(len(images), (batch_size,))
+            loss = objective(to_pixels(images[idx], 48, cfg['mean'], cfg['std']), idx)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            if family == 'dinov2':
+                objective.update_teacher(1 - (1 - objective.momentum) * 0.5 * (1 + math.cos(math.pi * step / steps)))
+            losses.append(loss.item())
+            if verbose and (step % 50 == 0 or step == steps - 1):
+                elapsed = time.time() - t0
+                eta = elapsed / (step + 1) * (steps - step - 1)
+                print(f'pretrain {family}: step {step + 1}/{steps} loss {np.mean(losses[-50:]):.4f} '
+                      f'({elapsed:.0f}s, ETA {eta:.0f}s)', flush=True)
+    os.makedirs(folder, exist_ok=True)
+    path = weights_path(family, folder)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, path + '.tmp', metadata={'objective': type(objective).__name__, 'steps': str(steps),
+                                              'batch_size': str(batch_size), 'first_loss': f'{losses[0]:.4f}',
+                                              'last_loss': f'{np.mean(losses[-20:]):.4f}'})
+    os.replace(path + '.tmp', path)  # only complete weights ever carry the final name
+    if verbose:
+        print(f'pretrain {family}: loss {losses[0]:.3f} -> {np.mean(losses[-20:]):.3f} in {time.time() - t0:.0f}s, '
+              f'saved {path}', flush=True)
+    return path
+
+
+def ensure_pretrained(family, folder=SHAPES_ENCODER_DIR):
+    """The path of a family's shapes weights, pre-training them first if they are missing."""
+    path = weights_path(family, folder)
+    if not os.path.isfile(path):
+        print(f'{path} is missing: pre-training the tiny {family} on the shapes world (once; cached afterwards)')
+        pretrain(family, folder)
+    return path
+
+# -----------------------------------------------------------------------------
+# linear probe: what does the mean of an encoder's tokens say about the scene? Reading single attributes is easy
+# here even for random features (a random patch embedding keeps the pixels), so the probe asks for what pre-training
+# adds: binding (which color goes with which shape) and counting, from the pooled features, linearly.
+
+
+@torch.no_grad()
+def pooled_features(encoder, images, batch_size=256):
+    return torch.cat([encoder.encode(images[i:i + batch_size]).float().mean(1)
+                      for i in range(0, len(images), batch_size)])
+
+
+def probe(encoder, n_train=3000, n_test=1000, ridge=1e-3):
+    """Ridge-regression probes on frozen, mean-pooled features, fit on train scenes and scored on test scenes:
+    'pairs', the fraction of scenes whose set of color-shape pairs is predicted exactly (24 yes/no outputs), and
+    'count', the accuracy of the object count (chance 1/4)."""
+    fit = {}
+    for split, n in (('probe_train', n_train), ('probe_test', n_test)):
+        scenes, images, _ = make_scenes(n, SCENE_SEEDS[split])
+        fit[split] = (pooled_features(encoder, images), *class_labels(scenes))
+    x, pairs, counts = fit['probe_train']
+    mean, std = x.mean(0), x.std(0) + 1e-6
+    design = lambda f: torch.cat([(f - mean) / std, torch.ones(len(f), 1)], 1).double()
+    x = design(x)
+    solve = lambda target: torch.linalg.solve(x.T @ x + ridge * len(x) * torch.eye(x.shape[1], dtype=x.dtype),
+                                              x.T @ target.double())
+    xt, pairs_t, counts_t = fit['probe_test']
+    xt = design(xt)
+    exact = (((xt @ solve(pairs)) > 0.5) == (pairs_t > 0.5)).all(1)
+    count = (xt @ solve(F.one_hot(counts, data.MAX_OBJECTS))).argmax(1) == counts_t
+    return {'pairs': exact.float().mean().item(), 'count': count.float().mean().item()}
+
+
+def probe_table(folder=SHAPES_ENCODER_DIR):
+    rows = ['| encoder | pairs, random init | pairs, pre-trained | count, random init | count, pre-trained |',
+            '|---|---|---|---|---|']
+    for family in FAMILIES:
+        torch.manual_seed(0)
+        random_init = probe(build_encoder(family, weights='random'))
+        trained = probe(build_encoder(family, weights=ensure_pretrained(family, folder)))
+        rows.append(f"| {family} | {random_init['pairs']:.3f} | {trained['pairs']:.3f} | "
+                    f"{random_init['count']:.3f} | {trained['count']:.3f} |")
+        print(rows[-1], flush=True)
+    return '\n'.join(rows)
+
+
+if __name__ == '__main__':
+    args = sys.argv[1:]
+    force = '--force' in args
+    names = [a for a in args if not a.startswith('--')]
+    if names == ['probe']:
+        print(probe_table())
+    else:
+        for name in names or FAMILIES:
+            if force or not os.path.isfile(weights_path(name)):
+                pretrain(name)
+            else:
+                print(f'{weights_path(name)} exists (use --force to retrain)')

@@ -1,0 +1,113 @@
+"""Tests for ablate.py: the plan expands to the right runs, finished cells are skipped, a failing cell does not stop
+the others, the paired bootstrap behaves, and the table holds every cell."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+import ablate
+import eval as ev
+from configurator import ConfigError, configure
+
+CONFIG = os.path.join(os.path.dirname(__file__), '..', 'config')
+
+
+def plan(args):
+    own, passed = ablate.split_args(args)
+    cfg = configure(own, {k: getattr(ablate, k) for k in ablate.ABLATE_KEYS})
+    return cfg, ablate.expand(cfg, passed)
+
+
+def test_default_plan_expands_to_the_encoder_grid(tmp_path):
+    cfg, runs = plan([f'--out_dir={tmp_path}', '--seeds=[1,2]', '--image_iters=7'])
+    names = list(dict.fromkeys(r['cell'] for r in runs))
+    assert len(names) == 9 and len(runs) == 18
+    assert names[0] == 'encoder=siglip freeze_encoder=True' and names[-1] == 'encoder=patch freeze_encoder=False'
+    assert sum('dino_siglip' in n for n in names) == 2 and sum('freeze_encoder=True' in n for n in names) == 4
+    assert all('--image_iters=7' in r['args'] for r in runs)  # a train.py key reaches every cell
+    text_dirs = {r['seed']: {a for a in r['args'] if a.startswith('--text_out_dir=')} for r in runs}
+    assert all(len(d) == 1 for d in text_dirs.values()) and text_dirs[1] != text_dirs[2]  # shared per seed
+    assert len({r['out_dir'] for r in runs}) == 18
+
+
+@pytest.mark.parametrize('path', sorted(p for p in os.listdir(CONFIG) if p.startswith('ablate_')))
+def test_sweep_configs_expand(path, tmp_path):
+    cfg, runs = plan([os.path.join(CONFIG, path), f'--out_dir={tmp_path}'])
+    assert len(runs) >= 2 and cfg['baseline'] in {r['cell'] for r in runs}
+
+
+def test_bad_plans_fail_before_running(tmp_path):
+    with pytest.raises(ConfigError, match='unknown config key'):
+        plan([f'--out_dir={tmp_path}', '--image_itres=5'])
+    with pytest.raises(ConfigError, match='cells is empty'):
+        plan([f'--out_dir={tmp_path}', '--cells=[]'])
+
+
+def fake_eval(vision_scores, text_scores):
+    task = lambda modality, scores, chance: dict(modality=modality, chance=chance, scores=scores,
+                                                 accuracy=float(np.mean(scores)))
+    tasks = {'color': task('vision', vision_scores, 1 / 6), 'facts': task('text', text_scores, 1 / 4)}
+    e = {'tasks': tasks, 'blind_tasks': {'color': task('vision', [0.0] * len(vision_scores), 1 / 6)}}
+    for key, t in (('vision_stable_score', tasks['color']), ('text_stable_score', tasks['facts']),
+                   ('vision_blind_stable_score', e['blind_tasks']['color'])):
+        e[key] = ev.centered(t['accuracy'], t['chance'])
+        e[key + '_ci95'] = [e[key] - 0.1, e[key] + 0.1]
+    return e
+
+
+def test_resume_skips_finished_and_survives_failures(tmp_path, monkeypatch):
+    cells = "[{'image_ratio': 0.1}, {'image_ratio': 0.2}, {'image_ratio': 0.5}]"
+    cfg, runs = plan([f'--out_dir={tmp_path}', f'--cells={cells}'])
+    calls = []
+
+    def fake_run(run):
+        calls.append(run['cell'])
+        if run['cell'] == 'image_ratio=0.2':
+            return 'exit code 1: boom'
+        os.makedirs(os.path.join(run['out_dir'], 'finetune'))
+        with open(ablate.eval_path(run), 'w') as f:
+            json.dump(fake_eval([1.0, 0.0] * 20, [1.0] * 40), f)
+        return None
+
+    monkeypatch.setattr(ablate, 'run_cell', fake_run)
+    errors = ablate.run_plan(runs)
+    assert calls == ['image_ratio=0.1', 'image_ratio=0.2', 'image_ratio=0.5']  # the failure did not stop the plan
+    assert list(errors) == [1] and 'boom' in errors[1]
+    table, failed = ablate.collect(cfg, runs, errors)
+    with open(tmp_path / 'results.md') as f:
+        md = f.read()
+    assert all(f'| image_ratio={r} |' in md for r in (0.1, 0.2, 0.5)) and 'boom' in md
+    assert len(failed) == 1
+    with open(tmp_path / 'results.json') as f:
+        assert [('error' in r) for r in json.load(f)] == [False, True, False]
+    calls.clear()
+    ablate.run_plan(runs)  # a rerun runs only the cell that has no eval.json yet
+    assert calls == ['image_ratio=0.2']
+
+
+def test_paired_bootstrap():
+    rng = np.random.default_rng(0)
+    a = fake_eval(list(rng.integers(0, 2, 200).astype(float)), [1.0] * 50)
+    diff, p = ev.paired_difference(a['tasks'], a['tasks'], 'vision')
+    assert diff == 0 and p == 1.0
+    better = fake_eval([1.0] * 180 + [0.0] * 20, [1.0] * 50)
+    worse = fake_eval([1.0] * 60 + [0.0] * 140, [1.0] * 50)
+    diff, p = ev.paired_difference(better['tasks'], worse['tasks'], 'vision')
+    assert diff == pytest.approx((0.9 - 0.3) / (5 / 6)) and p < 0.01
+    with pytest.raises(ValueError, match='cannot be paired'):
+        ev.paired_difference(better['tasks'], fake_eval([1.0] * 10, [1.0] * 50)['tasks'], 'vision')
+
+
+def test_a_real_cell_runs_and_a_broken_one_is_reported(tmp_path, shapes_dir):
+    cells = "[{'encoder': 'patch', 'freeze_encoder': False}, {'encoder_weights': '/no/such.safetensors'}]"
+    ok = ablate.main([f'--out_dir={tmp_path}', f'--cells={cells}', f'--data_dir={shapes_dir}', '--text_iters=10',
+                      '--save_fracs=[0.5,1.0]', '--image_inject_frac=0.5', '--warmup_iters=2', '--batch_size=4',
+                      '--image_iters=4', '--image_ratio=0.5', '--caption_scenes=40', '--conversations=40',
+                      '--finetune_epochs=1', '--rewarm_iters=1', '--device=cpu', '--compile=False'])
+    assert not ok
+    with open(tmp_path / 'results.json') as f:
+        records = json.load(f)
+    assert 'eval' in records[0] and records[0]['eval']['vision_stable_score'] is not None
+    assert 'encoder weights file not found' in records[1]['error']
