@@ -12,6 +12,7 @@ finetune/eval.json exists) are skipped on rerun, so an interrupted plan resumes 
 results.json (every cell's config and eval.json), results.md (the table) and results.png (needs matplotlib).
 """
 
+import itertools
 import json
 import os
 import re
@@ -28,13 +29,13 @@ import train
 # -----------------------------------------------------------------------------
 # config: ablate.py's own keys; every other --key=value is a train.py key applied to every cell
 out_dir = 'out/ablate'
-# the cells: each a dict of train.py keys. Default: the paper's encoder ablation, all injected at image_inject_frac
-cells = [dict(encoder=e, freeze_encoder=f) for e in ('siglip', 'dino_siglip', 'vit', 'resnet') for f in (True, False)]
-cells += [dict(encoder='patch', freeze_encoder=False)]
-baseline = ''  # the cell others are compared with, by name (e.g. 'encoder=siglip freeze_encoder=True'); '' = the first
+# the grid: every combination of these train.py values is a cell. Default: the paper's encoder ablation, all injected
+# at image_inject_frac. Combinations train.py rejects (patch has nothing to freeze) are skipped and reported.
+grid = {'encoder': ['siglip', 'dino_siglip', 'vit', 'resnet', 'patch'], 'freeze_encoder': [True, False]}
+baseline = ''  # the cell the others are compared with, by name ('encoder=siglip freeze_encoder=True'); '' = first
 seeds = [1337]  # every cell runs once per seed; several seeds add mean +- std over seeds to the table
 # -----------------------------------------------------------------------------
-ABLATE_KEYS = ('out_dir', 'cells', 'baseline', 'seeds')
+ABLATE_KEYS = ('out_dir', 'grid', 'baseline', 'seeds')
 SCORES = ('vision_stable_score', 'vision_blind_stable_score', 'text_stable_score')
 
 
@@ -56,24 +57,32 @@ def split_args(args):
 
 
 def expand(cfg, passed):
-    """The runs of the plan: one per cell and seed, with its train.py arguments and folders."""
-    if not cfg['cells']:
-        raise ConfigError('cells is empty: nothing to run')
-    runs = []
-    for cell in cfg['cells']:
-        if not isinstance(cell, dict):
-            raise ConfigError(f'every cell is a dict of train.py keys, got {cell!r}')
+    """The runs of the plan, one per valid cell of the grid and seed, with their train.py arguments and folders;
+    and the cells skipped because train.py rejects them, with the reason."""
+    grid = cfg['grid']
+    if not grid or any(not isinstance(v, (list, tuple)) or not v for v in grid.values()):
+        raise ConfigError(f'grid={grid!r}: it maps train.py keys to non-empty lists of values')
+    runs, skipped = [], []
+    for values in itertools.product(*grid.values()):
+        cell = dict(zip(grid, values))
         name = cell_name(cell)
+        cell_args = [f'--{k}={v}' for k, v in cell.items()]
+        try:
+            cell_cfg = train.get_config(passed + cell_args)  # a bad key or value fails here, before anything runs
+        except ConfigError as e:
+            if any(str(e).startswith(p) for p in ('unknown config key', '--')):
+                raise  # a typo in the grid is an error, not a skip
+            skipped.append(f'{name}: {e}')
+            continue
+        text_tag = '-'.join(f'{k}={getattr(cell_cfg, k)}' for k in train.TEXT_KEYS if k in cell and k != 'seed')
         for seed in cfg['seeds']:
-            cell_args = [f'--{k}={v}' for k, v in cell.items()] + [f'--seed={seed}']
-            args = passed + cell_args
-            cell_cfg = train.get_config(args)  # a bad key or value fails here, before anything runs
-            text_tag = '-'.join(f'{k}={getattr(cell_cfg, k)}' for k in train.TEXT_KEYS if k in cell and k != 'seed')
             out = os.path.join(cfg['out_dir'], folder_name(name), f'seed{seed}')
             text_out = os.path.join(cfg['out_dir'], 'text', folder_name(text_tag or 'shared'), f'seed{seed}')
-            runs.append(dict(cell=name, seed=seed, out_dir=out,
-                             args=args + [f'--out_dir={out}', f'--text_out_dir={text_out}']))
-    return runs
+            runs.append(dict(cell=name, seed=seed, out_dir=out, args=passed + cell_args + [
+                f'--seed={seed}', f'--out_dir={out}', f'--text_out_dir={text_out}']))
+    if not runs:
+        raise ConfigError('no valid cell in the grid:\n' + '\n'.join(skipped))
+    return runs, skipped
 
 
 def eval_path(run):
@@ -199,7 +208,7 @@ def plot(results, path):
     return True
 
 
-def collect(cfg, runs, errors):
+def collect(cfg, runs, errors, skipped=()):
     results, records = {}, []
     for i, r in enumerate(runs):
         evals = results.setdefault(r['cell'], [])
@@ -220,7 +229,9 @@ def collect(cfg, runs, errors):
     table = results_table(results, baseline_name)
     failed = [f'- {rec["cell"]} seed {rec["seed"]}: {rec["error"]}' for rec in records if 'error' in rec]
     with open(os.path.join(cfg['out_dir'], 'results.md'), 'w') as f:
-        f.write(table + '\n' + ('\nfailed or missing:\n' + '\n'.join(failed) + '\n' if failed else ''))
+        f.write(table + '\n' + ('\nfailed or missing:\n' + '\n'.join(failed) + '\n' if failed else '') +
+                ('\nskipped (train.py rejects the combination):\n' + '\n'.join(f'- {s}' for s in skipped) + '\n'
+                 if skipped else ''))
     plot(results, os.path.join(cfg['out_dir'], 'results.png'))
     return table, failed
 
@@ -228,10 +239,12 @@ def collect(cfg, runs, errors):
 def main(args):
     own, passed = split_args(args)
     cfg = configure(own, {k: globals()[k] for k in ABLATE_KEYS})
-    runs = expand(cfg, passed)
+    runs, skipped = expand(cfg, passed)
+    for reason in skipped:
+        print(f'skipped {reason}')
     t0 = time.time()
     errors = run_plan(runs)
-    table, failed = collect(cfg, runs, errors)
+    table, failed = collect(cfg, runs, errors, skipped)
     print(f'\n{table}\n' + ('\n'.join(['failed:'] + failed) + '\n' if failed else '') +
           f'\nwritten to {cfg["out_dir"]}/results.{{json,md,png}} in {train.format_time(time.time() - t0)}')
     return not failed

@@ -17,12 +17,14 @@ CONFIG = os.path.join(os.path.dirname(__file__), '..', 'config')
 def plan(args):
     own, passed = ablate.split_args(args)
     cfg = configure(own, {k: getattr(ablate, k) for k in ablate.ABLATE_KEYS})
-    return cfg, ablate.expand(cfg, passed)
+    runs, skipped = ablate.expand(cfg, passed)
+    return cfg, runs, skipped
 
 
 def test_default_plan_expands_to_the_encoder_grid(tmp_path):
-    cfg, runs = plan([f'--out_dir={tmp_path}', '--seeds=[1,2]', '--image_iters=7'])
+    cfg, runs, skipped = plan([f'--out_dir={tmp_path}', '--seeds=[1,2]', '--image_iters=7'])
     names = list(dict.fromkeys(r['cell'] for r in runs))
+    assert len(skipped) == 1 and skipped[0].startswith('encoder=patch freeze_encoder=True: ')  # nothing to freeze
     assert len(names) == 9 and len(runs) == 18
     assert names[0] == 'encoder=siglip freeze_encoder=True' and names[-1] == 'encoder=patch freeze_encoder=False'
     assert sum('dino_siglip' in n for n in names) == 2 and sum('freeze_encoder=True' in n for n in names) == 4
@@ -34,15 +36,26 @@ def test_default_plan_expands_to_the_encoder_grid(tmp_path):
 
 @pytest.mark.parametrize('path', sorted(p for p in os.listdir(CONFIG) if p.startswith('ablate_')))
 def test_sweep_configs_expand(path, tmp_path):
-    cfg, runs = plan([os.path.join(CONFIG, path), f'--out_dir={tmp_path}'])
-    assert len(runs) >= 2 and cfg['baseline'] in {r['cell'] for r in runs}
+    cfg, runs, skipped = plan([os.path.join(CONFIG, path), f'--out_dir={tmp_path}'])
+    assert len(runs) >= 2 and not skipped and cfg['baseline'] in {r['cell'] for r in runs}
+
+
+def test_grid_is_a_product(tmp_path):
+    grid = "{'image_ratio': [0.1, 0.2], 'finetune_epochs': [1, 2, 3]}"
+    _, runs, _ = plan([f'--out_dir={tmp_path}', f'--grid={grid}'])
+    assert [r['cell'] for r in runs][:2] == ['image_ratio=0.1 finetune_epochs=1', 'image_ratio=0.1 finetune_epochs=2']
+    assert len(runs) == 6
 
 
 def test_bad_plans_fail_before_running(tmp_path):
     with pytest.raises(ConfigError, match='unknown config key'):
         plan([f'--out_dir={tmp_path}', '--image_itres=5'])
-    with pytest.raises(ConfigError, match='cells is empty'):
-        plan([f'--out_dir={tmp_path}', '--cells=[]'])
+    with pytest.raises(ConfigError, match='non-empty lists'):
+        plan([f'--out_dir={tmp_path}', "--grid={'image_ratio': []}"])
+    with pytest.raises(ConfigError, match='unknown config key'):  # a typo inside the grid is not a skipped cell
+        plan([f'--out_dir={tmp_path}', "--grid={'image_ration': [0.1]}"])
+    with pytest.raises(ConfigError, match='no valid cell'):
+        plan([f'--out_dir={tmp_path}', "--grid={'image_ratio': [1.5, 2.0]}"])
 
 
 def fake_eval(vision_scores, text_scores):
@@ -58,8 +71,7 @@ def fake_eval(vision_scores, text_scores):
 
 
 def test_resume_skips_finished_and_survives_failures(tmp_path, monkeypatch):
-    cells = "[{'image_ratio': 0.1}, {'image_ratio': 0.2}, {'image_ratio': 0.5}]"
-    cfg, runs = plan([f'--out_dir={tmp_path}', f'--cells={cells}'])
+    cfg, runs, _ = plan([f'--out_dir={tmp_path}', "--grid={'image_ratio': [0.1, 0.2, 0.5]}"])
     calls = []
 
     def fake_run(run):
@@ -101,11 +113,12 @@ def test_paired_bootstrap():
 
 
 def test_a_real_cell_runs_and_a_broken_one_is_reported(tmp_path, shapes_dir):
-    cells = "[{'encoder': 'patch', 'freeze_encoder': False}, {'encoder_weights': '/no/such.safetensors'}]"
-    ok = ablate.main([f'--out_dir={tmp_path}', f'--cells={cells}', f'--data_dir={shapes_dir}', '--text_iters=10',
+    grid = "{'encoder_weights': ['random', '/no/such.safetensors']}"
+    ok = ablate.main([f'--out_dir={tmp_path}', f'--grid={grid}', f'--data_dir={shapes_dir}', '--text_iters=10',
                       '--save_fracs=[0.5,1.0]', '--image_inject_frac=0.5', '--warmup_iters=2', '--batch_size=4',
                       '--image_iters=4', '--image_ratio=0.5', '--caption_scenes=40', '--conversations=40',
-                      '--finetune_epochs=1', '--rewarm_iters=1', '--device=cpu', '--compile=False'])
+                      '--finetune_epochs=1', '--rewarm_iters=1', '--device=cpu', '--compile=False',
+                      '--cache_features=False'])
     assert not ok
     with open(tmp_path / 'results.json') as f:
         records = json.load(f)
