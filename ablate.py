@@ -184,7 +184,7 @@ def plot(results, path):
     except ImportError:
         print('matplotlib is not installed: no results.png (pip install matplotlib); the table is written anyway')
         return False
-    fig, ax = plt.subplots(figsize=(7, 5))
+    fig, ax = plt.subplots(figsize=(9, 5))
     for cell, evals in results.items():
         if not evals or evals[0]['vision_stable_score'] is None:
             continue
@@ -197,8 +197,8 @@ def plot(results, path):
         else:
             xerr = np.std([v['vision_stable_score'] for v in evals], ddof=1)
             yerr = np.std([v['text_stable_score'] for v in evals], ddof=1)
-        ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt='o', capsize=3)
-        ax.annotate(cell, (x, y), textcoords='offset points', xytext=(5, 5), fontsize=8)
+        ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt='o', capsize=3, label=cell)
+    ax.legend(fontsize=7, loc='upper left', bbox_to_anchor=(1.02, 1.0), frameon=False)  # labels never overlap
     ax.set_xlabel('vision stable score')
     ax.set_ylabel('text stable score')
     ax.grid(alpha=0.3)
