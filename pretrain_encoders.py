@@ -18,6 +18,7 @@ The weights are the full timm model's state dict (timm's key layout, heads inclu
 data/shapes/encoders/<family>.safetensors, and load through the same code as weights=PATH.
 """
 
+import copy
 import math
 import os
 import random
@@ -168,13 +169,10 @@ class DINOObjective(nn.Module):
         self.head = nn.Sequential(nn.Linear(dim, 256), nn.BatchNorm1d(256), nn.GELU(), nn.Linear(256, 64))
         self.prototypes = nn.Linear(64, n_prototypes, bias=False)  # used with unit rows: logits are cosines
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.teacher = [model, self.head, self.prototypes]  # replaced by EMA copies in start()
+        # the EMA teacher starts as a copy of the student; a plain list, so its weights are neither trained nor saved
+        self.teacher = [copy.deepcopy(m).requires_grad_(False) for m in (model, self.head, self.prototypes)]
         self.mask_ratio, self.student_temp, self.teacher_temp = mask_ratio, student_temp, teacher_temp
         self.momentum = momentum  # of the EMA teacher, raised to 1 over the run on a cosine
-
-    def start(self):
-        import copy
-        self.teacher = [copy.deepcopy(m).requires_grad_(False) for m in (self.model, self.head, self.prototypes)]
 
     def tokens(self, vit, head, prototypes, pixels, mask=None):
         x = vit.patch_embed(pixels)
@@ -235,8 +233,6 @@ def pretrain(family, folder=SHAPES_ENCODER_DIR, steps=None, batch_size=None, lr=
         else:
             objective = SupervisedObjective(model, scenes)
         params = [p for p in objective.parameters() if p.requires_grad]
-        if family == 'dinov2':
-            objective.start()  # the teacher starts as a copy of the student
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
         cfg = PAPER_MODELS[family]
         images = torch.from_numpy(images)

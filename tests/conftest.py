@@ -21,3 +21,12 @@ def shapes_dir(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope='module')
+def one_thread():
+    """The tiny encoders are too small to gain from threads; on a busy 2-core machine extra threads only contend."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

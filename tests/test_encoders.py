@@ -13,13 +13,7 @@ from encoders import ENCODERS, PAPER_MODELS, TINY_MODELS, DinoSigLIP, build_enco
 VITS = ('siglip', 'dinov2', 'vit')
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    # the tiny models are too small to gain from threads, and on a busy 2-core machine extra threads only contend
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')  # tests/conftest.py
 
 
 def build(name, **kw):

@@ -10,12 +10,7 @@ import pretrain_encoders as P
 from encoders import build_encoder
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')  # tests/conftest.py
 
 
 @pytest.mark.parametrize('family', P.FAMILIES)
