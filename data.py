@@ -398,40 +398,52 @@ def randint(generator, n):
     return int(torch.randint(n, (1,), generator=generator))
 
 
-def mixture_batch(world, enc, text_tokens, batch_size, block_size, n_image_tokens, image_ratio, instruct_ratio,
-                  generator, rank=0, world_size=1):
+def seeded_generator(*keys):
     """
-    One micro-batch of the image stage: each row is image-caption (probability image_ratio), instruction
-    (instruct_ratio) or text (the rest). Rows of the whole global micro-batch are drawn from one generator and each
-    rank keeps its slice, as in text_batch. Returns inputs, targets and the image ids of the rows in order.
+    A torch generator for integer keys such as (seed, step). Training draws each step's batch from
+    seeded_generator(seed, step), so a batch is a function of the step alone: a resumed run needs only the step to
+    continue exactly, and a DataLoader worker can build any step without the ones before it.
+    """
+    mixed = np.random.SeedSequence(list(keys)).generate_state(2, np.uint32)  # well mixed, unlike seed + step
+    return torch.Generator().manual_seed(int(mixed[0]) << 31 | int(mixed[1]) >> 1)
+
+
+def draw_sample(world, enc, kind, generator, n_image_tokens):
+    """One random 'caption' or 'instruct' sample of the train split: (tokens, loss mask, [its image id])."""
+    if kind == 'caption':
+        i = randint(generator, len(world.caption_ids))
+        t, m = caption_sample(enc, caption(world.caption_scenes[i], random.Random(randint(generator, 2 ** 31))),
+                              n_image_tokens)
+        return t, m, [int(world.caption_ids[i])]
+    i = randint(generator, len(world.conversation_ids))
+    t, m = instruct_sample(enc, world.conversations[i][1], n_image_tokens)
+    return t, m, [int(world.conversation_ids[i])]
+
+
+def mixture_batch(world, enc, text_tokens, batch_size, block_size, n_image_tokens, image_ratio, instruct_ratio,
+                  generator, rows=slice(None)):
+    """
+    The image stage's rows of one step: each is image-caption (probability image_ratio), instruction
+    (instruct_ratio) or text (the rest). The kinds and a seed per row are drawn for all batch_size rows; only the
+    rows in the slice `rows` are built, from their own seeds, so any split over ranks and micro-steps sees the rows
+    of the single-process batch. Returns inputs, targets and the image ids of the rows in order.
     """
     eot = special_id(enc, '<|endoftext|>')
-
-    def draw_caption():
-        i = randint(generator, len(world.caption_ids))
-        rng = random.Random(int(torch.randint(2 ** 31, (1,), generator=generator)))
-        t, m = caption_sample(enc, caption(world.caption_scenes[i], rng), n_image_tokens)
-        return t, m, [int(world.caption_ids[i])]
-
-    def draw_conversation():
-        i = randint(generator, len(world.conversation_ids))
-        t, m = instruct_sample(enc, world.conversations[i][1], n_image_tokens)
-        return t, m, [int(world.conversation_ids[i])]
-
+    kinds = torch.rand(batch_size, generator=generator).tolist()
+    seeds = torch.randint(2 ** 62, (batch_size,), generator=generator).tolist()
     xs, ys, image_ids = [], [], []
-    kinds = torch.rand(batch_size * world_size, generator=generator)
-    for r, u in enumerate(kinds.tolist()):
+    for u, seed in zip(kinds[rows], seeds[rows]):
+        row_gen = torch.Generator().manual_seed(seed)
         if u < image_ratio + instruct_ratio:
-            draw = draw_caption if u < image_ratio else draw_conversation
-            samples, _ = fill_row(draw, block_size)  # the sample that did not fit is dropped: rows stay random
-            x, y, ims = pack_row(samples, block_size, eot)
+            kind = 'caption' if u < image_ratio else 'instruct'
+            samples, _ = fill_row(lambda: draw_sample(world, enc, kind, row_gen, n_image_tokens), block_size)
+            x, y, ims = pack_row(samples, block_size, eot)  # the sample that did not fit is dropped: rows stay random
         else:
-            x, y = text_batch(text_tokens, 1, block_size, generator)
+            x, y = text_batch(text_tokens, 1, block_size, row_gen)
             x, y, ims = x[0], y[0], []
-        if rank * batch_size <= r < (rank + 1) * batch_size:
-            xs.append(x)
-            ys.append(y)
-            image_ids += ims
+        xs.append(x)
+        ys.append(y)
+        image_ids += ims
     return torch.stack(xs), torch.stack(ys), image_ids
 
 
@@ -527,18 +539,17 @@ def open_shard(folder, split):
 # -----------------------------------------------------------------------------
 # batches
 
-def text_batch(tokens, batch_size, block_size, generator, rank=0, world_size=1):
+def text_batch(tokens, batch_size, block_size, generator, rows=slice(None)):
     """
-    Random windows of block_size + 1 tokens: inputs and next-token targets. Every rank draws the offsets of the
-    whole global micro-batch from the same generator and keeps its own slice, so a run on N ranks sees exactly the
-    batches of a single-process run with N times the micro-batch, and the generator's state is the data position.
+    Random windows of block_size + 1 tokens: inputs and next-token targets. The offsets of all batch_size rows are
+    drawn and the rows in the slice `rows` are read, so ranks and micro-steps that take their slices of a step's
+    batch see exactly the rows of a single-process run.
     """
     if len(tokens) <= block_size + 1:
         raise ValueError(f'a token shard of {len(tokens)} tokens is too small for block_size={block_size}')
-    offsets = torch.randint(len(tokens) - block_size - 1, (batch_size * world_size,), generator=generator)
-    offsets = offsets[rank * batch_size:(rank + 1) * batch_size].tolist()
-    rows = torch.from_numpy(np.stack([tokens[i:i + block_size + 1] for i in offsets]).astype(np.int64))
-    return rows[:, :-1], rows[:, 1:]
+    offsets = torch.randint(len(tokens) - block_size - 1, (batch_size,), generator=generator)[rows].tolist()
+    batch = torch.from_numpy(np.stack([tokens[i:i + block_size + 1] for i in offsets]).astype(np.int64))
+    return batch[:, :-1], batch[:, 1:]
 
 
 def load_text_tasks(folder):

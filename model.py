@@ -134,6 +134,7 @@ class GPT(nn.Module):
         cos, sin = rope_tables(config.n_embd // config.n_head, config.block_size, config.rope_theta)
         self.register_buffer('rope_cos', cos, persistent=False)  # derived, so not part of the checkpoint
         self.register_buffer('rope_sin', sin, persistent=False)
+        self.grad_checkpoint = False  # activation checkpointing per block: a training setting, not in the config
         self.apply(self._init_weights)
         # GPT-2's scaled init: each block adds two residual branches, keep the stream's variance from growing
         for name, p in self.named_parameters():
@@ -155,8 +156,9 @@ class GPT(nn.Module):
         """
         idx: [B, T] token ids. targets: [B, T] next-token ids, -1 where no loss is taken.
         cache / pos: a KV cache from make_cache() and the position of idx[:, 0] in it (generation).
-        splice: (layer, mask, values) writes values [N, n_embd] into the residual stream at the positions where the
-        bool mask [B, T] is set, in row-major order, just before block `layer` (0 = the input embeddings).
+        splice: (layer, mask, values) replaces the residual stream by values [B, T, n_embd] where the bool mask [B, T]
+        is set, just before block `layer` (0 = the input embeddings). Dense, not a list of N image tokens: every
+        batch then has the same shapes, so a compiled model compiles once whatever the number of images.
         Returns (logits [B, T, vocab], loss or None).
         """
         B, T = idx.shape
@@ -166,8 +168,11 @@ class GPT(nn.Module):
         x = self.wte(idx)
         for i, block in enumerate(self.blocks):
             if splice is not None and splice[0] == i:
-                x = x.masked_scatter(splice[1].unsqueeze(-1), splice[2].to(x.dtype))
-            x = block(x, cos, sin, None if cache is None else cache[i], pos)
+                x = torch.where(splice[1].unsqueeze(-1), splice[2].to(x.dtype), x)
+            if self.grad_checkpoint and torch.is_grad_enabled():  # keep each block's input, recompute the rest
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, None if cache is None else cache[i], pos)
         logits = self.lm_head(self.norm_f(x))
         loss = None
         if targets is not None:
@@ -288,17 +293,22 @@ class VLM(nn.Module):
         return self.projector(features.to(next(self.projector.parameters()).dtype))  # cached features are float16
 
     def splice(self, idx, images=None, features=None):
+        """The GPT's splice for idx: the projected images, in order of appearance, at the <|image|> positions."""
         mask = idx == self.image_token
         source = images if features is None else features
         n_images = 0 if source is None else source.shape[0]
-        if not torch.compiler.is_compiling():  # a data-dependent check: skipped inside a compiled graph
-            found, expected = int(mask.sum()), n_images * self.encoder.num_tokens
-            if found != expected:
-                raise ValueError(f'the sequence has {found} <|image|> tokens, but {n_images} images x '
-                                 f'{self.encoder.num_tokens} tokens per image = {expected}')
-        if n_images == 0:
-            return None
-        values = self.project(images, features).flatten(0, 1)
+        found, expected = int(mask.sum()), n_images * self.encoder.num_tokens
+        if found != expected:
+            raise ValueError(f'the sequence has {found} <|image|> tokens, but {n_images} images x '
+                             f'{self.encoder.num_tokens} tokens per image = {expected}')
+        values = idx.new_zeros(*idx.shape, self.config.n_embd, dtype=torch.float32)
+        # a training batch without images carries an empty image tensor: its all-False mask gives the compiled GPT
+        # the same graph, and every rank runs the encoder and projector each step (FSDP gathers their weights)
+        if source is not None:
+            if n_images == 0:  # one blank image instead, its projection unused: CUDA's SDPA rejects an empty batch
+                source = source.new_zeros(1, *source.shape[1:])
+            projected = self.project(features=source) if features is not None else self.project(images=source)
+            values = values.masked_scatter(mask.unsqueeze(-1), projected.float())
         return self.inject_layer, mask, values
 
     def forward(self, idx, targets=None, images=None, features=None):

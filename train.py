@@ -16,7 +16,7 @@ import random
 import shutil
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict
 from types import SimpleNamespace
 
@@ -24,7 +24,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_optimizer_state_dict)
+from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader
 
 import data
 from configurator import ConfigError, configure
@@ -35,7 +39,7 @@ from model import GPT, PRESETS, VLM, GPTConfig
 LONGEST_CAPTION = 200  # bytes: four objects in the longest phrasing, with room to spare
 # keys that change how a run is carried out, not what it computes: they may differ between runs sharing a stage
 RUN_ONLY_KEYS = ('stages', 'init_from', 'eval_interval', 'eval_iters', 'log_interval', 'device', 'dtype', 'compile',
-                 'peak_flops')
+                 'peak_flops', 'fsdp', 'grad_checkpoint', 'data_workers')
 FINETUNE_KEYS = ('finetune_epochs', 'finetune_lr', 'finetune_text_ratio')
 
 # -----------------------------------------------------------------------------
@@ -93,7 +97,10 @@ finetune_text_ratio = 0.25  # fraction of each fine-tuning batch that is plain t
 # system
 device = 'auto'  # 'auto' (cuda when available), 'cpu', 'cuda', 'cuda:1', ...
 dtype = 'auto'  # 'auto' (bfloat16 on CUDA, float32 on CPU), 'bfloat16', 'float32'
-compile = None  # torch.compile the model; None means on for CUDA, off for CPU
+compile = None  # torch.compile the LM (once per stage: every batch has the same shapes); None: on for CUDA only
+fsdp = False  # under torchrun, shard the LM (and a trainable encoder) over the ranks with FSDP: for 1b and larger
+grad_checkpoint = False  # recompute each block's activations in the backward pass: less memory, about 1/3 more compute
+data_workers = None  # DataLoader processes building batches ahead of the step; None: 4 on CUDA, 0 on CPU
 peak_flops = 0.0  # the device's peak FLOP/s for MFU; 0 looks it up (A100, H100) or leaves MFU out (CPU)
 seed = 1337
 # -----------------------------------------------------------------------------
@@ -163,6 +170,9 @@ def setup_runtime(cfg):
     ddp = int(os.environ.get('RANK', -1)) != -1
     dev = cfg.device if cfg.device != 'auto' else ('cuda' if torch.cuda.is_available() else 'cpu')
     rank, local_rank, world_size = 0, 0, 1
+    if cfg.fsdp and not ddp:
+        raise ConfigError('fsdp=True shards the model over the ranks that torchrun starts: launch with torchrun '
+                          '(--nproc_per_node=1 works too), or set fsdp=False')
     if ddp:
         rank, local_rank, world_size = (int(os.environ[k]) for k in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE'))
         if dev.startswith('cuda'):
@@ -183,9 +193,11 @@ def setup_runtime(cfg):
         raise ConfigError(f'batch_size={cfg.batch_size} is not divisible by {world_size} ranks x '
                           f'{cfg.gradient_accumulation_steps} gradient_accumulation_steps; make it a multiple of '
                           f'{per_step}')
-    return SimpleNamespace(ddp=ddp, rank=rank, world_size=world_size, master=rank == 0, device=dev,
+    workers = cfg.data_workers if cfg.data_workers is not None else (4 if device_type == 'cuda' else 0)
+    return SimpleNamespace(ddp=ddp, fsdp=cfg.fsdp, rank=rank, world_size=world_size, master=rank == 0, device=dev,
                            device_type=device_type, autocast=autocast, micro_batch=cfg.batch_size // per_step,
-                           micro_steps=cfg.gradient_accumulation_steps,
+                           micro_steps=cfg.gradient_accumulation_steps, data_workers=workers,
+                           grad_checkpoint=cfg.grad_checkpoint,
                            compile=cfg.compile if cfg.compile is not None else device_type == 'cuda')
 
 
@@ -234,21 +246,29 @@ def set_rng_state(state):
     random.setstate((version, tuple(py_state), py_gauss))
 
 
-def checkpoint_weights(raw_model):
-    """The tensors a checkpoint stores: all, but a frozen encoder with a recorded source is rebuilt from it."""
+def full_state(raw_model, optimizer):
+    """
+    The weights and the optimizer state a checkpoint stores, whole and on the CPU, keyed by parameter name (so a
+    checkpoint written by an FSDP run loads into a single process and back). Under FSDP this gathers the shards: a
+    collective that every rank calls. A frozen encoder with a recorded source is left out: it is rebuilt from it.
+    """
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     skip_encoder = isinstance(raw_model, VLM) and raw_model.encoder.frozen and raw_model.encoder.weights != 'random'
-    # copies, so tied weights are two tensors to safetensors; no compile / DDP prefix: raw_model is unwrapped
-    return {k: v.detach().to('cpu', copy=True).contiguous() for k, v in raw_model.state_dict().items()
-            if not (skip_encoder and k.startswith('encoder.'))}
+    # copies, so tied weights are two tensors to safetensors
+    weights = {k: v.detach().to('cpu', copy=True).contiguous() for k, v in
+               get_model_state_dict(raw_model, options=options).items()
+               if not (skip_encoder and k.startswith('encoder.'))}
+    return weights, get_optimizer_state_dict(raw_model, optimizer, options=options)
 
 
-def save_checkpoint(folder, raw_model, optimizer, info, data_state):
+def save_checkpoint(folder, weights, optimizer_state, info):
     """Write a checkpoint atomically: a crash leaves either the old folder or the new one, never half of one."""
     tmp, old = folder + '.tmp', folder + '.old'
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    save_file(checkpoint_weights(raw_model), os.path.join(tmp, 'model.safetensors'))
-    torch.save({'optimizer': optimizer.state_dict(), 'step': info['step'], 'rng': rng_state(), 'data': data_state},
+    save_file(weights, os.path.join(tmp, 'model.safetensors'))
+    # a step's batch is a function of the step (data.seeded_generator): the step is the data position
+    torch.save({'optimizer': optimizer_state, 'step': info['step'], 'rng': rng_state(), 'data': {'step': info['step']}},
                os.path.join(tmp, 'state.pt'))
     with open(os.path.join(tmp, 'config.json'), 'w') as f:
         json.dump(info, f, indent=1)
@@ -256,6 +276,19 @@ def save_checkpoint(folder, raw_model, optimizer, info, data_state):
         os.replace(folder, old)
     os.replace(tmp, folder)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def save_stage_checkpoint(rt, folder, raw_model, optimizer, info):
+    """Every rank gathers (FSDP), rank 0 writes."""
+    weights, optimizer_state = full_state(raw_model, optimizer)
+    if rt.master:
+        save_checkpoint(folder, weights, optimizer_state, info)
+
+
+def load_optimizer_state(rt, raw_model, optimizer, optimizer_state):
+    """Load a checkpoint's optimizer state (keyed by parameter name) into this run's optimizer, sharded or not."""
+    options = StateDictOptions(full_state_dict=True) if rt.fsdp else None
+    set_optimizer_state_dict(raw_model, optimizer, optimizer_state, options=options)
 
 
 def load_state(folder):
@@ -293,27 +326,78 @@ def cosine_lr(step, peak, warmup, total, floor, start=None):
     return floor + 0.5 * (1.0 + math.cos(math.pi * progress)) * (top - floor)
 
 
-def train_steps(rt, stage, model, raw_model, optimizer, next_batch, lr_at, first, last, on_step=None, val_loss=None,
+def batch_loader(rt, make, first, last):
+    """
+    The micro-batches of steps first .. last-1 for this rank, in order. make(step, rows) builds the rows `rows` (a
+    slice) of step's global batch of batch_size rows; micro-step m of rank r takes slice m * world_size + r, so any
+    split over ranks and micro-steps trains on the batches of a single process. DataLoader workers build them ahead
+    of the step (forked: they share the in-memory data).
+    """
+    def build(i):
+        step, micro = divmod(i, rt.micro_steps)
+        start = (micro * rt.world_size + rt.rank) * rt.micro_batch
+        return make(step, slice(start, start + rt.micro_batch))
+
+    workers = rt.data_workers
+    return iter(DataLoader(range(first * rt.micro_steps, last * rt.micro_steps), batch_size=None, collate_fn=build,
+                           num_workers=workers, prefetch_factor=4 if workers else None,
+                           pin_memory=rt.device_type == 'cuda', multiprocessing_context='fork' if workers else None))
+
+
+@contextmanager
+def no_grad_sync(model):
+    """Accumulate this micro-step's gradients locally: no all-reduce (DDP) or reduce-scatter (FSDP) until the last."""
+    if isinstance(model, DDP):
+        with model.no_sync():
+            yield
+        return
+    sharded = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for m in sharded:
+        m.set_requires_gradient_sync(False, recurse=False)
+    try:
+        yield
+    finally:
+        for m in sharded:
+            m.set_requires_gradient_sync(True, recurse=False)
+
+
+def compile_count():
+    """Graphs torch.compile has made in this process: each recompile and each graph break adds one."""
+    return torch._dynamo.utils.counters['stats']['unique_graphs']
+
+
+def train_steps(rt, stage, model, raw_model, optimizer, batches, lr_at, first, last, on_step=None, val_loss=None,
                 tokens_per_step=0, eval_interval=0, log_interval=10, grad_clip=0.0, peak_flops=0.0):
     """
-    Optimizer steps first .. last-1. next_batch() gives one micro-batch (x, y) on the device; lr_at(step) the LR
-    factor every param group multiplies its peak_lr by; on_step(step_done) runs after each step (checkpoints).
+    Optimizer steps first .. last-1 on the micro-batches (x, y, inputs) from batches (batch_loader); lr_at(step) is
+    the LR factor every param group multiplies its peak_lr by; on_step(step_done) runs after each step (checkpoints).
     """
     accum = rt.micro_steps
     t_start, t_last, step_last = time.time(), time.time(), first
-    losses = []
+    losses, waited = [], 0.0
+    compiles = compile_count() if rt.compile else 0
     for step in range(first, last):
         factor = lr_at(step)
         for group in optimizer.param_groups:
             group['lr'] = group['peak_lr'] * factor
-        for micro in range(accum):
-            x, y, inputs = next_batch()
-            # under DDP, all-reduce the gradients only on the last micro-step
-            sync = nullcontext() if not rt.ddp or micro == accum - 1 else model.no_sync()
-            with sync:
+        t = time.time()
+        micro_batches = [next(batches) for _ in range(accum)]
+        waited += time.time() - t
+        # the step's loss is the mean over all its scored targets, on every rank and micro-step: each micro-batch's
+        # mean loss is weighted by its share of them (rows of captions and conversations score unequal numbers),
+        # so the gradient does not depend on how the batch is split over ranks and micro-steps
+        counts = [(y != -1).sum().item() for _, y, _ in micro_batches]
+        total = torch.tensor(float(sum(counts)), device=rt.device)
+        if rt.ddp:
+            dist.all_reduce(total)
+        for micro, (x, y, inputs) in enumerate(micro_batches):
+            x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
+            inputs = {k: v.to(rt.device, non_blocking=True) for k, v in inputs.items()}
+            with nullcontext() if micro == accum - 1 else no_grad_sync(model):
                 with rt.autocast:
                     _, loss = model(x, y, **inputs)
-                (loss / accum).backward()
+                # DDP and FSDP average the ranks' gradients: scale by world_size to make that average a sum
+                (loss * (counts[micro] * rt.world_size / total.clamp(min=1))).backward()
         if grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         optimizer.step()
@@ -328,17 +412,20 @@ def train_steps(rt, stage, model, raw_model, optimizer, next_batch, lr_at, first
             mean_loss = torch.stack(losses).mean().item()
             log(rt, f'{stage} step {done}/{last} | loss {mean_loss:.4f} | lr {optimizer.param_groups[0]["lr"]:.2e} | '
                     f'{tok_s:,.0f} tok/s | mfu {"n/a" if mfu is None else f"{mfu:.1%}"} | '
+                    f'data wait {waited / (now - t_last):.0%} | '
                     f'eta {format_time((last - done) * (now - t_start) / (done - first))}')
-            t_last, step_last, losses = now, done, []
+            t_last, step_last, losses, waited = now, done, [], 0.0
         if val_loss is not None and eval_interval and (done % eval_interval == 0 or done == last):
             log(rt, f'{stage} step {done}: val loss {val_loss():.4f}')
         if on_step is not None:
             on_step(done)
+    if rt.compile:
+        log(rt, f'{stage} stage: torch.compile made {compile_count() - compiles} new graph(s)')
 
 
 def check_ranks_agree(rt, raw_model):
     """Under DDP every rank must hold the same weights: compare a fingerprint of them across ranks."""
-    if not rt.ddp:
+    if not rt.ddp or rt.fsdp:  # FSDP ranks hold different shards by design
         return
     fingerprint = sum((i + 1) * p.detach().double().sum() for i, p in enumerate(raw_model.parameters()))
     mine = fingerprint.reshape(1).to(rt.device)
@@ -350,13 +437,30 @@ def check_ranks_agree(rt, raw_model):
 
 
 def wrap_model(rt, raw_model):
-    """torch.compile and DDP around the model; checkpoints always save raw_model."""
-    model = torch.compile(raw_model) if rt.compile else raw_model
-    if rt.ddp:
-        # a micro-batch without images leaves the projector (and a trainable encoder) without gradients
-        model = DDP(model, device_ids=[rt.device] if rt.device_type == 'cuda' else None,
-                    find_unused_parameters=isinstance(raw_model, VLM))
-    return model
+    """
+    Activation checkpointing, FSDP, torch.compile and DDP around raw_model. All but DDP act in place on its modules,
+    so raw_model keeps the parameter names a checkpoint uses; the optimizer is built after this (FSDP replaces the
+    parameters by their shards). Returns the module to train.
+    """
+    gpt = raw_model.gpt if isinstance(raw_model, VLM) else raw_model
+    gpt.grad_checkpoint = rt.grad_checkpoint
+    if rt.fsdp:
+        for block in gpt.blocks:  # one unit per block: only one block's weights are gathered whole at a time
+            fully_shard(block)
+        fully_shard(gpt)
+        if isinstance(raw_model, VLM):
+            fully_shard(raw_model.projector)
+            if not raw_model.encoder.frozen:  # a frozen encoder stays whole on every rank, outside the optimizer
+                fully_shard(raw_model.encoder)
+    if rt.compile:
+        # the LM only, whose inputs have the same shapes every step (images arrive as a dense splice), so it
+        # compiles once per stage; an encoder sees a varying number of images and stays eager. Under FSDP each
+        # block is compiled instead, between the hooks that gather its weights: one compile serves them all
+        for module in gpt.blocks if rt.fsdp else [gpt]:
+            module.compile()
+    if rt.ddp and not rt.fsdp:
+        return DDP(raw_model, device_ids=[rt.device] if rt.device_type == 'cuda' else None)
+    return raw_model
 
 
 # -----------------------------------------------------------------------------
@@ -392,51 +496,54 @@ def train_text(cfg, rt):
     raw_model = GPT(gpt_config).to(rt.device)
     log(rt, f'text stage: {cfg.model} GPT, {raw_model.num_params():,} parameters '
             f'({raw_model.num_params(non_embedding=True):,} without the input embedding)')
-    optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
-                                               rt.device_type)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    first = 0
+    first, state = 0, None
     if cfg.init_from == 'resume':
         found = stage_checkpoints(folder)
         if found:
             first, path = found[-1]
             raw_model.load_state_dict(load_file(os.path.join(path, 'model.safetensors')))
             state = load_state(path)
-            optimizer.load_state_dict(state['optimizer'])
-            set_rng_state(state['rng'])
-            generator.set_state(state['data']['text_generator'])
             log(rt, f'text stage: resuming from {path} at step {first}')
     model = wrap_model(rt, raw_model)
+    optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
+                                               rt.device_type)
+    if state is not None:
+        load_optimizer_state(rt, raw_model, optimizer, state['optimizer'])
+        set_rng_state(state['rng'])
 
-    def next_batch():
-        x, y = data.text_batch(train_tokens, rt.micro_batch, cfg.block_size, generator, rt.rank, rt.world_size)
-        return x.to(rt.device), y.to(rt.device), {}
+    def make(step, rows):
+        x, y = data.text_batch(train_tokens, cfg.batch_size, cfg.block_size, data.seeded_generator(cfg.seed, step),
+                               rows)
+        return x, y, {}
 
     @torch.no_grad()
     def val_loss():
         raw_model.eval()
         gen = torch.Generator().manual_seed(0)  # the same batches every time, so the curve compares like with like
         losses = []
-        for _ in range(cfg.eval_iters):
-            x, y = data.text_batch(val_tokens, rt.micro_batch, cfg.block_size, gen)
-            with rt.autocast:
-                losses.append(raw_model(x.to(rt.device), y.to(rt.device))[1].item())
+        with torch.compiler.set_stance('force_eager'):  # eval mode and no grad: no second compile for it
+            for _ in range(cfg.eval_iters):
+                x, y = data.text_batch(val_tokens, rt.micro_batch, cfg.block_size, gen)
+                with rt.autocast:
+                    losses.append(raw_model(x.to(rt.device), y.to(rt.device))[1].item())
         raw_model.train()
         return float(np.mean(losses))
 
     def on_step(done):
-        if done in targets and rt.master:
-            info = {'stage': 'text', 'step': done, 'iters': cfg.text_iters, 'tokenizer': meta['tokenizer'],
-                    'model_args': asdict(gpt_config), 'config': vars(cfg)}
-            save_checkpoint(targets[done], raw_model, optimizer, info, {'text_generator': generator.get_state()})
+        if done not in targets:
+            return
+        info = {'stage': 'text', 'step': done, 'iters': cfg.text_iters, 'tokenizer': meta['tokenizer'],
+                'model_args': asdict(gpt_config), 'config': vars(cfg)}
+        save_stage_checkpoint(rt, targets[done], raw_model, optimizer, info)
+        if rt.master:
             result = evaluate_checkpoint(targets[done], rt.device, verbose=False)
             log(rt, f'text stage: saved {targets[done]} | text stable score {result["text_stable_score"]:.3f}')
-        if done in targets:
-            barrier(rt)
+        barrier(rt)
 
     lr_at = lambda step: cosine_lr(step, cfg.learning_rate, cfg.warmup_iters, cfg.text_iters,
                                    cfg.min_lr) / cfg.learning_rate
-    train_steps(rt, 'text', model, raw_model, optimizer, next_batch, lr_at, first, cfg.text_iters, on_step=on_step,
+    train_steps(rt, 'text', model, raw_model, optimizer, batch_loader(rt, make, first, cfg.text_iters), lr_at, first,
+                cfg.text_iters, on_step=on_step,
                 val_loss=val_loss, tokens_per_step=cfg.batch_size * cfg.block_size, eval_interval=cfg.eval_interval,
                 log_interval=cfg.log_interval, grad_clip=cfg.grad_clip, peak_flops=cfg.peak_flops)
     check_ranks_agree(rt, raw_model)
@@ -480,13 +587,14 @@ def image_data(cfg, rt):
     return enc, data.open_shard(folder, 'train'), world
 
 
-def image_inputs(cfg, rt, world, features, ids):
-    """The model inputs for a batch's images: cached features of a frozen encoder, or the uint8 pictures."""
-    if not ids:
-        return {}
+def image_inputs(world, features, ids):
+    """
+    The model inputs for a batch's images: cached features of a frozen encoder, or the uint8 pictures; an empty
+    tensor for a batch without images, so every step runs the same modules on every rank.
+    """
     if features is not None:
-        return {'features': torch.from_numpy(np.asarray(features[ids])).to(rt.device)}
-    return {'images': torch.from_numpy(np.asarray(world.images[ids])).to(rt.device)}
+        return {'features': torch.from_numpy(np.asarray(features[ids]))}
+    return {'images': torch.from_numpy(np.asarray(world.images[ids]))}
 
 
 def feature_cache(cfg, rt, world, raw_model):
@@ -498,11 +606,11 @@ def feature_cache(cfg, rt, world, raw_model):
                                                     verbose=rt.master))
 
 
-def finish_stage(cfg, rt, stage, folder, raw_model, optimizer, step, iters, enc, data_state):
+def finish_stage(cfg, rt, stage, folder, raw_model, optimizer, step, iters, enc):
     check_ranks_agree(rt, raw_model)
+    info = vlm_info(cfg, raw_model, stage, step, iters, enc.name.removeprefix('nanovlp_'))
+    save_stage_checkpoint(rt, folder, raw_model, optimizer, info)
     if rt.master:
-        info = vlm_info(cfg, raw_model, stage, step, iters, enc.name.removeprefix('nanovlp_'))
-        save_checkpoint(folder, raw_model, optimizer, info, data_state)
         result = evaluate_checkpoint(folder, rt.device, verbose=False)
         log(rt, f'{stage} stage: saved {folder} | vision {result["vision_stable_score"]:.3f} | blind '
                 f'{result["vision_blind_stable_score"]:.3f} | text {result["text_stable_score"]:.3f}')
@@ -544,21 +652,20 @@ def train_image(cfg, rt):
             f'x {encoder.dim}) into {text_ckpt}, {cfg.image_iters} steps at image ratio {cfg.image_ratio}')
     features = feature_cache(cfg, rt, world, raw_model)
     peak, lr_at = image_schedule(cfg)
+    model = wrap_model(rt, raw_model)
     optimizer = raw_model.configure_optimizers(cfg.weight_decay, peak, (cfg.beta1, cfg.beta2), rt.device_type,
                                                encoder_lr=cfg.encoder_lr)
-    model = wrap_model(rt, raw_model)
-    generator = torch.Generator().manual_seed(cfg.seed + 1)
 
-    def next_batch():
-        x, y, ids = data.mixture_batch(world, enc, text_tokens, rt.micro_batch, cfg.block_size, encoder.num_tokens,
-                                       cfg.image_ratio, cfg.instruct_ratio, generator, rt.rank, rt.world_size)
-        return x.to(rt.device), y.to(rt.device), image_inputs(cfg, rt, world, features, ids)
+    def make(step, rows):
+        x, y, ids = data.mixture_batch(world, enc, text_tokens, cfg.batch_size, cfg.block_size, encoder.num_tokens,
+                                       cfg.image_ratio, cfg.instruct_ratio, data.seeded_generator(cfg.seed + 1, step),
+                                       rows)
+        return x, y, image_inputs(world, features, ids)
 
-    train_steps(rt, 'image', model, raw_model, optimizer, next_batch, lr_at, 0, cfg.image_iters,
-                tokens_per_step=cfg.batch_size * cfg.block_size, log_interval=cfg.log_interval,
+    train_steps(rt, 'image', model, raw_model, optimizer, batch_loader(rt, make, 0, cfg.image_iters), lr_at, 0,
+                cfg.image_iters, tokens_per_step=cfg.batch_size * cfg.block_size, log_interval=cfg.log_interval,
                 grad_clip=cfg.grad_clip, peak_flops=cfg.peak_flops)
-    finish_stage(cfg, rt, 'image', folder, raw_model, optimizer, cfg.image_iters, cfg.image_iters, enc,
-                 {'generator': generator.get_state()})
+    finish_stage(cfg, rt, 'image', folder, raw_model, optimizer, cfg.image_iters, cfg.image_iters, enc)
 
 
 def train_finetune(cfg, rt):
@@ -575,9 +682,8 @@ def train_finetune(cfg, rt):
     raw_model.load_state_dict(state, strict=encoder_saved(raw_model))
     raw_model = raw_model.to(rt.device).train()
     features = feature_cache(cfg, rt, world, raw_model)
-    generator = torch.Generator().manual_seed(cfg.seed + 2)
-    epochs = [data.finetune_rows(world, enc, cfg.block_size, raw_model.encoder.num_tokens, generator)
-              for _ in range(cfg.finetune_epochs)]
+    epochs = [data.finetune_rows(world, enc, cfg.block_size, raw_model.encoder.num_tokens,
+                                 data.seeded_generator(cfg.seed + 2, epoch, 0)) for epoch in range(cfg.finetune_epochs)]
     # each optimizer step: n_conv rows of conversations and n_text rows of plain text (LLaVA keeps text-only
     # conversations in its mix for the same reason: without them fine-tuning erases the LM's text knowledge)
     n_text = round(cfg.batch_size * cfg.finetune_text_ratio)
@@ -591,36 +697,25 @@ def train_finetune(cfg, rt):
     log(rt, f'finetune stage: {len(world.conversations):,} conversations in {len(epochs[0])} rows, '
             f'{cfg.finetune_epochs} epochs = {iters} steps of {n_conv} conversation + {n_text} text rows')
 
-    def micro_batches():
-        """Every step's rows, the same on every rank; micro-step m of rank r takes its slice of them."""
-        for epoch in epochs:
-            for s in range(steps_per_epoch):
-                rows = epoch[s * n_conv:(s + 1) * n_conv]
-                if n_text:
-                    x, y = data.text_batch(text_tokens, n_text, cfg.block_size, generator)
-                    rows = rows + [(x[i], y[i], []) for i in range(n_text)]
-                for m in range(rt.micro_steps):
-                    start = (m * rt.world_size + rt.rank) * rt.micro_batch
-                    yield rows[start:start + rt.micro_batch]
-
-    position = micro_batches()
-
-    def next_batch():
-        rows = next(position)
-        x, y = torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])
-        ids = [i for r in rows for i in r[2]]
-        return x.to(rt.device), y.to(rt.device), image_inputs(cfg, rt, world, features, ids)
+    def make(step, rows):
+        epoch, s = divmod(step, steps_per_epoch)
+        conv = epochs[epoch][s * n_conv:(s + 1) * n_conv]
+        if n_text:
+            x, y = data.text_batch(text_tokens, n_text, cfg.block_size, data.seeded_generator(cfg.seed + 2, step))
+            conv = conv + [(x[i], y[i], []) for i in range(n_text)]
+        batch = conv[rows]
+        ids = [i for r in batch for i in r[2]]
+        return torch.stack([r[0] for r in batch]), torch.stack([r[1] for r in batch]), image_inputs(world, features, ids)
 
     peak = cfg.finetune_lr
+    model = wrap_model(rt, raw_model)
     optimizer = raw_model.configure_optimizers(cfg.weight_decay, peak, (cfg.beta1, cfg.beta2), rt.device_type,
                                                encoder_lr=cfg.encoder_lr)
-    model = wrap_model(rt, raw_model)
     lr_at = lambda step: cosine_lr(step, peak, cfg.rewarm_iters, iters, cfg.min_lr) / peak
-    train_steps(rt, 'finetune', model, raw_model, optimizer, next_batch, lr_at, 0, iters,
+    train_steps(rt, 'finetune', model, raw_model, optimizer, batch_loader(rt, make, 0, iters), lr_at, 0, iters,
                 tokens_per_step=cfg.batch_size * cfg.block_size, log_interval=cfg.log_interval,
                 grad_clip=cfg.grad_clip, peak_flops=cfg.peak_flops)
-    finish_stage(cfg, rt, 'finetune', folder, raw_model, optimizer, iters, iters, enc,
-                 {'generator': generator.get_state()})
+    finish_stage(cfg, rt, 'finetune', folder, raw_model, optimizer, iters, iters, enc)
 
 
 def summary(cfg):

@@ -81,12 +81,46 @@ def test_splice_writes_values_at_masked_positions():
     mask = torch.zeros(2, 10, dtype=torch.bool)
     mask[0, 2:4] = True
     mask[1, 7] = True
-    values = torch.randn(3, 32)
-    seen = {}
+    values = torch.randn(2, 10, 32)
+    seen, plain = {}, {}
+    hook = gpt.blocks[1].register_forward_pre_hook(lambda m, args: plain.update(x=args[0].detach().clone()))
+    gpt(idx)
+    hook.remove()
     gpt.blocks[1].register_forward_pre_hook(lambda m, args: seen.update(x=args[0].detach().clone()))
     gpt(idx, splice=(1, mask, values))
-    assert torch.equal(seen['x'][mask], values)  # row-major order: row 0's two positions, then row 1's
-    assert not torch.equal(seen['x'][~mask][:1], values[:1])
+    assert torch.equal(seen['x'][mask], values[mask])
+    assert torch.equal(seen['x'][~mask], plain['x'][~mask])  # elsewhere the stream is untouched
+
+
+def test_vlm_places_images_in_order_of_appearance():
+    from model import VLM
+    from encoders import build_encoder
+    enc = build_encoder('patch', 'tiny', 'random', img_size=16, freeze=False)
+    vlm = VLM(tiny(), enc, image_token=5)
+    n = enc.num_tokens
+    idx = torch.randint(6, 64, (2, 3 * n + 4))
+    idx[0, 1:1 + n] = 5  # image 0 in row 0, images 1 and 2 in row 1
+    idx[1, 0:n] = 5
+    idx[1, 2 * n:3 * n] = 5
+    features = torch.randn(3, n, enc.dim)
+    layer, mask, values = vlm.splice(idx, features=features)
+    projected = vlm.project(features=features)
+    assert torch.equal(values[0, 1:1 + n], projected[0]) and torch.equal(values[1, :n], projected[1])
+    assert torch.equal(values[1, 2 * n:3 * n], projected[2]) and not values[~mask].any()
+    with pytest.raises(ValueError, match='2 images x'):
+        vlm.splice(idx, features=features[:2])
+
+
+def test_grad_checkpoint_gives_the_same_gradients():
+    gpt = tiny()
+    idx = torch.randint(0, 64, (2, 10))
+    grads = []
+    for flag in (False, True):
+        gpt.zero_grad()
+        gpt.grad_checkpoint = flag
+        gpt(idx, idx)[1].backward()
+        grads.append([p.grad.clone() for p in gpt.parameters()])
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
 
 
 def test_loss_ignores_minus_one_targets():

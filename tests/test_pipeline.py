@@ -116,13 +116,14 @@ def test_realized_ratios_match_config(world, enc, shapes_dir):
     assert abs(kinds['caption'] / total - 0.1) < 0.02 and abs(kinds['instruct'] / total - 0.05) < 0.02
 
 
-def test_ranks_split_the_mixture_batch(world, enc, shapes_dir):
+def test_slices_of_a_step_are_the_single_process_mixture(world, enc, shapes_dir):
     text = data.open_shard(os.path.join(shapes_dir, 'shapes'), 'train')
-    whole = data.mixture_batch(world, enc, text, 8, 256, N, 0.5, 0.2, torch.Generator().manual_seed(3))
-    halves = [data.mixture_batch(world, enc, text, 4, 256, N, 0.5, 0.2, torch.Generator().manual_seed(3), r, 2)
-              for r in range(2)]
-    assert torch.equal(torch.cat([h[0] for h in halves]), whole[0])
-    assert halves[0][2] + halves[1][2] == whole[2]
+    whole = data.mixture_batch(world, enc, text, 8, 256, N, 0.5, 0.2, data.seeded_generator(3, 0))
+    parts = [data.mixture_batch(world, enc, text, 8, 256, N, 0.5, 0.2, data.seeded_generator(3, 0), slice(a, a + 4))
+             for a in (0, 4)]
+    assert torch.equal(torch.cat([p[0] for p in parts]), whole[0])
+    assert torch.equal(torch.cat([p[1] for p in parts]), whole[1])
+    assert parts[0][2] + parts[1][2] == whole[2] and whole[2]  # the same images, in order
 
 
 def test_image_stage_lr_continues_or_rewarms():
