@@ -528,6 +528,9 @@ def open_shard(folder, split):
         raise FileNotFoundError(f'token shard {path} not found')
     dtype = np.dtype(meta.get('dtype', 'uint16'))
     expected = meta['tokens'][split]
+    if expected == 0:
+        raise ValueError(f'token shard {path} holds no tokens: the {split} split of the dataset is empty; prepare it '
+                         f'from a corpus with text in it')
     size = os.path.getsize(path)
     if size != expected * dtype.itemsize:
         raise ValueError(f'token shard {path} has {size} bytes, but meta.json says {expected:,} tokens of '

@@ -20,21 +20,13 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import data
+from checkpoint import read_checkpoint_info
 from configurator import configure
 from encoders import build_encoder
 from model import GPT, VLM, GPTConfig
 
 # -----------------------------------------------------------------------------
 # loading checkpoints
-
-
-def read_checkpoint_info(ckpt_dir):
-    path = os.path.join(ckpt_dir, 'config.json')
-    if not os.path.exists(path):
-        raise FileNotFoundError(f'no checkpoint at {ckpt_dir} ({path} is missing): create it with '
-                                f'`python train.py --stages=text` (text checkpoints go to text_out_dir/ckpt_XXX)')
-    with open(path) as f:
-        return json.load(f)
 
 
 def build_model(info):

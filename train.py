@@ -12,8 +12,6 @@ Every global in the config section below is a key that config files and --key=va
 import json
 import math
 import os
-import random
-import shutil
 import sys
 import time
 from contextlib import contextmanager, nullcontext
@@ -23,23 +21,30 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
-                                                     set_optimizer_state_dict)
+from safetensors.torch import load_file
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
 import data
+from checkpoint import (finished_checkpoints, full_state, load_optimizer_state, load_state, prune, read_checkpoint_info,
+                        recover, save_checkpoint, set_rng_state)
 from configurator import ConfigError, configure
 from encoders import ENCODERS, build_encoder, cached_features
-from eval import build_model, evaluate_checkpoint, read_checkpoint_info
+from eval import build_model, evaluate_checkpoint
 from model import GPT, PRESETS, VLM, GPTConfig
 
 LONGEST_CAPTION = 200  # bytes: four objects in the longest phrasing, with room to spare
 # keys that change how a run is carried out, not what it computes: they may differ between runs sharing a stage
 RUN_ONLY_KEYS = ('stages', 'init_from', 'eval_interval', 'eval_iters', 'log_interval', 'device', 'dtype', 'compile',
-                 'peak_flops', 'fsdp', 'grad_checkpoint', 'data_workers')
+                 'peak_flops', 'fsdp', 'grad_checkpoint', 'data_workers', 'ckpt_interval', 'keep_last',
+                 'max_bad_steps')
+# keys that must be > 0, and keys that must be >= 0 (checked before any compute)
+POSITIVE_KEYS = ('text_iters', 'image_iters', 'batch_size', 'gradient_accumulation_steps', 'block_size', 'learning_rate',
+                 'image_lr', 'finetune_lr', 'encoder_lr', 'finetune_epochs', 'keep_last', 'scene_size', 'caption_scenes',
+                 'conversations', 'eval_iters', 'log_interval')
+NON_NEGATIVE_KEYS = ('warmup_iters', 'rewarm_iters', 'min_lr', 'weight_decay', 'grad_clip', 'ckpt_interval',
+                     'max_bad_steps', 'eval_interval', 'image_inject_layer', 'peak_flops')
 FINETUNE_KEYS = ('finetune_epochs', 'finetune_lr', 'finetune_text_ratio')
 
 # -----------------------------------------------------------------------------
@@ -52,6 +57,9 @@ init_from = 'scratch'  # 'scratch', or 'resume': continue an interrupted stage f
 eval_interval = 100  # steps between validation-loss estimates
 eval_iters = 10  # batches per validation-loss estimate
 log_interval = 25  # steps between log lines
+ckpt_interval = 100  # steps between a stage's periodic checkpoints, which init_from='resume' continues from; 0: none
+keep_last = 2  # periodic checkpoints kept per stage, the newest; the text stage's save_fracs ones are never deleted
+max_bad_steps = 0  # steps with a non-finite loss or gradient to skip (batch dropped) before the run stops
 # data
 dataset = 'shapes'  # 'shapes' (the embedded world, generated on first use) or a folder from `data.py prepare text`
 data_dir = 'data'  # where the shapes world is cached
@@ -119,6 +127,15 @@ def default_config():
 def get_config(args):
     """Defaults, then config files and --key=value flags, then checks that need no compute."""
     cfg = SimpleNamespace(**configure(args, default_config()))
+    for key in POSITIVE_KEYS + NON_NEGATIVE_KEYS:
+        value, positive = getattr(cfg, key), key in POSITIVE_KEYS
+        if value < 0 or (positive and value == 0):
+            raise ConfigError(f'{key}={value}: must be {"> 0" if positive else ">= 0"}')
+    if cfg.data_workers is not None and cfg.data_workers < 0:
+        raise ConfigError(f'data_workers={cfg.data_workers}: must be >= 0, or None for the device default')
+    if not 0 <= cfg.finetune_text_ratio < 1:
+        raise ConfigError(f'finetune_text_ratio={cfg.finetune_text_ratio}: must be in [0, 1) (1 leaves no room '
+                          f'for the conversations)')
     for stage in cfg.stages.split(','):
         if stage not in STAGES:
             raise ConfigError(f'stages={cfg.stages!r}: unknown stage {stage!r}; the stages are {", ".join(STAGES)}')
@@ -145,8 +162,12 @@ def get_config(args):
         if cfg.image_inject_frac not in cfg.save_fracs:
             raise ConfigError(f'image_inject_frac={cfg.image_inject_frac} is not one of save_fracs={cfg.save_fracs}: '
                               f'images can only be injected at a saved text checkpoint')
-        with torch.device('meta'):  # the encoder's shape without its weights: instant even at paper scale
-            enc_tokens = build_encoder(cfg.encoder, cfg.encoder_scale, 'random', freeze=cfg.freeze_encoder).num_tokens
+        try:
+            with torch.device('meta'):  # the encoder's shape without its weights: instant even at paper scale
+                enc_tokens = build_encoder(cfg.encoder, cfg.encoder_scale, 'random',
+                                           freeze=cfg.freeze_encoder).num_tokens
+        except ValueError as e:  # e.g. dino_siglip halves whose patch grids differ
+            raise ConfigError(f'encoder={cfg.encoder!r}, encoder_scale={cfg.encoder_scale!r}: {e}') from e
         longest = enc_tokens + LONGEST_CAPTION
         if longest + 1 > cfg.block_size:
             raise ConfigError(f'block_size={cfg.block_size} cannot hold one image ({enc_tokens} tokens) and a caption '
@@ -197,7 +218,7 @@ def setup_runtime(cfg):
     return SimpleNamespace(ddp=ddp, fsdp=cfg.fsdp, rank=rank, world_size=world_size, master=rank == 0, device=dev,
                            device_type=device_type, autocast=autocast, micro_batch=cfg.batch_size // per_step,
                            micro_steps=cfg.gradient_accumulation_steps, data_workers=workers,
-                           grad_checkpoint=cfg.grad_checkpoint,
+                           grad_checkpoint=cfg.grad_checkpoint, last_checkpoint=None,
                            compile=cfg.compile if cfg.compile is not None else device_type == 'cuda')
 
 
@@ -222,92 +243,6 @@ def log(rt, *args):
 def format_time(seconds):
     seconds = int(seconds)
     return f'{seconds // 3600}h{seconds % 3600 // 60:02d}m' if seconds >= 3600 else f'{seconds // 60}m{seconds % 60:02d}s'
-
-
-# -----------------------------------------------------------------------------
-# checkpoints: {folder}/model.safetensors, state.pt, config.json, written to {folder}.tmp and renamed
-
-def rng_state():
-    py_version, py_state, py_gauss = random.getstate()
-    np_state = np.random.get_state()
-    return {'torch': torch.get_rng_state(),
-            'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            'numpy': [torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
-            'python': [py_version, list(py_state), py_gauss]}
-
-
-def set_rng_state(state):
-    torch.set_rng_state(state['torch'])
-    if state['cuda'] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state['cuda'])
-    keys, pos, has_gauss, gauss = state['numpy']
-    np.random.set_state(('MT19937', keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    version, py_state, py_gauss = state['python']
-    random.setstate((version, tuple(py_state), py_gauss))
-
-
-def full_state(raw_model, optimizer):
-    """
-    The weights and the optimizer state a checkpoint stores, whole and on the CPU, keyed by parameter name (so a
-    checkpoint written by an FSDP run loads into a single process and back). Under FSDP this gathers the shards: a
-    collective that every rank calls. A frozen encoder with a recorded source is left out: it is rebuilt from it.
-    """
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    skip_encoder = isinstance(raw_model, VLM) and raw_model.encoder.frozen and raw_model.encoder.weights != 'random'
-    # copies, so tied weights are two tensors to safetensors
-    weights = {k: v.detach().to('cpu', copy=True).contiguous() for k, v in
-               get_model_state_dict(raw_model, options=options).items()
-               if not (skip_encoder and k.startswith('encoder.'))}
-    return weights, get_optimizer_state_dict(raw_model, optimizer, options=options)
-
-
-def save_checkpoint(folder, weights, optimizer_state, info):
-    """Write a checkpoint atomically: a crash leaves either the old folder or the new one, never half of one."""
-    tmp, old = folder + '.tmp', folder + '.old'
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    save_file(weights, os.path.join(tmp, 'model.safetensors'))
-    # a step's batch is a function of the step (data.seeded_generator): the step is the data position
-    torch.save({'optimizer': optimizer_state, 'step': info['step'], 'rng': rng_state(), 'data': {'step': info['step']}},
-               os.path.join(tmp, 'state.pt'))
-    with open(os.path.join(tmp, 'config.json'), 'w') as f:
-        json.dump(info, f, indent=1)
-    if os.path.exists(folder):
-        os.replace(folder, old)
-    os.replace(tmp, folder)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def save_stage_checkpoint(rt, folder, raw_model, optimizer, info):
-    """Every rank gathers (FSDP), rank 0 writes."""
-    weights, optimizer_state = full_state(raw_model, optimizer)
-    if rt.master:
-        save_checkpoint(folder, weights, optimizer_state, info)
-
-
-def load_optimizer_state(rt, raw_model, optimizer, optimizer_state):
-    """Load a checkpoint's optimizer state (keyed by parameter name) into this run's optimizer, sharded or not."""
-    options = StateDictOptions(full_state_dict=True) if rt.fsdp else None
-    set_optimizer_state_dict(raw_model, optimizer, optimizer_state, options=options)
-
-
-def load_state(folder):
-    path = os.path.join(folder, 'state.pt')
-    try:
-        return torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:  # weights_only refuses pickled code: say which file and why
-        raise RuntimeError(f'cannot load {path} safely (weights_only=True): {e}') from e
-
-
-def stage_checkpoints(folder):
-    """Finished checkpoints of a stage folder, as (step, path), oldest first."""
-    found = []
-    if os.path.isdir(folder):
-        for name in os.listdir(folder):
-            path = os.path.join(folder, name)
-            if not name.endswith(('.tmp', '.old')) and os.path.exists(os.path.join(path, 'config.json')):
-                found.append((read_checkpoint_info(path)['step'], path))
-    return sorted(found)
 
 
 # -----------------------------------------------------------------------------
@@ -367,11 +302,13 @@ def compile_count():
 
 
 def train_steps(rt, stage, model, raw_model, optimizer, batches, lr_at, first, last, on_step=None, val_loss=None,
-                tokens_per_step=0, eval_interval=0, log_interval=10, grad_clip=0.0, peak_flops=0.0):
+                tokens_per_step=0, eval_interval=0, log_interval=10, grad_clip=0.0, peak_flops=0.0, max_bad_steps=0):
     """
     Optimizer steps first .. last-1 on the micro-batches (x, y, inputs) from batches (batch_loader); lr_at(step) is
     the LR factor every param group multiplies its peak_lr by; on_step(step_done) runs after each step (checkpoints).
+    A step whose gradient is not finite is not applied; after max_bad_steps of them the run stops (TrainingError).
     """
+    bad_steps = 0
     accum = rt.micro_steps
     t_start, t_last, step_last = time.time(), time.time(), first
     losses, waited = [], 0.0
@@ -398,18 +335,31 @@ def train_steps(rt, stage, model, raw_model, optimizer, batches, lr_at, first, l
                     _, loss = model(x, y, **inputs)
                 # DDP and FSDP average the ranks' gradients: scale by world_size to make that average a sum
                 (loss * (counts[micro] * rt.world_size / total.clamp(min=1))).backward()
-        if grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.detach())
+        # the global gradient norm (clipped to grad_clip, when set) is the same on every rank, so every rank agrees
+        # on whether a step is bad; a NaN or inf loss makes it NaN too
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float('inf'))
+        norm = norm.full_tensor() if hasattr(norm, 'full_tensor') else norm  # FSDP: a DTensor
         done = step + 1
+        if math.isfinite(norm.item()):
+            optimizer.step()
+            losses.append(loss.detach())
+        else:
+            bad_steps += 1
+            if bad_steps > max_bad_steps:
+                raise TrainingError(
+                    f'{stage} stage, step {done}: the loss or its gradient is not finite (loss {loss.item()}, gradient '
+                    f'norm {norm.item()}). The last good checkpoint is {rt.last_checkpoint or "none (none written yet)"}'
+                    f'; nothing after it was written. Resume from it with init_from=resume (a lower learning rate or '
+                    f'grad_clip may help), or set max_bad_steps to skip such batches')
+            log(rt, f'{stage} step {done}: non-finite loss or gradient, batch skipped '
+                    f'({bad_steps} of max_bad_steps={max_bad_steps})')
+        optimizer.zero_grad(set_to_none=True)
         if done % log_interval == 0 or done == last:
             now = time.time()
             dt = (now - t_last) / (done - step_last)
             tok_s = tokens_per_step / dt
             mfu = raw_model.estimate_mfu(tok_s, peak_flops or None)
-            mean_loss = torch.stack(losses).mean().item()
+            mean_loss = torch.stack(losses).mean().item() if losses else float('nan')
             log(rt, f'{stage} step {done}/{last} | loss {mean_loss:.4f} | lr {optimizer.param_groups[0]["lr"]:.2e} | '
                     f'{tok_s:,.0f} tok/s | mfu {"n/a" if mfu is None else f"{mfu:.1%}"} | '
                     f'data wait {waited / (now - t_last):.0%} | '
@@ -464,6 +414,66 @@ def wrap_model(rt, raw_model):
 
 
 # -----------------------------------------------------------------------------
+# checkpoints during a stage (their format and crash safety: checkpoint.py)
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on (a non-finite loss): the message names the step, the stage and what to do."""
+
+
+def save_stage_checkpoint(rt, folder, raw_model, optimizer, info):
+    """Every rank gathers (FSDP), rank 0 writes. The folder becomes the stage's last good checkpoint."""
+    weights, optimizer_state = full_state(raw_model, optimizer)
+    if rt.master:
+        save_checkpoint(folder, weights, optimizer_state, info)
+    rt.last_checkpoint = folder
+
+
+def steps_dir(cfg, stage):
+    """A stage's periodic checkpoints: {text_out_dir}/steps, {out_dir}/image_steps, {out_dir}/finetune_steps."""
+    return os.path.join(cfg.text_out_dir, 'steps') if stage == 'text' else os.path.join(cfg.out_dir, f'{stage}_steps')
+
+
+def periodic_checkpoints(cfg, rt, stage, raw_model, optimizer, info_at, last, skip=()):
+    """An on_step for train_steps: every ckpt_interval steps (but the last, and `skip`) a checkpoint to resume from."""
+    def on_step(done):
+        if cfg.ckpt_interval and done % cfg.ckpt_interval == 0 and done != last and done not in skip:
+            folder = steps_dir(cfg, stage)
+            save_stage_checkpoint(rt, os.path.join(folder, f'step_{done:06d}'), raw_model, optimizer, info_at(done))
+            if rt.master:
+                prune(folder, cfg.keep_last)
+            barrier(rt)
+    return on_step
+
+
+def resume_point(cfg, rt, stage, raw_model, keys, also=()):
+    """
+    With init_from='resume', the newest of the stage's periodic checkpoints and the (step, path) pairs in `also`:
+    its weights are loaded into raw_model (before wrap_model), its settings checked against keys. Returns the step
+    to start from and the checkpoint's state.pt (None when starting at 0).
+    """
+    if cfg.init_from != 'resume':
+        return 0, None
+    found = finished_checkpoints(steps_dir(cfg, stage)) + list(also)
+    if not found:
+        log(rt, f'{stage} stage: no checkpoint to resume from, starting at step 0')
+        return 0, None
+    step, path = max(found)
+    check_made_with(cfg, path, keys, f'{stage} checkpoint')
+    strict = not isinstance(raw_model, VLM) or encoder_saved(raw_model)
+    raw_model.load_state_dict(load_file(os.path.join(path, 'model.safetensors')), strict=strict)
+    rt.last_checkpoint = path
+    log(rt, f'{stage} stage: resuming from {path} at step {step}')
+    return step, load_state(path)
+
+
+def restore_training_state(rt, raw_model, optimizer, state):
+    """The optimizer state and RNG states of a resumed checkpoint; the data position is its step."""
+    if state is not None:
+        load_optimizer_state(raw_model, optimizer, state['optimizer'], sharded=rt.fsdp)
+        set_rng_state(state['rng'])
+
+
+# -----------------------------------------------------------------------------
 # stage 1: text pre-training
 
 def check_made_with(cfg, ckpt, keys, what):
@@ -478,7 +488,7 @@ def check_made_with(cfg, ckpt, keys, what):
 
 def train_text(cfg, rt):
     folder = cfg.text_out_dir
-    found = stage_checkpoints(folder)
+    found = finished_checkpoints(folder)
     if found:
         check_made_with(cfg, found[-1][1], TEXT_KEYS, 'text stage')
     targets = {frac_step(f, cfg.text_iters): os.path.join(folder, frac_name(f)) for f in cfg.save_fracs}
@@ -496,20 +506,11 @@ def train_text(cfg, rt):
     raw_model = GPT(gpt_config).to(rt.device)
     log(rt, f'text stage: {cfg.model} GPT, {raw_model.num_params():,} parameters '
             f'({raw_model.num_params(non_embedding=True):,} without the input embedding)')
-    first, state = 0, None
-    if cfg.init_from == 'resume':
-        found = stage_checkpoints(folder)
-        if found:
-            first, path = found[-1]
-            raw_model.load_state_dict(load_file(os.path.join(path, 'model.safetensors')))
-            state = load_state(path)
-            log(rt, f'text stage: resuming from {path} at step {first}')
+    first, state = resume_point(cfg, rt, 'text', raw_model, TEXT_KEYS, also=finished_checkpoints(folder))
     model = wrap_model(rt, raw_model)
     optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
                                                rt.device_type)
-    if state is not None:
-        load_optimizer_state(rt, raw_model, optimizer, state['optimizer'])
-        set_rng_state(state['rng'])
+    restore_training_state(rt, raw_model, optimizer, state)
 
     def make(step, rows):
         x, y = data.text_batch(train_tokens, cfg.batch_size, cfg.block_size, data.seeded_generator(cfg.seed, step),
@@ -529,12 +530,15 @@ def train_text(cfg, rt):
         raw_model.train()
         return float(np.mean(losses))
 
+    info_at = lambda done: {'stage': 'text', 'step': done, 'iters': cfg.text_iters, 'tokenizer': meta['tokenizer'],
+                            'model_args': asdict(gpt_config), 'config': vars(cfg)}
+    periodic = periodic_checkpoints(cfg, rt, 'text', raw_model, optimizer, info_at, cfg.text_iters, skip=targets)
+
     def on_step(done):
+        periodic(done)
         if done not in targets:
             return
-        info = {'stage': 'text', 'step': done, 'iters': cfg.text_iters, 'tokenizer': meta['tokenizer'],
-                'model_args': asdict(gpt_config), 'config': vars(cfg)}
-        save_stage_checkpoint(rt, targets[done], raw_model, optimizer, info)
+        save_stage_checkpoint(rt, targets[done], raw_model, optimizer, info_at(done))
         if rt.master:
             result = evaluate_checkpoint(targets[done], rt.device, verbose=False)
             log(rt, f'text stage: saved {targets[done]} | text stable score {result["text_stable_score"]:.3f}')
@@ -543,9 +547,9 @@ def train_text(cfg, rt):
     lr_at = lambda step: cosine_lr(step, cfg.learning_rate, cfg.warmup_iters, cfg.text_iters,
                                    cfg.min_lr) / cfg.learning_rate
     train_steps(rt, 'text', model, raw_model, optimizer, batch_loader(rt, make, first, cfg.text_iters), lr_at, first,
-                cfg.text_iters, on_step=on_step,
-                val_loss=val_loss, tokens_per_step=cfg.batch_size * cfg.block_size, eval_interval=cfg.eval_interval,
-                log_interval=cfg.log_interval, grad_clip=cfg.grad_clip, peak_flops=cfg.peak_flops)
+                cfg.text_iters, on_step=on_step, val_loss=val_loss, tokens_per_step=cfg.batch_size * cfg.block_size,
+                eval_interval=cfg.eval_interval, log_interval=cfg.log_interval, grad_clip=cfg.grad_clip,
+                peak_flops=cfg.peak_flops, max_bad_steps=cfg.max_bad_steps)
     check_ranks_agree(rt, raw_model)
 
 
@@ -558,6 +562,7 @@ def image_stage_keys(cfg):
 
 def reusable(cfg, folder, keys, rt):
     """True when folder holds a finished checkpoint made with these settings; one made with others is an error."""
+    recover(folder)
     if not os.path.exists(os.path.join(folder, 'config.json')):
         return False
     check_made_with(cfg, folder, keys, f'{os.path.basename(folder)} stage')
@@ -606,9 +611,8 @@ def feature_cache(cfg, rt, world, raw_model):
                                                     verbose=rt.master))
 
 
-def finish_stage(cfg, rt, stage, folder, raw_model, optimizer, step, iters, enc):
+def finish_stage(rt, stage, folder, raw_model, optimizer, info):
     check_ranks_agree(rt, raw_model)
-    info = vlm_info(cfg, raw_model, stage, step, iters, enc.name.removeprefix('nanovlp_'))
     save_stage_checkpoint(rt, folder, raw_model, optimizer, info)
     if rt.master:
         result = evaluate_checkpoint(folder, rt.device, verbose=False)
@@ -652,9 +656,13 @@ def train_image(cfg, rt):
             f'x {encoder.dim}) into {text_ckpt}, {cfg.image_iters} steps at image ratio {cfg.image_ratio}')
     features = feature_cache(cfg, rt, world, raw_model)
     peak, lr_at = image_schedule(cfg)
+    first, state = resume_point(cfg, rt, 'image', raw_model, image_stage_keys(cfg))
     model = wrap_model(rt, raw_model)
     optimizer = raw_model.configure_optimizers(cfg.weight_decay, peak, (cfg.beta1, cfg.beta2), rt.device_type,
                                                encoder_lr=cfg.encoder_lr)
+    restore_training_state(rt, raw_model, optimizer, state)
+    tokenizer = enc.name.removeprefix('nanovlp_')
+    info_at = lambda done: vlm_info(cfg, raw_model, 'image', done, cfg.image_iters, tokenizer)
 
     def make(step, rows):
         x, y, ids = data.mixture_batch(world, enc, text_tokens, cfg.batch_size, cfg.block_size, encoder.num_tokens,
@@ -662,15 +670,18 @@ def train_image(cfg, rt):
                                        rows)
         return x, y, image_inputs(world, features, ids)
 
-    train_steps(rt, 'image', model, raw_model, optimizer, batch_loader(rt, make, 0, cfg.image_iters), lr_at, 0,
-                cfg.image_iters, tokens_per_step=cfg.batch_size * cfg.block_size, log_interval=cfg.log_interval,
-                grad_clip=cfg.grad_clip, peak_flops=cfg.peak_flops)
-    finish_stage(cfg, rt, 'image', folder, raw_model, optimizer, cfg.image_iters, cfg.image_iters, enc)
+    train_steps(rt, 'image', model, raw_model, optimizer, batch_loader(rt, make, first, cfg.image_iters), lr_at,
+                first, cfg.image_iters, tokens_per_step=cfg.batch_size * cfg.block_size,
+                log_interval=cfg.log_interval, grad_clip=cfg.grad_clip, peak_flops=cfg.peak_flops,
+                max_bad_steps=cfg.max_bad_steps,
+                on_step=periodic_checkpoints(cfg, rt, 'image', raw_model, optimizer, info_at, cfg.image_iters))
+    finish_stage(rt, 'image', folder, raw_model, optimizer, info_at(cfg.image_iters))
 
 
 def train_finetune(cfg, rt):
     folder = os.path.join(cfg.out_dir, 'finetune')
-    if reusable(cfg, folder, [k for k in vars(cfg) if k not in RUN_ONLY_KEYS], rt):
+    finetune_keys = [k for k in vars(cfg) if k not in RUN_ONLY_KEYS]
+    if reusable(cfg, folder, finetune_keys, rt):
         return
     image_ckpt = os.path.join(cfg.out_dir, 'image')
     if not os.path.exists(os.path.join(image_ckpt, 'config.json')):
@@ -708,14 +719,19 @@ def train_finetune(cfg, rt):
         return torch.stack([r[0] for r in batch]), torch.stack([r[1] for r in batch]), image_inputs(world, features, ids)
 
     peak = cfg.finetune_lr
+    first, state = resume_point(cfg, rt, 'finetune', raw_model, finetune_keys)
     model = wrap_model(rt, raw_model)
     optimizer = raw_model.configure_optimizers(cfg.weight_decay, peak, (cfg.beta1, cfg.beta2), rt.device_type,
                                                encoder_lr=cfg.encoder_lr)
+    restore_training_state(rt, raw_model, optimizer, state)
+    tokenizer = enc.name.removeprefix('nanovlp_')
+    info_at = lambda done: vlm_info(cfg, raw_model, 'finetune', done, iters, tokenizer)
     lr_at = lambda step: cosine_lr(step, peak, cfg.rewarm_iters, iters, cfg.min_lr) / peak
-    train_steps(rt, 'finetune', model, raw_model, optimizer, batch_loader(rt, make, 0, iters), lr_at, 0, iters,
+    train_steps(rt, 'finetune', model, raw_model, optimizer, batch_loader(rt, make, first, iters), lr_at, first, iters,
                 tokens_per_step=cfg.batch_size * cfg.block_size, log_interval=cfg.log_interval,
-                grad_clip=cfg.grad_clip, peak_flops=cfg.peak_flops)
-    finish_stage(cfg, rt, 'finetune', folder, raw_model, optimizer, iters, iters, enc)
+                grad_clip=cfg.grad_clip, peak_flops=cfg.peak_flops, max_bad_steps=cfg.max_bad_steps,
+                on_step=periodic_checkpoints(cfg, rt, 'finetune', raw_model, optimizer, info_at, iters))
+    finish_stage(rt, 'finetune', folder, raw_model, optimizer, info_at(iters))
 
 
 def summary(cfg):
@@ -756,4 +772,7 @@ if __name__ == '__main__':
         config = get_config(sys.argv[1:])
     except ConfigError as e:
         sys.exit(f'config error: {e}')
-    main(config)
+    try:
+        main(config)
+    except (ConfigError, TrainingError) as e:
+        sys.exit(f'error: {e}')

@@ -4,6 +4,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import checkpoint
 import eval as ev
 import train
 from configurator import ConfigError
@@ -56,15 +57,15 @@ def test_checkpoint_round_trip_is_exact(tmp_path):
     gpt(torch.randint(0, 64, (2, 8)), torch.randint(0, 64, (2, 8)))[1].backward()
     opt.step()
     info = {'stage': 'text', 'step': 1, 'tokenizer': 'bytes', 'model_args': vars(gpt.config), 'config': {}}
-    train.save_checkpoint(str(tmp_path / 'ck'), *train.full_state(gpt, opt), info)
+    checkpoint.save_checkpoint(str(tmp_path / 'ck'), *checkpoint.full_state(gpt, opt), info)
     loaded, _ = ev.load_model(str(tmp_path / 'ck'))
     for (k, a), (_, b) in zip(gpt.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), k
     assert loaded.lm_head.weight is loaded.wte.weight
-    state = train.load_state(str(tmp_path / 'ck'))
+    state = checkpoint.load_state(str(tmp_path / 'ck'))
     assert state['step'] == 1
     opt2 = gpt.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 'cpu')
-    train.load_optimizer_state(train.SimpleNamespace(fsdp=False), gpt, opt2, state['optimizer'])
+    checkpoint.load_optimizer_state(gpt, opt2, state['optimizer'])
     assert torch.equal(opt2.state_dict()['state'][0]['exp_avg'], opt.state_dict()['state'][0]['exp_avg'])
 
 

@@ -1,0 +1,145 @@
+"""
+Checkpoints of nanoVLP: one folder each, holding
+
+    model.safetensors   the weights, named without compile / DDP / FSDP prefixes
+    state.pt            the optimizer state keyed by parameter name, the step, the RNG states (weights_only tensors)
+    config.json         the run's config, the model's shape, the tokenizer and, for a VLM, the encoder
+
+A checkpoint is written to {folder}.tmp, flushed to disk, and swapped in by two renames (the old one to
+{folder}.old, the new one in place), so a crash at any moment leaves a loadable checkpoint: the new one, the old one,
+or the old one as {folder}.old, which recover() puts back. Nothing here unpickles code: weights are safetensors and
+state.pt is read with torch.load(weights_only=True).
+"""
+
+import json
+import os
+import random
+import shutil
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_optimizer_state_dict)
+
+from model import VLM
+
+
+def read_checkpoint_info(folder):
+    """A checkpoint's config.json (recovering one whose swap a crash interrupted)."""
+    recover(folder)
+    path = os.path.join(folder, 'config.json')
+    if not os.path.exists(path):
+        raise FileNotFoundError(f'no checkpoint at {folder} ({path} is missing): create it with '
+                                f'`python train.py --stages=text` (text checkpoints go to text_out_dir/ckpt_XXX)')
+    with open(path) as f:
+        return json.load(f)
+
+
+def rng_state():
+    py_version, py_state, py_gauss = random.getstate()
+    np_state = np.random.get_state()
+    return {'torch': torch.get_rng_state(),
+            'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            'numpy': [torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+            'python': [py_version, list(py_state), py_gauss]}
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state['torch'])
+    if state['cuda'] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state['cuda'])
+    keys, pos, has_gauss, gauss = state['numpy']
+    np.random.set_state(('MT19937', keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, py_state, py_gauss = state['python']
+    random.setstate((version, tuple(py_state), py_gauss))
+
+
+def full_state(raw_model, optimizer):
+    """
+    The weights and the optimizer state a checkpoint stores, whole and on the CPU, keyed by parameter name (so a
+    checkpoint written by an FSDP run loads into a single process and back). Under FSDP this gathers the shards: a
+    collective that every rank calls. A frozen encoder with a recorded source is left out: it is rebuilt from it.
+    """
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    skip_encoder = isinstance(raw_model, VLM) and raw_model.encoder.frozen and raw_model.encoder.weights != 'random'
+    # copies, so tied weights are two tensors to safetensors
+    weights = {k: v.detach().to('cpu', copy=True).contiguous() for k, v in
+               get_model_state_dict(raw_model, options=options).items()
+               if not (skip_encoder and k.startswith('encoder.'))}
+    return weights, get_optimizer_state_dict(raw_model, optimizer, options=options)
+
+
+def fsync_path(path):
+    """Flush a file or a folder entry to disk: a rename is durable only once what it renames is."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(folder, weights, optimizer_state, info):
+    """Write a checkpoint atomically: a crash leaves the old one or the new one, never half of one."""
+    tmp, old = folder + '.tmp', folder + '.old'
+    recover(folder)
+    shutil.rmtree(tmp, ignore_errors=True)  # what a crash left half written
+    os.makedirs(tmp)
+    save_file(weights, os.path.join(tmp, 'model.safetensors'))
+    # a step's batch is a function of the step (data.seeded_generator): the step is the data position
+    torch.save({'optimizer': optimizer_state, 'step': info['step'], 'rng': rng_state()}, os.path.join(tmp, 'state.pt'))
+    with open(os.path.join(tmp, 'config.json'), 'w') as f:
+        json.dump(info, f, indent=1)
+    for name in os.listdir(tmp):
+        fsync_path(os.path.join(tmp, name))
+    fsync_path(tmp)
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.exists(folder):
+        os.replace(folder, old)
+    os.replace(tmp, folder)  # a crash between the two renames leaves {folder}.old, which recover() restores
+    fsync_path(os.path.dirname(os.path.abspath(folder)))
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def recover(folder):
+    """Put back {folder}.old when a crash came between the two renames of save_checkpoint."""
+    old = folder + '.old'
+    if not os.path.exists(folder) and os.path.exists(os.path.join(old, 'config.json')):
+        os.replace(old, folder)
+
+
+def load_state(folder):
+    """state.pt, refusing anything but tensors and plain containers: a pickled object is an error, never run."""
+    path = os.path.join(folder, 'state.pt')
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # weights_only refuses pickled code: say which file and why
+        raise RuntimeError(f'cannot load {path} safely: it holds more than tensors and plain containers '
+                           f'(torch.load with weights_only=True said: {e}). nanoVLP never unpickles objects from a '
+                           f'checkpoint; if you wrote this file yourself, save only tensors, numbers and strings') from e
+
+
+def load_optimizer_state(raw_model, optimizer, optimizer_state, sharded=False):
+    """Load a checkpoint's optimizer state (keyed by parameter name) into this run's optimizer, sharded or not."""
+    options = StateDictOptions(full_state_dict=True) if sharded else None
+    set_optimizer_state_dict(raw_model, optimizer, optimizer_state, options=options)
+
+
+def finished_checkpoints(folder):
+    """Finished checkpoints directly inside folder, as (step, path), oldest first; interrupted writes recovered."""
+    found = []
+    if os.path.isdir(folder):
+        for name in sorted(os.listdir(folder)):
+            if name.endswith('.old'):
+                recover(os.path.join(folder, name[:-len('.old')]))
+        for name in os.listdir(folder):
+            path = os.path.join(folder, name)
+            if not name.endswith(('.tmp', '.old')) and os.path.exists(os.path.join(path, 'config.json')):
+                found.append((read_checkpoint_info(path)['step'], path))
+    return sorted(found)
+
+
+def prune(folder, keep_last):
+    """Delete all but the newest keep_last checkpoints in folder (the periodic ones of a stage)."""
+    for _, path in finished_checkpoints(folder)[:-keep_last]:
+        shutil.rmtree(path)
