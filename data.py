@@ -7,6 +7,7 @@ written on first use under {data_dir}/shapes/. Its text corpus states facts abou
 along the river); its text tasks ask for those facts, sums and next items as multiple choice with known chance.
 
     python data.py shapes            # write data/shapes/ now and print its sizes (train.py does it on first use)
+    python data.py prepare text --input=PATH [PATH ...] --out=DIR [--tokenizer=gpt2]   # a real corpus: corpora.py
 """
 
 import json
@@ -563,5 +564,8 @@ def load_text_tasks(folder):
 if __name__ == '__main__':
     if sys.argv[1:2] == ['shapes']:
         prepare_shapes(sys.argv[2] if len(sys.argv) > 2 else 'data')
+    elif sys.argv[1:3] == ['prepare', 'text']:
+        import corpora
+        corpora.main(sys.argv[3:])
     else:
         sys.exit(__doc__)

@@ -11,6 +11,7 @@ choices average fairly.
 
 import json
 import os
+import re
 import string
 import sys
 
@@ -176,6 +177,52 @@ def normalize_answer(text):
     """Lower case, no punctuation, no articles, single spaces: 'The Red.' and 'red' are the same answer."""
     text = text.lower().translate(str.maketrans('', '', string.punctuation))
     return ' '.join(w for w in text.split() if w not in ('a', 'an', 'the'))
+
+
+# The VQA metric's answer normalization (Antol et al. 2015; the evaluation code of visualqa.org), written from its
+# description: punctuation, number words, articles, contractions written without their apostrophe.
+VQA_NUMBERS = {w: str(i) for i, w in enumerate(
+    'zero one two three four five six seven eight nine ten'.split())} | {'none': '0'}
+VQA_ARTICLES = ('a', 'an', 'the')
+VQA_CONTRACTIONS = {c.replace("'", ''): c for c in (
+    "ain't aren't can't could've couldn't couldn't've didn't doesn't don't hadn't hadn't've hasn't haven't he'd "
+    "he'd've he's how'd how'll how's i'd i'd've i'm i've isn't it'd it'd've it'll it's let's ma'am mightn't "
+    "mightn't've might've mustn't must've needn't not've o'clock oughtn't shan't she'd she'd've she'll she's "
+    "should've shouldn't shouldn't've somebody'd somebody'd've somebody'll somebody's someone'd someone'd've "
+    "someone'll someone's something'd something'd've something'll that's there'd there'd've there're there's "
+    "they'd they'd've they'll they're they've twas wasn't we'd we'd've we'll we're we've weren't what'll what're "
+    "what's what've when's where'd where's where've who'd who'd've who'll who's who've why'll why're why's won't "
+    "would've wouldn't wouldn't've y'all y'all'll y'all'd've you'd you'd've you'll you're you've").split()}
+VQA_PUNCTUATION = ';/[]"{}()=+\\_-><@`,?!'  # the marks the official code treats: not ' (don't), not : or .
+
+
+def vqa_normalize(text):
+    """
+    The official VQA normalization: strip and lower; a punctuation mark next to a space, or anywhere in an answer
+    with a digit-comma-digit (1,000), is dropped, elsewhere it becomes a space; a period is dropped unless a digit
+    follows it (3.5); number words become digits; articles go; 'dont' becomes "don't".
+    """
+    text = ' '.join(text.replace('\n', ' ').replace('\t', ' ').strip().lower().split())
+    digit_comma = re.search(r'\d,\d', text) is not None
+    for p in VQA_PUNCTUATION:
+        if p in text:
+            text = text.replace(p, '' if digit_comma or (p + ' ') in text or (' ' + p) in text else ' ')
+    text = re.sub(r'\.(?!\d)', '', text)
+    words = [VQA_NUMBERS.get(w, w) for w in text.split()]
+    return ' '.join(VQA_CONTRACTIONS.get(w, w) for w in words if w not in VQA_ARTICLES)
+
+
+def vqa_accuracy(prediction, answers):
+    """
+    The VQA accuracy of one prediction against the human answers (ten in VQAv2): min(#matches / 3, 1) over each
+    leave-one-out subset of the answers, averaged. 4 of 10 annotators agreeing gives 1.0, 3 gives 0.9, 2 gives 0.6,
+    1 gives 0.3.
+    """
+    prediction = vqa_normalize(prediction)
+    answers = [vqa_normalize(a) for a in answers]
+    matches = [a == prediction for a in answers]
+    total = sum(matches)
+    return sum(min(1.0, (total - m) / 3) for m in matches) / len(answers)
 
 
 @torch.no_grad()

@@ -133,3 +133,58 @@ def read_shard(path, size, caption_key='txt'):
     if n == 0:
         raise ValueError(f'{path} holds no samples: an empty shard (check how it was written)')
     return pairs, skipped
+
+
+def llava_conversations(path, images_dir):
+    """
+    The records of a LLaVA instruction file (llava_v1_5_mix665k.json and its kind): a list of
+    {"image": "coco/train2017/x.jpg", "conversations": [{"from": "human", "value": "<image>\\nWhat ..."},
+    {"from": "gpt", "value": "..."}, ...]}. Returns [(image path or None, [(question, answer), ...])] and a Counter
+    of the records skipped, by reason: turns that do not alternate human / gpt, an image without its <image> mark or a
+    mark without an image. A text-only record (no "image") is kept: LLaVA mixes them in to keep the LM's text skills.
+    """
+    import json
+
+    with open(path) as f:
+        records = json.load(f)
+    if not records:
+        raise ValueError(f'{path} holds no conversations')
+    kept, skipped = [], Counter()
+    for r in records:
+        turns = r.get('conversations') or []
+        roles = [t.get('from') for t in turns]
+        if not turns or len(turns) % 2 or roles != ['human', 'gpt'] * (len(turns) // 2):
+            skipped['turns not human / gpt pairs'] += 1
+            continue
+        marks = sum(t['value'].count('<image>') for t in turns)
+        if 'image' in r and marks != 1:
+            skipped['image without one <image> mark'] += 1
+        elif 'image' not in r and marks:
+            skipped['<image> mark without an image'] += 1
+        else:
+            image = os.path.join(images_dir, r['image']) if 'image' in r else None
+            kept.append((image, [(q['value'], a['value']) for q, a in zip(turns[::2], turns[1::2])]))
+    return kept, skipped
+
+
+def llava_sample(enc, turns, n_image_tokens):
+    """
+    A LLaVA conversation in the demo's chat format, <|user|> question <|assistant|> answer <|endoftext|> per turn,
+    with n_image_tokens <|image|> tokens where the literal <image> stands; the loss mask covers the answers and their
+    end tokens only. Returns (tokens, mask).
+    """
+    import data
+
+    user, assistant, eot, image = (data.special_id(enc, t) for t in
+                                   ('<|user|>', '<|assistant|>', '<|endoftext|>', '<|image|>'))
+    tokens, mask = [], []
+    for question, answer in turns:
+        before, mark, after = question.partition('<image>')
+        prompt = [user] + enc.encode_ordinary(before)
+        if mark:
+            prompt += [image] * n_image_tokens
+        prompt += enc.encode_ordinary(after) + [assistant]
+        reply = enc.encode_ordinary(answer) + [eot]
+        tokens += prompt + reply
+        mask += [False] * len(prompt) + [True] * len(reply)
+    return tokens, mask

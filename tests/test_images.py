@@ -121,3 +121,32 @@ def test_empty_shard_and_empty_text_split_are_errors_that_name_them(tmp_path):
     with pytest.raises(ValueError, match=r'val.bin holds no tokens'):
         data.open_shard(str(folder), 'val')
     assert os.path.exists(folder / 'val.bin')
+
+
+def test_llava_conversations_mask_all_but_answers(tmp_path):
+    import data
+    from images import llava_conversations, llava_sample
+    records = [
+        {'id': '1', 'image': 'coco/1.jpg', 'conversations': [
+            {'from': 'human', 'value': '<image>\nWhat is on the table?'}, {'from': 'gpt', 'value': 'A red cup.'},
+            {'from': 'human', 'value': 'Is it full?'}, {'from': 'gpt', 'value': 'No.'}]},
+        {'id': '2', 'conversations': [{'from': 'human', 'value': 'Say hi.'}, {'from': 'gpt', 'value': 'Hi!'}]},
+        {'id': '3', 'image': 'coco/3.jpg', 'conversations': [{'from': 'human', 'value': 'No mark here'},
+                                                             {'from': 'gpt', 'value': 'x'}]},
+        {'id': '4', 'conversations': [{'from': 'gpt', 'value': 'out of order'}, {'from': 'human', 'value': 'y'}]},
+    ]
+    path = tmp_path / 'llava.json'
+    path.write_text(json.dumps(records))
+    kept, skipped = llava_conversations(str(path), '/images')
+    assert [k[0] for k in kept] == ['/images/coco/1.jpg', None]
+    assert skipped == {'image without one <image> mark': 1, 'turns not human / gpt pairs': 1}
+    enc = data.get_tokenizer('bytes')
+    tokens, mask = llava_sample(enc, kept[0][1], n_image_tokens=5)
+    image = data.special_id(enc, '<|image|>')
+    first = tokens.index(image)
+    assert tokens[first:first + 5] == [image] * 5 and tokens.count(image) == 5
+    assert tokens[first - 1] == data.special_id(enc, '<|user|>')  # the image stands where <image> stood
+    answers = enc.decode([t for t, m in zip(tokens, mask) if m and t < 256])
+    assert answers == 'A red cup.No.'  # the loss covers the two answers (and their end tokens), nothing else
+    eot = data.special_id(enc, '<|endoftext|>')
+    assert [t for t, m in zip(tokens, mask) if m and t >= 256] == [eot, eot]

@@ -1,0 +1,214 @@
+"""
+Real text corpora to token shards, streamed: never more than a chunk of documents in memory.
+
+    python data.py prepare text --input=dclm/*.jsonl.zst --out=data/dclm --tokenizer=gpt2
+    python train.py config/scale_79m.py --dataset=data/dclm
+
+Reads .txt (a file is one document), .jsonl and .jsonl.gz (one JSON object a line, its `text` field: the DCLM /
+FineWeb layout), .jsonl.zst (with the optional package zstandard) and .parquet (with pyarrow, its `text` column).
+Documents are tokenized by a pool of processes and appended to train.bin / val.bin, each followed by <|endoftext|>;
+a document goes to val when a hash of its text falls under val_fraction, so the split does not depend on the order of
+the inputs. meta.json (tokenizer, vocabulary, dtype, token and document counts, skipped lines) is written last: its
+presence means the folder is complete.
+"""
+
+import glob
+import gzip
+import hashlib
+import io
+import json
+import os
+import sys
+import time
+from collections import Counter
+from multiprocessing import Pool
+
+import numpy as np
+
+import data
+
+FORMATS = ('.txt', '.jsonl', '.jsonl.gz', '.jsonl.zst', '.parquet')
+
+
+def expand_inputs(patterns):
+    """Files named by paths, globs and folders (searched recursively), in sorted order; an error for none."""
+    files = []
+    for pattern in patterns:
+        found = sorted(glob.glob(pattern, recursive=True)) if any(c in pattern for c in '*?[') else [pattern]
+        for path in found:
+            if os.path.isdir(path):
+                files += sorted(os.path.join(d, f) for d, _, names in os.walk(path) for f in names
+                                if f.endswith(FORMATS))
+            elif os.path.exists(path):
+                files.append(path)
+            else:
+                raise FileNotFoundError(f'input {path} does not exist')
+    unknown = [f for f in files if not f.endswith(FORMATS)]
+    if unknown:
+        raise ValueError(f'{unknown[0]}: unknown format; the readers take {", ".join(FORMATS)}')
+    if not files:
+        raise ValueError(f'no input files match {" ".join(patterns)}')
+    return files
+
+
+def open_text_stream(path):
+    """A text stream of a .jsonl / .jsonl.gz / .jsonl.zst file."""
+    if path.endswith('.gz'):
+        return gzip.open(path, 'rt', encoding='utf-8', errors='replace')
+    if path.endswith('.zst'):
+        try:
+            import zstandard
+        except ImportError:
+            raise ImportError(f'{path}: reading .zst needs the optional package zstandard (pip install zstandard)')
+        raw = open(path, 'rb')
+        return io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(raw), encoding='utf-8', errors='replace')
+    return open(path, encoding='utf-8', errors='replace')
+
+
+def documents(path, skipped, text_key='text'):
+    """Yield the documents of one file; lines that are not JSON objects with a text field are counted in skipped."""
+    if path.endswith('.txt'):
+        with open(path, encoding='utf-8', errors='replace') as f:
+            yield f.read()
+        return
+    if path.endswith('.parquet'):
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise ImportError(f'{path}: reading .parquet needs the optional package pyarrow (pip install pyarrow)')
+        for batch in pq.ParquetFile(path).iter_batches(columns=[text_key], batch_size=1024):
+            for text in batch.column(0).to_pylist():
+                if isinstance(text, str) and text:
+                    yield text
+                else:
+                    skipped['empty or missing text'] += 1
+        return
+    with open_text_stream(path) as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                text = json.loads(line).get(text_key)
+            except (ValueError, AttributeError):
+                skipped['not a JSON object'] += 1
+                continue
+            if isinstance(text, str) and text:
+                yield text
+            else:
+                skipped['empty or missing text'] += 1
+
+
+def in_val(text, val_fraction):
+    """A fixed pseudo-random share of the documents, chosen by their content."""
+    h = int.from_bytes(hashlib.blake2b(text.encode('utf-8', errors='replace'), digest_size=8).digest(), 'little')
+    return h / 2 ** 64 < val_fraction
+
+
+_encoder = None
+
+
+def _tokenize(args):
+    """In a worker: a chunk of documents -> (train tokens, val tokens) as arrays, each document ending in EOT."""
+    global _encoder
+    docs, tokenizer, val_fraction = args
+    if _encoder is None:
+        _encoder = data.get_tokenizer(tokenizer)
+    eot = data.special_id(_encoder, '<|endoftext|>')
+    out = {True: [], False: []}
+    for text, ids in zip(docs, _encoder.encode_ordinary_batch(docs, num_threads=1)):
+        out[in_val(text, val_fraction)] += ids + [eot]
+    return out[False], out[True]
+
+
+def chunks(files, skipped, chunk_bytes, on_file):
+    """Documents of all files in chunks of about chunk_bytes of text."""
+    chunk, size = [], 0
+    for path in files:
+        for doc in documents(path, skipped):
+            chunk.append(doc)
+            size += len(doc)
+            if size >= chunk_bytes:
+                yield chunk
+                chunk, size = [], 0
+        on_file(path)
+    if chunk:
+        yield chunk
+
+
+def prepare_text(inputs, out, tokenizer='bytes', val_fraction=0.005, workers=None, chunk_bytes=1 << 20, verbose=True):
+    """Tokenize the documents of inputs into {out}/train.bin, val.bin and meta.json; returns meta."""
+    files = expand_inputs(inputs)
+    enc = data.get_tokenizer(tokenizer)  # fails here, before any work, when gpt2's merges cannot be fetched
+    dtype = np.uint16 if enc.n_vocab <= 2 ** 16 else np.uint32
+    os.makedirs(out, exist_ok=True)
+    meta_path = os.path.join(out, 'meta.json')
+    if os.path.exists(meta_path):
+        os.remove(meta_path)  # the folder is incomplete until the new meta.json is written
+    total_bytes = sum(os.path.getsize(f) for f in files)
+    done_bytes, skipped, counts, t0 = 0, Counter(), {'train': 0, 'val': 0}, time.time()
+
+    last_report = [0.0]
+
+    def report(force=False):
+        if verbose and (force or time.time() - last_report[0] > 5):
+            last_report[0] = time.time()
+            rate = done_bytes / max(time.time() - t0, 1e-9)
+            eta = f'{(total_bytes - done_bytes) / rate:.0f}s' if rate else '?'
+            print(f'{done_bytes / total_bytes:6.1%} of {total_bytes / 1e6:,.1f} MB of files done | {counts["train"]:,} '
+                  f'train / {counts["val"]:,} val tokens | {rate / 1e6:.2f} MB/s | eta {eta}', flush=True)
+
+    def on_file(path):
+        nonlocal done_bytes
+        done_bytes += os.path.getsize(path)
+        report(force=True)
+
+    files_out = {split: open(os.path.join(out, f'{split}.bin.tmp'), 'wb') for split in ('train', 'val')}
+    try:
+        jobs = ((c, tokenizer, val_fraction) for c in chunks(files, skipped, chunk_bytes, on_file))
+        with Pool(workers or os.cpu_count()) as pool:
+            for train_ids, val_ids in pool.imap(_tokenize, jobs):  # in order: the shards do not depend on timing
+                for split, ids in (('train', train_ids), ('val', val_ids)):
+                    files_out[split].write(np.asarray(ids, dtype=dtype).tobytes())
+                    counts[split] += len(ids)
+                report()
+    finally:
+        for f in files_out.values():
+            f.close()
+    for split in ('train', 'val'):
+        os.replace(os.path.join(out, f'{split}.bin.tmp'), os.path.join(out, f'{split}.bin'))
+    if counts['train'] == 0:
+        raise ValueError(f'{" ".join(inputs)}: no text found (skipped: {dict(skipped) or "nothing"}); an empty '
+                         f'dataset cannot be trained on')
+    meta = {'tokenizer': tokenizer, 'vocab_size': enc.n_vocab, 'dtype': np.dtype(dtype).name, 'tokens': counts,
+            'files': len(files), 'input_bytes': total_bytes, 'skipped': dict(skipped), 'val_fraction': val_fraction}
+    with open(meta_path + '.tmp', 'w') as f:
+        json.dump(meta, f, indent=1)
+    os.replace(meta_path + '.tmp', meta_path)
+    if verbose:
+        print(f'{out}: {counts["train"]:,} train / {counts["val"]:,} val tokens ({tokenizer}, {meta["dtype"]}) from '
+              f'{len(files)} files in {time.time() - t0:.0f}s' +
+              (f'; skipped {sum(skipped.values())} lines: {dict(skipped)}' if skipped else ''))
+    return meta
+
+
+def main(argv):
+    """python data.py prepare text --input=PATH [PATH ...] --out=DIR [--tokenizer=gpt2] [--val_fraction=0.005]"""
+    inputs, options = [], {'out': None, 'tokenizer': 'bytes', 'val_fraction': '0.005', 'workers': '0'}
+    key = None
+    for arg in argv:
+        if arg.startswith('--'):
+            key, _, value = arg[2:].partition('=')
+            if key not in options and key != 'input':
+                sys.exit(f'unknown option --{key}; the options are --input, {", ".join("--" + k for k in options)}')
+            if value and key == 'input':
+                inputs.append(value)
+            elif value:
+                options[key] = value
+        elif key == 'input':
+            inputs.append(arg)  # --input=a b c: the shell's glob expansion lands here
+        else:
+            sys.exit(f'unexpected argument {arg!r}')
+    if not inputs or not options['out']:
+        sys.exit(main.__doc__)
+    prepare_text(inputs, options['out'], options['tokenizer'], float(options['val_fraction']),
+                 int(options['workers']) or None)
