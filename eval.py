@@ -14,6 +14,7 @@ import os
 import re
 import string
 import sys
+from collections import Counter
 
 import numpy as np
 import torch
@@ -69,8 +70,10 @@ def score_choices(model, enc, items, device, max_elements=2 ** 25):
     block = model.config.block_size
     seqs = []  # (item index, choice index, prompt tokens, choice tokens)
     for i, item in enumerate(items):
-        prompt = enc.encode_ordinary(item['prompt'])
+        # one prompt for all choices, or one per choice (Winogrande: the option fills a blank in the prompt)
+        prompts = item['prompt'] if isinstance(item['prompt'], list) else [item['prompt']] * len(item['choices'])
         for j, choice in enumerate(item['choices']):
+            prompt = enc.encode_ordinary(prompts[j])
             cont = enc.encode_ordinary(choice)
             ctx = prompt[-(block - len(cont)):]  # keep the end of an over-long prompt
             seqs.append((i, j, ctx, cont))
@@ -228,7 +231,6 @@ def vqa_accuracy(prediction, answers):
 @torch.no_grad()
 def answer(model, enc, prompts, images, device, max_new_tokens=16, batch_size=64):
     """Greedy answers to prompts (token lists, each with its image); batched among prompts of equal length."""
-    stops = {data.special_id(enc, t) for t in data.SPECIAL_TOKENS if t != '<|image|>'}
     answers = [None] * len(prompts)
     by_length = {}
     for i, p in enumerate(prompts):
@@ -240,9 +242,14 @@ def answer(model, enc, prompts, images, device, max_new_tokens=16, batch_size=64
             imgs = torch.from_numpy(np.stack([images[i] for i in chunk])).to(device)
             out = model.generate(idx, imgs, max_new_tokens, stop_token=data.special_id(enc, '<|endoftext|>'))
             for i, row in zip(chunk, out[:, length:].tolist()):
-                cut = next((j for j, t in enumerate(row) if t in stops), len(row))
-                answers[i] = enc.decode(row[:cut])
+                answers[i] = decode_reply(enc, row)
     return answers
+
+
+def decode_reply(enc, ids):
+    """The text of generated ids up to the first special token (or an id of the padded, untrained vocabulary)."""
+    stop = min(data.special_id(enc, t) for t in data.SPECIAL_TOKENS)
+    return enc.decode(ids[:next((j for j, t in enumerate(ids) if t >= stop), len(ids))])
 
 
 def vision_tasks(model, enc, world, device, rng, blind=False):
@@ -290,6 +297,8 @@ def format_table(results):
         lines.append(f"{name:<14}{t['modality']:<10}{t['accuracy']:>7.3f}{t['chance']:>8.3f}{t['centered']:>10.3f}  "
                      f"[{lo:+.3f}, {hi:+.3f}]{t['n']:>6}")
     for key in ('vision_stable_score', 'vision_blind_stable_score', 'text_stable_score'):
+        if key not in results:
+            continue
         value, ci = results[key], results[key + '_ci95']
         shown = 'n/a (no image encoder)' if value is None else f'{value:.3f}  [{ci[0]:+.3f}, {ci[1]:+.3f}]'
         lines.append(f"{key.replace('_', ' '):<32}{shown}")
@@ -314,8 +323,78 @@ def evaluate_checkpoint(ckpt_dir, device='cpu', verbose=True):
     return results
 
 
+# -----------------------------------------------------------------------------
+# the paper's benchmarks (their files: benchmarks.py)
+
+def run_benchmarks(model, enc, tasks, bench_dir, device='cpu', limit=0, seed=0):
+    """The named benchmarks as one results dict (the shape of eval.json), with the stable scores over them."""
+    import benchmarks
+    from images import BadImage, decode_image
+
+    rng = np.random.default_rng(seed)
+    results, skipped = {}, Counter()
+    for task in tasks:
+        items = benchmarks.read_task(task, bench_dir, limit, seed)
+        if task in benchmarks.TEXT_TASKS:
+            raw, norm = multiple_choice(model, enc, items, device)
+            chance = float(np.mean([1 / len(it['choices']) for it in items]))
+            results[task] = task_result('text', raw, chance, rng, accuracy_norm=float(np.mean(norm)))
+            continue
+        if not isinstance(model, VLM):
+            raise ValueError(f'{task} needs a model with an image encoder; this checkpoint is text-only')
+        kept, images = [], []
+        for it in items:
+            try:
+                with open(it['image'], 'rb') as f:
+                    images.append(decode_image(f.read(), model.encoder.img_size))
+                kept.append(it)
+            except (OSError, BadImage) as e:
+                skipped[f'{task}: {e if isinstance(e, BadImage) else "image file missing or unreadable"}'] += 1
+        prompts = [data.question_prompt(enc, it['question'], model.encoder.num_tokens) for it in kept]
+        predictions = answer(model, enc, prompts, images, device)
+        extra = {}
+        if task == 'pope':
+            scores = [float(benchmarks.yes_no(p) == it['answers'][0]) for p, it in zip(predictions, kept)]
+            chance, extra = 0.5, {'splits': benchmarks.pope_scores(predictions, kept)}
+        elif task == 'gqa':
+            scores = [float(normalize_answer(p) == normalize_answer(it['answers'][0])) for p, it in zip(predictions, kept)]
+            chance = 0.0
+        else:
+            scores = [vqa_accuracy(p, it['answers']) for p, it in zip(predictions, kept)]
+            chance = 0.0
+        results[task] = task_result('vision', scores, chance, rng, predictions=predictions, **extra)
+    out = {'tasks': results, 'skipped': dict(skipped)}
+    for modality in ('vision', 'text'):
+        score, ci = stable_score(results, modality, rng)
+        out[f'{modality}_stable_score'], out[f'{modality}_stable_score_ci95'] = score, ci
+    return out
+
+
+def benchmark_checkpoint(ckpt_dir, tasks, bench_dir, device='cpu', limit=0):
+    """Run benchmarks on the model in ckpt_dir; writes ckpt_dir/eval_bench.json and prints the table."""
+    model, info = load_model(ckpt_dir, device)
+    enc = data.get_tokenizer(info['tokenizer'])
+    results = run_benchmarks(model, enc, tasks, bench_dir, device, limit)
+    with open(os.path.join(ckpt_dir, 'eval_bench.json.tmp'), 'w') as f:
+        json.dump(results, f)
+    os.replace(os.path.join(ckpt_dir, 'eval_bench.json.tmp'), os.path.join(ckpt_dir, 'eval_bench.json'))
+    print(f'{ckpt_dir} on {", ".join(tasks)}\n{format_table(results)}')
+    for task, r in results['tasks'].items():
+        if 'accuracy_norm' in r:
+            print(f'{task}: length-normalized accuracy {r["accuracy_norm"]:.3f}')
+        for split, v in r.get('splits', {}).items():
+            print(f'pope {split}: accuracy {v["accuracy"]:.3f}, F1 {v["f1"]:.3f} ({v["n"]} questions)')
+    if results['skipped']:
+        print(f'skipped: {results["skipped"]}')
+    return results
+
+
 if __name__ == '__main__':
-    args = configure(sys.argv[1:], {'ckpt': '', 'device': 'cpu'})
+    args = configure(sys.argv[1:], {'ckpt': '', 'device': 'cpu', 'tasks': '', 'bench_dir': 'bench', 'limit': 0})
     if not args['ckpt']:
-        sys.exit('usage: python eval.py --ckpt=DIR [--device=cuda]')
-    evaluate_checkpoint(args['ckpt'], args['device'])
+        sys.exit('usage: python eval.py --ckpt=DIR [--device=cuda] [--tasks=vqav2,pope,arc_easy,... '
+                 '--bench_dir=BENCH --limit=N]')
+    if args['tasks']:
+        benchmark_checkpoint(args['ckpt'], args['tasks'].split(','), args['bench_dir'], args['device'], args['limit'])
+    else:
+        evaluate_checkpoint(args['ckpt'], args['device'])

@@ -52,7 +52,7 @@ def decode_image(raw, size):
     side = max(w, h)
     square = Image.new('RGB', (side, side), (255, 255, 255))
     square.paste(img, ((side - w) // 2, (side - h) // 2))
-    return np.asarray(square.resize((size, size), Image.Resampling.BICUBIC, reducing_gap=3.0), dtype=np.uint8)
+    return np.array(square.resize((size, size), Image.Resampling.BICUBIC, reducing_gap=3.0), dtype=np.uint8)
 
 
 def to_rgb(img):

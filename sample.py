@@ -1,0 +1,68 @@
+"""
+Ask a trained checkpoint a question about a picture, or continue a text prompt.
+
+    python sample.py --ckpt=out/finetune --scene=7 --prompt="How many shapes are there?"   # a shapes-world test scene
+    python sample.py --ckpt=out/finetune --image=cat.jpg --prompt="What animal is this?"
+    python sample.py --ckpt=out/text/ckpt_100 --prompt="The pet of Bumi is a"               # a text checkpoint
+
+--scene renders a scene of the shapes world's test split (seeded, so the same seed is the same scene) and saves it
+as a PNG beside the checkpoint (scene_SEED.png), so you can look at what the model was asked about.
+"""
+
+import os
+import random
+import sys
+
+import numpy as np
+import torch
+
+import data
+import eval as ev
+from configurator import configure
+from model import VLM
+
+config = dict(ckpt='out/finetune', prompt='How many shapes are there?', image='', scene=-1, max_new_tokens=32,
+              temperature=0.0, top_k=0, seed=0, device='cpu', scene_size=48)
+
+
+def shapes_scene(seed, size):
+    """A test-split scene (seeds disjoint from training's) and its rendering."""
+    scene = data.scene_with(random.Random(data.SPLIT_SEEDS['test'] * 1_000_003 + seed), {})
+    return scene, data.render(scene, size)
+
+
+def main(cfg):
+    torch.manual_seed(cfg['seed'])
+    model, info = ev.load_model(cfg['ckpt'], cfg['device'])
+    enc = data.get_tokenizer(info['tokenizer'])
+    stop = data.special_id(enc, '<|endoftext|>')
+    images = None
+    if isinstance(model, VLM):
+        if cfg['image']:
+            from images import decode_image
+            with open(cfg['image'], 'rb') as f:
+                picture = decode_image(f.read(), model.encoder.img_size)
+        else:
+            seed = cfg['scene'] if cfg['scene'] >= 0 else 0
+            scene, picture = shapes_scene(seed, cfg['scene_size'])
+            path = os.path.join(cfg['ckpt'], f'scene_{seed}.png')
+            from PIL import Image
+            Image.fromarray(picture).resize((192, 192), Image.Resampling.NEAREST).save(path)
+            print(f'scene {seed}: {", ".join(data.describe(o, random.Random(0)) for o in scene)} (saved {path})')
+        idx = data.question_prompt(enc, cfg['prompt'], model.encoder.num_tokens)
+        images = torch.from_numpy(np.array(picture[None])).to(cfg['device'])
+    elif cfg['image'] or cfg['scene'] >= 0:
+        sys.exit(f'{cfg["ckpt"]} is a text-only checkpoint: it cannot look at an image (use an image or finetune one)')
+    else:
+        idx = enc.encode_ordinary(cfg['prompt'])
+    x = torch.tensor([idx], device=cfg['device'])
+    kwargs = dict(max_new_tokens=cfg['max_new_tokens'], temperature=cfg['temperature'], top_k=cfg['top_k'] or None,
+                  stop_token=stop)
+    out = model.generate(x, images, **kwargs) if images is not None else model.generate(x, **kwargs)
+    reply = ev.decode_reply(enc, out[0, len(idx):].tolist())
+    print(f'{cfg["prompt"]} -> {reply}')
+    return reply
+
+
+if __name__ == '__main__':
+    main(configure(sys.argv[1:], config))

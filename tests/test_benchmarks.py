@@ -1,0 +1,141 @@
+"""The paper's benchmarks: each reader on a fixture written in its publisher's format, and the scoring wired to it."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import benchmarks
+import data
+import eval as ev
+from encoders import build_encoder
+from model import GPT, VLM, GPTConfig
+
+
+def jsonl(path, records):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(''.join(json.dumps(r) + '\n' for r in records))
+
+
+def mc(stem, texts, labels, key):
+    return {'id': stem[:8], 'question': {'stem': stem, 'choices': [{'text': t, 'label': l} for t, l in zip(texts, labels)]},
+            'answerKey': key}
+
+
+@pytest.fixture
+def bench(tmp_path):
+    b = tmp_path / 'bench'
+    jsonl(b / 'arc_easy' / 'ARC-Easy-Test.jsonl', [mc('Which is a liquid?', ['rock', 'water', 'wood', 'iron'],
+                                                      'ABCD', 'B'),
+                                                   mc('Pick two.', ['one', 'two', 'three'], '123', '2')])
+    jsonl(b / 'arc_challenge' / 'ARC-Challenge-Test.jsonl', [mc('Hard?', ['yes', 'no', 'maybe', 'so', 'x'],
+                                                                'ABCDE', 'E')])
+    jsonl(b / 'openbookqa' / 'test.jsonl', [mc('The sun is a', ['star', 'moon', 'rock', 'car'], 'ABCD', 'A')])
+    jsonl(b / 'hellaswag' / 'hellaswag_val.jsonl', [{
+        'ind': 4, 'activity_label': 'Making a cake', 'ctx_a': 'A man mixes flour.', 'ctx_b': 'he',
+        'ctx': 'A man mixes flour. he', 'endings': ['bakes it.', 'eats the bowl.', 'flies  away.', 'sings [title] loud.'],
+        'label': '0', 'split': 'val'}])
+    jsonl(b / 'piqa' / 'valid.jsonl', [{'goal': 'Open a jar', 'sol1': 'twist the lid', 'sol2': 'eat the lid'},
+                                       {'goal': 'Dry hair', 'sol1': 'use water', 'sol2': 'use a towel'}])
+    (b / 'piqa' / 'valid-labels.lst').write_text('0\n1\n')
+    jsonl(b / 'winogrande' / 'dev.jsonl', [{'qID': 'q1', 'sentence': 'The cup fell off the table because _ was tilted.',
+                                            'option1': 'the cup', 'option2': 'the table', 'answer': '2'}])
+    image = Image.new('RGB', (32, 32), (200, 30, 30))
+    for folder, name in (('vqav2/val2014', 'COCO_val2014_000000000042.jpg'), ('gqa/images', 'n123.jpg'),
+                         ('textvqa/train_images', 'abc.jpg'), ('pope/val2014', 'COCO_val2014_000000000042.jpg'),
+                         ('vizwiz/val', 'VizWiz_val_00000001.jpg')):
+        (b / folder).mkdir(parents=True)
+        image.save(b / folder / name, 'JPEG')
+    (b / 'vqav2' / 'v2_OpenEnded_mscoco_val2014_questions.json').write_text(json.dumps({'questions': [
+        {'image_id': 42, 'question': 'What color is it?', 'question_id': 420},
+        {'image_id': 7, 'question': 'Is the image missing?', 'question_id': 70}]}))
+    answers = lambda words: [{'answer': w, 'answer_confidence': 'yes', 'answer_id': i + 1} for i, w in enumerate(words)]
+    (b / 'vqav2' / 'v2_mscoco_val2014_annotations.json').write_text(json.dumps({'annotations': [
+        {'question_id': 420, 'image_id': 42, 'answers': answers(['red'] * 3 + ['maroon'] * 7)},
+        {'question_id': 70, 'image_id': 7, 'answers': answers(['yes'] * 10)}]}))
+    (b / 'gqa' / 'testdev_balanced_questions.json').write_text(json.dumps({
+        '201': {'imageId': 'n123', 'question': 'What color is the square?', 'answer': 'red'}}))
+    (b / 'textvqa' / 'TextVQA_0.5.1_val.json').write_text(json.dumps({'dataset_name': 'textvqa', 'data': [
+        {'question': 'What does it say?', 'image_id': 'abc', 'question_id': 1, 'answers': ['stop'] * 10}]}))
+    for split, label in (('random', 'yes'), ('popular', 'no'), ('adversarial', 'no')):
+        jsonl(b / 'pope' / f'coco_pope_{split}.json', [{'question_id': 1, 'image': 'COCO_val2014_000000000042.jpg',
+                                                         'text': 'Is there a dog in the image?', 'label': label}])
+    (b / 'vizwiz' / 'val.json').write_text(json.dumps([{
+        'image': 'VizWiz_val_00000001.jpg', 'question': 'What is this?', 'answerable': 0, 'answer_type': 'unanswerable',
+        'answers': [{'answer': 'unanswerable', 'answer_confidence': 'yes'}] * 10}]))
+    return str(b)
+
+
+def test_text_readers(bench):
+    arc = benchmarks.read_task('arc_easy', bench)
+    assert arc[0] == {'prompt': 'Question: Which is a liquid?\nAnswer:', 'choices': [' rock', ' water', ' wood', ' iron'],
+                      'answer': 1}
+    assert arc[1]['answer'] == 1 and benchmarks.read_task('arc_challenge', bench)[0]['answer'] == 4
+    assert benchmarks.read_task('openbookqa', bench)[0]['answer'] == 0
+    hs = benchmarks.read_task('hellaswag', bench)[0]
+    assert hs['prompt'] == 'Making a cake: A man mixes flour. He' and hs['answer'] == 0
+    assert hs['choices'][2] == ' flies away.' and '[' not in hs['choices'][3]
+    piqa = benchmarks.read_task('piqa', bench)
+    assert [p['answer'] for p in piqa] == [0, 1] and piqa[1]['choices'] == [' use water', ' use a towel']
+    wino = benchmarks.read_task('winogrande', bench)[0]
+    assert wino == {'prompt': ['The cup fell off the table because the cup', 'The cup fell off the table because the table'],
+                    'choices': [' was tilted.', ' was tilted.'], 'answer': 1}
+
+
+def test_vision_readers(bench):
+    vqa = benchmarks.read_task('vqav2', bench)
+    assert vqa[0]['image'].endswith('val2014/COCO_val2014_000000000042.jpg') and len(vqa[0]['answers']) == 10
+    assert vqa[0]['question'].startswith('What color is it?\nAnswer the question using a single word')
+    assert benchmarks.read_task('gqa', bench)[0]['answers'] == ['red']
+    assert benchmarks.read_task('textvqa', bench)[0]['image'].endswith('train_images/abc.jpg')
+    assert [p['split'] for p in benchmarks.read_task('pope', bench)] == ['random', 'popular', 'adversarial']
+    assert benchmarks.read_task('vizwiz', bench)[0]['answers'][0] == 'unanswerable'
+
+
+def test_limit_is_a_fixed_subset(tmp_path):
+    jsonl(tmp_path / 'piqa' / 'valid.jsonl', [{'goal': f'g{i}', 'sol1': 'a', 'sol2': 'b'} for i in range(50)])
+    (tmp_path / 'piqa' / 'valid-labels.lst').write_text('0\n' * 50)
+    a, b = (benchmarks.read_task('piqa', str(tmp_path), limit=7) for _ in range(2))
+    assert a == b and len(a) == 7 and len({it['prompt'] for it in a}) == 7
+
+
+def test_missing_file_says_where_and_what(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r'gqa.testdev_balanced_questions.json is missing'):
+        benchmarks.read_task('gqa', str(tmp_path))
+
+
+def test_text_benchmarks_score_with_known_chance(bench):
+    torch.manual_seed(0)
+    gpt = GPT(GPTConfig(block_size=128, vocab_size=320, n_layer=1, n_head=2, n_embd=32)).eval()
+    enc = data.get_tokenizer('bytes')
+    out = ev.run_benchmarks(gpt, enc, list(benchmarks.TEXT_TASKS), bench)
+    assert out['tasks']['arc_easy']['chance'] == pytest.approx((1 / 4 + 1 / 3) / 2)  # items with 4 and 3 choices
+    assert out['tasks']['winogrande']['chance'] == 0.5 and out['tasks']['arc_challenge']['chance'] == 0.2
+    assert all(0 <= t['accuracy_norm'] <= 1 for t in out['tasks'].values())
+    assert out['text_stable_score'] is not None and out['vision_stable_score'] is None
+    with pytest.raises(ValueError, match='text-only'):
+        ev.run_benchmarks(gpt, enc, ['pope'], bench)
+
+
+def test_vision_benchmarks_use_their_metrics(bench, monkeypatch):
+    enc = data.get_tokenizer('bytes')
+    gpt = GPT(GPTConfig(block_size=128, vocab_size=320, n_layer=1, n_head=2, n_embd=32))
+    vlm = VLM(gpt, build_encoder('patch', 'tiny', 'random', freeze=False), data.special_id(enc, '<|image|>')).eval()
+    replies = {'What color': 'Red.', 'square': 'red', 'say': 'STOP', 'dog': 'Yes, there is.', 'this': 'unanswerable'}
+
+    def fake_answer(model, enc, prompts, images, device):  # known replies: the test is of the scoring, not the model
+        assert all(im.shape == (48, 48, 3) and im.dtype == np.uint8 for im in images)
+        texts = [enc.decode([t for t in p if t < 256]) for p in prompts]
+        return [next(v for k, v in replies.items() if k in t) for t in texts]
+
+    monkeypatch.setattr(ev, 'answer', fake_answer)
+    out = ev.run_benchmarks(vlm, enc, list(benchmarks.VISION_TASKS), bench)
+    t = out['tasks']
+    assert t['vqav2']['accuracy'] == pytest.approx(0.9) and t['vqav2']['n'] == 1  # 3 of 10 said red
+    assert out['skipped'] == {'vqav2: image file missing or unreadable': 1}  # image 7 does not exist
+    assert t['gqa']['accuracy'] == 1.0 and t['textvqa']['accuracy'] == 1.0 and t['vizwiz']['accuracy'] == 1.0
+    assert t['pope']['accuracy'] == pytest.approx(1 / 3) and t['pope']['chance'] == 0.5
+    assert t['pope']['splits']['random'] == {'accuracy': 1.0, 'n': 1, 'f1': 1.0}
+    assert t['pope']['splits']['popular']['f1'] == 0.0
