@@ -1,6 +1,5 @@
 """The paper's benchmarks: each reader on a fixture written in its publisher's format, and the scoring wired to it."""
 import json
-import os
 
 import numpy as np
 import pytest
