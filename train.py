@@ -327,6 +327,7 @@ def train_steps(rt, stage, model, raw_model, optimizer, batches, lr_at, first, l
         total = torch.tensor(float(sum(counts)), device=rt.device)
         if rt.ddp:
             dist.all_reduce(total)
+        step_loss = 0.0  # this rank's mean over its scored targets, for the log
         for micro, (x, y, inputs) in enumerate(micro_batches):
             x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
             inputs = {k: v.to(rt.device, non_blocking=True) for k, v in inputs.items()}
@@ -335,6 +336,7 @@ def train_steps(rt, stage, model, raw_model, optimizer, batches, lr_at, first, l
                     _, loss = model(x, y, **inputs)
                 # DDP and FSDP average the ranks' gradients: scale by world_size to make that average a sum
                 (loss * (counts[micro] * rt.world_size / total.clamp(min=1))).backward()
+            step_loss = step_loss + loss.detach() * counts[micro] / max(sum(counts), 1)
         # the global gradient norm (clipped to grad_clip, when set) is the same on every rank, so every rank agrees
         # on whether a step is bad; a NaN or inf loss makes it NaN too
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float('inf'))
@@ -342,7 +344,7 @@ def train_steps(rt, stage, model, raw_model, optimizer, batches, lr_at, first, l
         done = step + 1
         if math.isfinite(norm.item()):
             optimizer.step()
-            losses.append(loss.detach())
+            losses.append(step_loss)
         else:
             bad_steps += 1
             if bad_steps > max_bad_steps:
@@ -359,7 +361,7 @@ def train_steps(rt, stage, model, raw_model, optimizer, batches, lr_at, first, l
             dt = (now - t_last) / (done - step_last)
             tok_s = tokens_per_step / dt
             mfu = raw_model.estimate_mfu(tok_s, peak_flops or None)
-            mean_loss = torch.stack(losses).mean().item() if losses else float('nan')
+            mean_loss = torch.stack(losses).mean().item() if losses else float('nan')  # nan: every step was bad
             log(rt, f'{stage} step {done}/{last} | loss {mean_loss:.4f} | lr {optimizer.param_groups[0]["lr"]:.2e} | '
                     f'{tok_s:,.0f} tok/s | mfu {"n/a" if mfu is None else f"{mfu:.1%}"} | '
                     f'data wait {waited / (now - t_last):.0%} | '
@@ -426,6 +428,24 @@ def save_stage_checkpoint(rt, folder, raw_model, optimizer, info):
     if rt.master:
         save_checkpoint(folder, weights, optimizer_state, info)
     rt.last_checkpoint = folder
+
+
+def evaluate_saved(cfg, rt, stage, folder):
+    """
+    Rank 0 scores a checkpoint just saved on the dataset's own tasks (eval.json beside it) and logs its stable
+    scores. A prepared corpus has none: the paper's benchmarks are a separate command (eval.py --tasks).
+    """
+    if rt.master:
+        if not os.path.exists(os.path.join(data.dataset_dir(cfg.dataset, cfg.data_dir), 'text_tasks.json')):
+            log(rt, f'{stage} stage: saved {folder} (no built-in tasks for dataset={cfg.dataset}: score it with '
+                    f'python eval.py --ckpt={folder} --tasks=... --bench_dir=...)')
+        else:
+            r = evaluate_checkpoint(folder, rt.device, verbose=False)
+            scores = [f'{name} {r[key]:.3f}' for name, key in (('vision', 'vision_stable_score'),
+                      ('blind', 'vision_blind_stable_score'), ('text stable score', 'text_stable_score'))
+                      if r[key] is not None]
+            log(rt, f'{stage} stage: saved {folder} | ' + ' | '.join(scores))
+    barrier(rt)
 
 
 def steps_dir(cfg, stage):
@@ -539,10 +559,7 @@ def train_text(cfg, rt):
         if done not in targets:
             return
         save_stage_checkpoint(rt, targets[done], raw_model, optimizer, info_at(done))
-        if rt.master:
-            result = evaluate_checkpoint(targets[done], rt.device, verbose=False)
-            log(rt, f'text stage: saved {targets[done]} | text stable score {result["text_stable_score"]:.3f}')
-        barrier(rt)
+        evaluate_saved(cfg, rt, 'text', targets[done])
 
     lr_at = lambda step: cosine_lr(step, cfg.learning_rate, cfg.warmup_iters, cfg.text_iters,
                                    cfg.min_lr) / cfg.learning_rate
@@ -611,14 +628,10 @@ def feature_cache(cfg, rt, world, raw_model):
                                                     verbose=rt.master))
 
 
-def finish_stage(rt, stage, folder, raw_model, optimizer, info):
+def finish_stage(cfg, rt, stage, folder, raw_model, optimizer, info):
     check_ranks_agree(rt, raw_model)
     save_stage_checkpoint(rt, folder, raw_model, optimizer, info)
-    if rt.master:
-        result = evaluate_checkpoint(folder, rt.device, verbose=False)
-        log(rt, f'{stage} stage: saved {folder} | vision {result["vision_stable_score"]:.3f} | blind '
-                f'{result["vision_blind_stable_score"]:.3f} | text {result["text_stable_score"]:.3f}')
-    barrier(rt)
+    evaluate_saved(cfg, rt, stage, folder)
 
 
 def encoder_peak_lr(cfg, peak):
@@ -684,7 +697,7 @@ def train_image(cfg, rt):
                 log_interval=cfg.log_interval, grad_clip=cfg.grad_clip, peak_flops=cfg.peak_flops,
                 max_bad_steps=cfg.max_bad_steps,
                 on_step=periodic_checkpoints(cfg, rt, 'image', raw_model, optimizer, info_at, cfg.image_iters))
-    finish_stage(rt, 'image', folder, raw_model, optimizer, info_at(cfg.image_iters))
+    finish_stage(cfg, rt, 'image', folder, raw_model, optimizer, info_at(cfg.image_iters))
 
 
 def train_finetune(cfg, rt):
@@ -740,7 +753,7 @@ def train_finetune(cfg, rt):
                 tokens_per_step=cfg.batch_size * cfg.block_size, log_interval=cfg.log_interval,
                 grad_clip=cfg.grad_clip, peak_flops=cfg.peak_flops, max_bad_steps=cfg.max_bad_steps,
                 on_step=periodic_checkpoints(cfg, rt, 'finetune', raw_model, optimizer, info_at, iters))
-    finish_stage(rt, 'finetune', folder, raw_model, optimizer, info_at(iters))
+    finish_stage(cfg, rt, 'finetune', folder, raw_model, optimizer, info_at(iters))
 
 
 def summary(cfg):

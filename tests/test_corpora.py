@@ -101,3 +101,21 @@ def test_command_line(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert 'skipped 2 lines' in proc.stdout and 'eta' in proc.stdout
     assert json.load(open(out / 'meta.json'))['files'] == 2
+
+
+def test_train_reads_a_prepared_corpus(tmp_path, capsys):
+    import train
+    inputs = tmp_path / 'in'
+    inputs.mkdir()
+    with open(inputs / 'docs.jsonl', 'w') as f:
+        f.writelines(json.dumps({'text': f'Document {i}: ' + 'the quick brown fox jumps. ' * 20}) + '\n'
+                     for i in range(60))
+    out = str(tmp_path / 'corpus')
+    corpora.prepare_text([str(inputs)], out, val_fraction=0.3, workers=1, verbose=False)
+    ckpts = str(tmp_path / 'text')
+    train.main(train.get_config([f'--dataset={out}', f'--text_out_dir={ckpts}', '--stages=text', '--text_iters=4',
+                                 '--save_fracs=[0.5,1.0]', '--block_size=32', '--batch_size=2', '--warmup_iters=1',
+                                 '--eval_iters=1', '--device=cpu']))
+    printed = capsys.readouterr().out
+    assert 'no built-in tasks for dataset=' in printed and 'text step 4/4' in printed
+    assert sorted(os.listdir(ckpts)) == ['ckpt_050', 'ckpt_100']
