@@ -23,7 +23,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from configurator import configure
 from encoders import build_encoder
 from model import GPT, PRESETS, VLM, GPTConfig, device_peak_flops
-from train import compile_count
+from runtime import compile_count
 
 config = dict(model='demo', block_size=256, batch_size=16, vocab_size=320, device='auto', dtype='auto', steps=10,
               warmup=3, modes='', encoder='', encoder_scale='tiny', images_per_row=2, grad_checkpoint=False, seed=0)
