@@ -14,6 +14,7 @@ import json
 import os
 import random
 import sys
+from collections import Counter
 
 import numpy as np
 import tiktoken
@@ -393,6 +394,30 @@ class ImageWorld:
         self.eval_ids = n_captions + n_instruct + np.arange(len(self.eval_items))
         if len(self.images) != len(self.eval_ids) + n_captions + n_instruct:
             raise ValueError(f'{path} does not match the scene lists: delete it to render it again')
+        self.skipped = Counter()  # rendered pictures never fail; images.RealImages counts its skips here
+
+    # the image source interface that mixture_batch and the fine-tuning rows use (images.RealImages has it too):
+    # samples are (tokens, loss mask, image refs), and a ref is an index into self.images
+    @property
+    def n_captions(self):
+        return len(self.caption_ids)
+
+    @property
+    def n_conversations(self):
+        return len(self.conversation_ids)
+
+    def caption_sample(self, i, enc, n_image_tokens, generator):
+        text = caption(self.caption_scenes[i], random.Random(randint(generator, 2 ** 31)))  # a phrasing per draw
+        return caption_sample(enc, text, n_image_tokens) + ([int(self.caption_ids[i])],)
+
+    def conversation_sample(self, i, enc, n_image_tokens):
+        return instruct_sample(enc, self.conversations[i][1], n_image_tokens) + ([int(self.conversation_ids[i])],)
+
+    def usable(self, ref):
+        return True
+
+    def pixels(self, refs):
+        return np.asarray(self.images[refs])
 
 
 def randint(generator, n):
@@ -409,61 +434,95 @@ def seeded_generator(*keys):
     return torch.Generator().manual_seed(int(mixed[0]) << 31 | int(mixed[1]) >> 1)
 
 
-def draw_sample(world, enc, kind, generator, n_image_tokens):
-    """One random 'caption' or 'instruct' sample of the train split: (tokens, loss mask, [its image id])."""
-    if kind == 'caption':
-        i = randint(generator, len(world.caption_ids))
-        t, m = caption_sample(enc, caption(world.caption_scenes[i], random.Random(randint(generator, 2 ** 31))),
-                              n_image_tokens)
-        return t, m, [int(world.caption_ids[i])]
-    i = randint(generator, len(world.conversation_ids))
-    t, m = instruct_sample(enc, world.conversations[i][1], n_image_tokens)
-    return t, m, [int(world.conversation_ids[i])]
+MAX_DRAWS = 1000  # draws in a row without a usable sample before a batch gives up: the image data is broken
 
 
-def mixture_batch(world, enc, text_tokens, batch_size, block_size, n_image_tokens, image_ratio, instruct_ratio,
+def draw_sample(source, enc, kind, generator, n_image_tokens, block_size):
+    """
+    One random 'caption' or 'instruct' sample of an image source (the shapes world, or images.RealImages): (tokens,
+    loss mask, image refs). A sample whose image fails to decode or that does not fit block_size is skipped, counted
+    in source.skipped, and another drawn; the draws come from the generator, so the result is still a function of it.
+    """
+    for _ in range(MAX_DRAWS):
+        if kind == 'caption':
+            sample = source.caption_sample(randint(generator, source.n_captions), enc, n_image_tokens, generator)
+        else:
+            sample = source.conversation_sample(randint(generator, source.n_conversations), enc, n_image_tokens)
+        if len(sample[0]) + 1 > block_size:
+            source.skipped['longer than block_size'] += 1
+        elif all(source.usable(ref) for ref in sample[2]):
+            return sample
+    raise ValueError(f'{MAX_DRAWS} {kind} samples in a row were unusable ({dict(source.skipped)}): check the data')
+
+
+def mixture_batch(source, enc, text_tokens, batch_size, block_size, n_image_tokens, image_ratio, instruct_ratio,
                   generator, rows=slice(None)):
     """
     The image stage's rows of one step: each is image-caption (probability image_ratio), instruction
     (instruct_ratio) or text (the rest). The kinds and a seed per row are drawn for all batch_size rows; only the
     rows in the slice `rows` are built, from their own seeds, so any split over ranks and micro-steps sees the rows
-    of the single-process batch. Returns inputs, targets and the image ids of the rows in order.
+    of the single-process batch. Returns inputs, targets and the image refs of the rows in order.
     """
     eot = special_id(enc, '<|endoftext|>')
     kinds = torch.rand(batch_size, generator=generator).tolist()
     seeds = torch.randint(2 ** 62, (batch_size,), generator=generator).tolist()
-    xs, ys, image_ids = [], [], []
+    xs, ys, image_refs = [], [], []
     for u, seed in zip(kinds[rows], seeds[rows]):
         row_gen = torch.Generator().manual_seed(seed)
         if u < image_ratio + instruct_ratio:
             kind = 'caption' if u < image_ratio else 'instruct'
-            samples, _ = fill_row(lambda: draw_sample(world, enc, kind, row_gen, n_image_tokens), block_size)
-            x, y, ims = pack_row(samples, block_size, eot)  # the sample that did not fit is dropped: rows stay random
+            samples, _ = fill_row(lambda: draw_sample(source, enc, kind, row_gen, n_image_tokens, block_size),
+                                  block_size)
+            x, y, refs = pack_row(samples, block_size, eot)  # the sample that did not fit is dropped: rows stay random
         else:
             x, y = text_batch(text_tokens, 1, block_size, row_gen)
-            x, y, ims = x[0], y[0], []
+            x, y, refs = x[0], y[0], []
         xs.append(x)
         ys.append(y)
-        image_ids += ims
-    return torch.stack(xs), torch.stack(ys), image_ids
+        image_refs += refs
+    return torch.stack(xs), torch.stack(ys), image_refs
 
 
-def finetune_rows(world, enc, block_size, n_image_tokens, generator):
-    """One epoch of the instruction set: the conversations shuffled, packed into rows; returns [(x, y, ids)]."""
-    eot = special_id(enc, '<|endoftext|>')
-    order = torch.randperm(len(world.conversation_ids), generator=generator).tolist()
-    samples = [instruct_sample(enc, world.conversations[i][1], n_image_tokens) + ([int(world.conversation_ids[i])],)
-               for i in order]
-    rows, row, used = [], [], 1
-    for sample in samples:
-        if used + len(sample[0]) > block_size + 1:
-            rows.append(pack_row(row, block_size, eot))
-            row, used = [], 1
-        row.append(sample)
-        used += len(sample[0])
-    if row:
-        rows.append(pack_row(row, block_size, eot))
-    return rows
+def finetune_plan(source, enc, block_size, n_image_tokens, epochs, seed):
+    """
+    The fine-tuning epochs as rows of conversation indices: each epoch a shuffle of the conversations, packed greedily
+    into rows of block_size tokens. Lengths are measured once; the rows are built when a batch is (finetune_row).
+    Conversations longer than a row are left out and counted in source.skipped. Returns [epoch][row] = [indices].
+    """
+    lengths = [len(source.conversation_sample(i, enc, n_image_tokens)[0]) for i in range(source.n_conversations)]
+    too_long = sum(n + 1 > block_size for n in lengths)
+    if too_long:
+        source.skipped['longer than block_size'] += too_long
+    plan = []
+    for epoch in range(epochs):
+        order = torch.randperm(len(lengths), generator=seeded_generator(seed, epoch, 0)).tolist()
+        rows, row, used = [], [], 1
+        for i in order:
+            if lengths[i] + 1 > block_size:
+                continue
+            if used + lengths[i] > block_size + 1:
+                rows.append(row)
+                row, used = [], 1
+            row.append(i)
+            used += lengths[i]
+        if row:
+            rows.append(row)
+        plan.append(rows)
+    return plan
+
+
+def finetune_row(source, enc, indices, block_size, n_image_tokens):
+    """
+    One fine-tuning row from conversation indices: (x, y, image refs). A conversation whose image fails to decode
+    keeps its place but has no loss (its mask is off) and a blank image (ref None); it is counted in source.skipped.
+    """
+    samples = []
+    for i in indices:
+        tokens, mask, refs = source.conversation_sample(i, enc, n_image_tokens)
+        if not all(source.usable(ref) for ref in refs):
+            mask, refs = [False] * len(mask), [None] * len(refs)
+        samples.append((tokens, mask, refs))
+    return pack_row(samples, block_size, special_id(enc, '<|endoftext|>'))
 
 
 # -----------------------------------------------------------------------------

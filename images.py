@@ -5,6 +5,7 @@ pairs.
     from images import decode_image, read_shard
     pixels = decode_image(open('cat.jpg', 'rb').read(), size=384)      # uint8 [384, 384, 3], or raises BadImage
     pairs, skipped = read_shard('shard-00000.tar', size=384)          # [(key, pixels, caption)], Counter of reasons
+    source = RealImages(384, image_data='datacomp/*.tar', instruct_data='llava/mix665k.json')  # what train.py reads
 
 What comes off the web is hostile: grayscale, CMYK, palette and 16-bit images are converted to 8-bit RGB, transparent
 ones composited on white; truncated, unreadable, tiny (a side under MIN_SIDE) and huge (decompression bombs, over
@@ -22,6 +23,9 @@ import numpy as np
 MIN_SIDE = 8  # pixels: smaller images (tracking pixels, 1x1 spacers) carry nothing to caption
 MAX_PIXELS = 64 * 2 ** 20  # width x height above this is refused from the header alone, before any decoding
 IMAGE_EXTENSIONS = ('jpg', 'jpeg', 'png', 'webp')
+# why a sample drawn for a batch was left out: decode_image's reasons, a missing LLaVA image, a sample over block_size
+SKIP_REASONS = ('not an image', 'too large', 'too small', 'truncated or corrupt', 'missing file',
+                'longer than block_size')
 
 
 class BadImage(ValueError):
@@ -72,42 +76,69 @@ def to_rgb(img):
     return img.convert('RGB')
 
 
-def shard_samples(path, caption_key='txt'):
+def index_shard(path, caption_key='txt'):
     """
-    The samples of a WebDataset tar: files grouped by key (the name up to its first dot, as img2dataset writes
-    00000/000000012.jpg + .txt + .json). Yields (key, image bytes or None, caption or None); the caption is the .txt
-    file, or the field caption_key of the .json when caption_key is not 'txt'.
+    Where the samples of one WebDataset tar lie: files grouped by key (the name up to its first dot, as img2dataset
+    writes 00000/000000012.jpg + .txt + .json). Returns the keys, an int64 array [n, 4] (image offset, image size,
+    caption offset, caption size: byte ranges of the tar, read back by read_range) and a Counter of the samples
+    without an image or a caption. The caption is the .txt file, or the field caption_key of the .json when
+    caption_key is not 'txt'. Only the captions are read: the image bytes are skipped over.
     """
+    keys, rows, skipped = [], [], Counter()
+
+    def close(key, files):
+        image = next((files[e] for e in IMAGE_EXTENSIONS if e in files), None)
+        field = 'txt' if caption_key == 'txt' else 'json'
+        if image is None:
+            skipped['no image'] += 1
+        elif field not in files or not caption_text(read_range(path, *files[field]), caption_key):
+            skipped['no caption'] += 1
+        else:
+            keys.append(key)
+            rows.append(image + files[field])
+
+    key, files, n = None, {}, 0
+    try:
+        with tarfile.open(path) as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                base = os.path.basename(member.name)
+                k, _, ext = base.partition('.')
+                k = os.path.join(os.path.dirname(member.name), k)
+                if k != key and key is not None:
+                    close(key, files)
+                    n += 1
+                    files = {}
+                key = k
+                files[ext.lower()] = (member.offset_data, member.size)
+    except tarfile.TarError as e:
+        raise ValueError(f'{path} is not a readable tar shard ({e})') from e
+    if key is not None:
+        close(key, files)
+        n += 1
+    if n == 0:
+        raise ValueError(f'{path} holds no samples: an empty shard (check how it was written)')
+    return keys, np.array(rows, dtype=np.int64).reshape(-1, 4), skipped
+
+
+def read_range(path, offset, size):
+    with open(path, 'rb') as f:
+        f.seek(offset)
+        return f.read(size)
+
+
+def caption_text(raw, caption_key='txt'):
+    """A caption file's bytes -> its text, or None when it has none (empty, or the .json lacks the field)."""
     import json
 
-    def sample(key, files):
-        image = next((files[e] for e in IMAGE_EXTENSIONS if e in files), None)
-        caption = None
-        if caption_key == 'txt' and 'txt' in files:
-            caption = files['txt'].decode('utf-8', errors='replace').strip()
-        elif caption_key != 'txt' and 'json' in files:
-            try:
-                caption = json.loads(files['json']).get(caption_key)
-            except ValueError:
-                caption = None
-        return key, image, caption or None
-
-    key, files = None, {}
-    with tarfile.open(path) as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            name = member.name
-            base = os.path.basename(name)
-            k, _, ext = base.partition('.')
-            k = os.path.join(os.path.dirname(name), k)
-            if k != key and key is not None:
-                yield sample(key, files)
-                files = {}
-            key = k
-            files[ext.lower()] = tar.extractfile(member).read()
-    if key is not None:
-        yield sample(key, files)
+    if caption_key == 'txt':
+        return raw.decode('utf-8', errors='replace').strip() or None
+    try:
+        value = json.loads(raw).get(caption_key)
+    except (ValueError, AttributeError):
+        return None
+    return value.strip() or None if isinstance(value, str) else None
 
 
 def read_shard(path, size, caption_key='txt'):
@@ -115,23 +146,15 @@ def read_shard(path, size, caption_key='txt'):
     Every usable (key, pixels, caption) of one tar shard, and a Counter of the samples skipped, by reason ('no
     caption', 'no image', and decode_image's). A shard with no samples at all is an error that names it.
     """
-    pairs, skipped, n = [], Counter(), 0
-    try:
-        for key, raw, caption in shard_samples(path, caption_key):
-            n += 1
-            if raw is None:
-                skipped['no image'] += 1
-            elif caption is None:
-                skipped['no caption'] += 1
-            else:
-                try:
-                    pairs.append((key, decode_image(raw, size), caption))
-                except BadImage as e:
-                    skipped[str(e)] += 1
-    except tarfile.TarError as e:
-        raise ValueError(f'{path} is not a readable tar shard ({e})') from e
-    if n == 0:
-        raise ValueError(f'{path} holds no samples: an empty shard (check how it was written)')
+    keys, ranges, skipped = index_shard(path, caption_key)
+    pairs = []
+    for key, (image_at, image_size, caption_at, caption_size) in zip(keys, ranges.tolist()):
+        try:
+            pixels = decode_image(read_range(path, image_at, image_size), size)
+        except BadImage as e:
+            skipped[str(e)] += 1
+            continue
+        pairs.append((key, pixels, caption_text(read_range(path, caption_at, caption_size), caption_key)))
     return pairs, skipped
 
 
@@ -188,3 +211,142 @@ def llava_sample(enc, turns, n_image_tokens):
         tokens += prompt + reply
         mask += [False] * len(prompt) + [True] * len(reply)
     return tokens, mask
+
+
+def shard_paths(pattern):
+    """image_data= : a folder (its .tar files), a glob, or one .tar; sorted. No match is an error that says so."""
+    import glob
+
+    paths = sorted(glob.glob(os.path.join(pattern, '*.tar')) if os.path.isdir(pattern) else glob.glob(pattern))
+    if not paths:
+        raise ValueError(f'image_data={pattern!r} matches no .tar shards (a folder of img2dataset shards, a glob '
+                         f'such as data/datacomp/{{00000..00099}}.tar written as "data/datacomp/*.tar", or one file)')
+    return paths
+
+
+def cached_index(path, caption_key, cache_dir):
+    """index_shard's byte ranges and skip counts, kept in cache_dir under the shard's path, size and mtime."""
+    import hashlib
+    import json
+
+    st = os.stat(path)
+    tag = hashlib.sha1(f'{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|{caption_key}'.encode()).hexdigest()
+    cache = os.path.join(cache_dir, f'{tag}.npz')
+    if os.path.exists(cache):
+        with np.load(cache) as f:
+            return f['ranges'], Counter(json.loads(str(f['skipped'])))
+    _, ranges, skipped = index_shard(path, caption_key)
+    os.makedirs(cache_dir, exist_ok=True)
+    tmp = f'{cache}.{os.getpid()}.tmp.npz'
+    np.savez(tmp, ranges=ranges, skipped=json.dumps(skipped))
+    os.replace(tmp, cache)
+    return ranges, skipped
+
+
+class RealImages:
+    """
+    Real image data behind the shapes world's image source interface (data.ImageWorld), so data.mixture_batch and
+    the fine-tuning rows read either: the captions of image_data (img2dataset tar shards, each indexed once into
+    cache_dir, then read by random access) and the conversations of instruct_data (a LLaVA json; its image paths are
+    relative to instruct_images). Random access rather than streaming keeps a batch a function of its step, as the
+    text batches are: a resumed run continues exactly, and each DDP rank reads only the rows it trains on.
+
+    Images are decoded (in the DataLoader workers) when a batch is built, at `size` pixels. One that fails is
+    skipped and counted in self.skipped by reason; the trainer reports the counts in its log.
+    Refs: caption i is i, conversation i is n_captions + i; None is a blank (white) image.
+    """
+
+    def __init__(self, size, image_data=None, caption_key='txt', instruct_data=None, instruct_images=None,
+                 cache_dir='data/image_index', verbose=True):
+        import time
+        from multiprocessing.pool import ThreadPool
+
+        self.size, self.caption_key = size, caption_key
+        self.skipped, self.indexing_skipped, self.decoded = Counter(), Counter(), {}
+        self.paths, self.starts, self.ranges = [], np.zeros(1, np.int64), np.zeros((0, 4), np.int64)
+        if image_data:
+            self.paths = shard_paths(image_data)
+            t0, parts = time.time(), []
+            with ThreadPool(min(8, len(self.paths))) as pool:  # reading headers is I/O: threads are enough
+                for n, (ranges, skipped) in enumerate(pool.imap(lambda p: cached_index(p, caption_key, cache_dir),
+                                                                self.paths), 1):
+                    parts.append(ranges)
+                    self.indexing_skipped.update(skipped)
+                    if verbose and (n % 100 == 0 or n == len(self.paths)):
+                        eta = (time.time() - t0) / n * (len(self.paths) - n)
+                        print(f'image_data: indexed {n}/{len(self.paths)} shards, eta {eta:.0f}s', flush=True)
+            self.starts = np.cumsum([0] + [len(r) for r in parts])
+            self.ranges = np.concatenate(parts)
+            if not len(self.ranges):
+                raise ValueError(f'image_data={image_data!r}: no shard holds a usable sample '
+                                 f'({dict(self.indexing_skipped)})')
+        self.conversations = []
+        if instruct_data:
+            if not os.path.exists(instruct_data):
+                raise ValueError(f'instruct_data={instruct_data!r} does not exist')
+            images_dir = instruct_images or os.path.dirname(os.path.abspath(instruct_data))
+            self.conversations, skipped = llava_conversations(instruct_data, images_dir)
+            self.indexing_skipped.update(skipped)
+
+    def summary(self):
+        parts = []
+        if self.paths:
+            parts.append(f'{self.n_captions:,} image-caption pairs in {len(self.paths)} shards')
+        if self.conversations:
+            with_image = sum(image is not None for image, _ in self.conversations)
+            parts.append(f'{self.n_conversations:,} conversations ({with_image:,} with an image)')
+        skipped = ', '.join(f'{k} {v:,}' for k, v in sorted(self.indexing_skipped.items()))
+        return '; '.join(parts) + (f'; left out when read: {skipped}' if skipped else '')
+
+    @property
+    def n_captions(self):
+        return len(self.ranges)
+
+    @property
+    def n_conversations(self):
+        return len(self.conversations)
+
+    def shard_of(self, i):
+        return self.paths[int(np.searchsorted(self.starts, i, side='right')) - 1]
+
+    def caption_sample(self, i, enc, n_image_tokens, generator):
+        import data
+
+        _, _, at, size = self.ranges[i].tolist()
+        text = caption_text(read_range(self.shard_of(i), at, size), self.caption_key)
+        return data.caption_sample(enc, text, n_image_tokens) + ([i],)
+
+    def conversation_sample(self, i, enc, n_image_tokens):
+        image, turns = self.conversations[i]
+        tokens, mask = llava_sample(enc, turns, n_image_tokens)
+        return tokens, mask, [] if image is None else [self.n_captions + i]
+
+    def raw_image(self, ref):
+        if ref < self.n_captions:
+            at, size, _, _ = self.ranges[ref].tolist()
+            return read_range(self.shard_of(ref), at, size)
+        path = self.conversations[ref - self.n_captions][0]
+        try:
+            with open(path, 'rb') as f:
+                return f.read()
+        except FileNotFoundError:
+            raise BadImage('missing file')
+
+    def usable(self, ref):
+        """Decode ref's image (kept for pixels()); False, and the reason counted, when it cannot be used."""
+        if ref in self.decoded:
+            return True
+        try:
+            self.decoded[ref] = decode_image(self.raw_image(ref), self.size)
+            return True
+        except BadImage as e:
+            self.skipped[str(e)] += 1
+            return False
+
+    def pixels(self, refs):
+        """uint8 [len(refs), size, size, 3]: the images of refs, decoded by usable(); forgets them after."""
+        blank = np.full((self.size, self.size, 3), 255, np.uint8)
+        out = [blank if ref is None else self.decoded[ref] if ref in self.decoded else
+               decode_image(self.raw_image(ref), self.size) for ref in refs]
+        self.decoded = {}
+        return np.stack(out) if out else np.zeros((0, self.size, self.size, 3), np.uint8)

@@ -5,6 +5,8 @@ fine-tuning, each followed by evaluation.
     python train.py --stages=text                      # text pre-training on the shapes world: out/text/ckpt_020 ...
     python train.py config/dino_siglip_unfrozen.py     # one cell of the encoder ablation
     torchrun --standalone --nproc_per_node=2 train.py  # DDP: nccl on CUDA, gloo on CPU
+    python train.py config/scale_79m.py config/siglip_frozen.py --dataset=data/dclm --image_data='datacomp/*.tar' \
+        --instruct_data=llava/llava_v1_5_mix665k.json   # real data (README: Reproducing the paper)
 
 Every global in the config section below is a key that config files and --key=value flags set (configurator.py).
 """
@@ -14,6 +16,7 @@ import math
 import os
 import sys
 import time
+from collections import Counter
 from contextlib import nullcontext
 from dataclasses import asdict
 from types import SimpleNamespace
@@ -24,6 +27,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 
 import data
+import images
 from checkpoint import (finished_checkpoints, full_state, load_optimizer_state, load_state, prune, read_checkpoint_info,
                         recover, save_checkpoint, set_rng_state)
 from configurator import ConfigError, configure
@@ -94,6 +98,10 @@ encoder_lr = 1e-5  # peak LR of an unfrozen pre-trained encoder (patch, trained 
 projector = 'mlp'  # linear, mlp, fused_mlp
 image_inject_layer = 0  # the LM block before which visual tokens enter the residual stream (0: input embeddings)
 cache_features = True  # with a frozen encoder: compute the image set's features once, then read them back
+image_data = ''  # img2dataset .tar shards (a folder, a glob or one file): the image stage's captions; '': shapes world
+caption_key = 'txt'  # a shard's caption: its .txt file, or this field of its .json
+instruct_data = ''  # a LLaVA json of conversations: fine-tuning and instruct_ratio; '': the shapes world's
+instruct_images = ''  # the folder instruct_data's image paths start from; '': the json's own folder
 scene_size = 48  # shapes-world pictures are rendered at this many pixels; the encoder resizes to its own size
 caption_scenes = 8000  # shapes-world scenes with captions for the image stage (a fixed set: features can be cached)
 conversations = 6000  # shapes-world instruction conversations (fine-tuning, and instruct_ratio in the image stage)
@@ -167,11 +175,34 @@ def get_config(args):
                                            freeze=cfg.freeze_encoder).num_tokens
         except ValueError as e:  # e.g. dino_siglip halves whose patch grids differ
             raise ConfigError(f'encoder={cfg.encoder!r}, encoder_scale={cfg.encoder_scale!r}: {e}') from e
+        check_real_data(cfg)
         longest = enc_tokens + LONGEST_CAPTION
         if longest + 1 > cfg.block_size:
             raise ConfigError(f'block_size={cfg.block_size} cannot hold one image ({enc_tokens} tokens) and a caption '
                               f'(up to {LONGEST_CAPTION} tokens): raise block_size to at least {longest + 1}')
     return cfg
+
+
+def check_real_data(cfg):
+    """Real image data replaces the shapes world's for every image sample of a run: no run mixes the two."""
+    if not (cfg.image_data or cfg.instruct_data):
+        return
+    stages = cfg.stages.split(',')
+    if not cfg.image_data and cfg.image_ratio > 0:
+        raise ConfigError(f'instruct_data is set but image_data is not: the image stage (image_ratio='
+                          f'{cfg.image_ratio}) needs image-caption shards; set image_data, or image_ratio=0')
+    if not cfg.instruct_data and (cfg.instruct_ratio > 0 or 'finetune' in stages):
+        raise ConfigError('image_data is set but instruct_data is not: fine-tuning and instruct_ratio need '
+                          'conversations; set instruct_data=llava.json, or stages=text,image with instruct_ratio=0')
+    if cfg.image_data:
+        try:
+            images.shard_paths(cfg.image_data)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    if cfg.instruct_data and not os.path.isfile(cfg.instruct_data):
+        raise ConfigError(f'instruct_data={cfg.instruct_data!r}: no such file')
+    if cfg.instruct_images and not os.path.isdir(cfg.instruct_images):
+        raise ConfigError(f'instruct_images={cfg.instruct_images!r}: no such folder')
 
 
 def frac_step(frac, iters):
@@ -201,14 +232,15 @@ def cosine_lr(step, peak, warmup, total, floor, start=None):
 def train_steps(rt, stage, model, raw_model, optimizer, batches, lr_at, first, last, on_step=None, val_loss=None,
                 tokens_per_step=0, eval_interval=0, log_interval=10, grad_clip=0.0, peak_flops=0.0, max_bad_steps=0):
     """
-    Optimizer steps first .. last-1 on the micro-batches (x, y, inputs) from batches (batch_loader); lr_at(step) is
-    the LR factor every param group multiplies its peak_lr by; on_step(step_done) runs after each step (checkpoints).
-    A step whose gradient is not finite is not applied; after max_bad_steps of them the run stops (TrainingError).
+    Optimizer steps first .. last-1 on the micro-batches (x, y, inputs, skipped) from batches (batch_loader), where
+    skipped counts the samples left out while building it (bad images); lr_at(step) is the LR factor every param
+    group multiplies its peak_lr by; on_step(step_done) runs after each step (checkpoints). A step whose gradient is
+    not finite is not applied; after max_bad_steps of them the run stops (TrainingError).
     """
     bad_steps = 0
     accum = rt.micro_steps
     t_start, t_last, step_last = time.time(), time.time(), first
-    losses, waited = [], 0.0
+    losses, waited, skipped = [], 0.0, Counter()
     compiles = compile_count() if rt.compile else 0
     for step in range(first, last):
         factor = lr_at(step)
@@ -220,12 +252,14 @@ def train_steps(rt, stage, model, raw_model, optimizer, batches, lr_at, first, l
         # the step's loss is the mean over all its scored targets, on every rank and micro-step: each micro-batch's
         # mean loss is weighted by its share of them (rows of captions and conversations score unequal numbers),
         # so the gradient does not depend on how the batch is split over ranks and micro-steps
-        counts = [(y != -1).sum().item() for _, y, _ in micro_batches]
+        counts = [(y != -1).sum().item() for _, y, _, _ in micro_batches]
+        for batch in micro_batches:
+            skipped.update(batch[3])
         total = torch.tensor(float(sum(counts)), device=rt.device)
         if rt.ddp:
             dist.all_reduce(total)
         step_loss = 0.0  # this rank's mean over its scored targets, for the log
-        for micro, (x, y, inputs) in enumerate(micro_batches):
+        for micro, (x, y, inputs, _) in enumerate(micro_batches):
             x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
             inputs = {k: v.to(rt.device, non_blocking=True) for k, v in inputs.items()}
             with nullcontext() if micro == accum - 1 else no_grad_sync(model):
@@ -262,7 +296,7 @@ def train_steps(rt, stage, model, raw_model, optimizer, batches, lr_at, first, l
             log(rt, f'{stage} step {done}/{last} | loss {mean_loss:.4f} | lr {optimizer.param_groups[0]["lr"]:.2e} | '
                     f'{tok_s:,.0f} tok/s | mfu {"n/a" if mfu is None else f"{mfu:.1%}"} | '
                     f'data wait {waited / (now - t_last):.0%} | '
-                    f'eta {format_time((last - done) * (now - t_start) / (done - first))}')
+                    f'eta {format_time((last - done) * (now - t_start) / (done - first))}' + skip_counts(rt, skipped))
             t_last, step_last, losses, waited = now, done, [], 0.0
         if val_loss is not None and eval_interval and (done % eval_interval == 0 or done == last):
             log(rt, f'{stage} step {done}: val loss {val_loss():.4f}')
@@ -270,6 +304,19 @@ def train_steps(rt, stage, model, raw_model, optimizer, batches, lr_at, first, l
             on_step(done)
     if rt.compile:
         log(rt, f'{stage} stage: torch.compile made {compile_count() - compiles} new graph(s)')
+
+
+def skip_counts(rt, skipped):
+    """' | skipped so far: reason n, ...' summed over the ranks (each rank builds its own rows), or '' when nothing was."""
+    reasons = images.SKIP_REASONS
+    unknown = set(skipped) - set(reasons)
+    if unknown:
+        raise ValueError(f'skip reasons {unknown} are not in images.SKIP_REASONS')
+    counts = torch.tensor([float(skipped[r]) for r in reasons], device=rt.device)
+    if rt.ddp:
+        dist.all_reduce(counts)
+    found = [f'{r} {int(n):,}' for r, n in zip(reasons, counts.tolist()) if n]
+    return ' | skipped so far: ' + ', '.join(found) if found else ''
 
 
 # -----------------------------------------------------------------------------
@@ -392,7 +439,7 @@ def train_text(cfg, rt):
     def make(step, rows):
         x, y = data.text_batch(train_tokens, cfg.batch_size, cfg.block_size, data.seeded_generator(cfg.seed, step),
                                rows)
-        return x, y, {}
+        return x, y, {}, Counter()
 
     @torch.no_grad()
     def val_loss():
@@ -458,26 +505,49 @@ def vlm_info(cfg, raw_model, stage, step, iters, tokenizer):
                         'inject_layer': raw_model.inject_layer, 'image_token': raw_model.image_token}}
 
 
-def image_data(cfg, rt):
-    """Tokenizer, text shard and the shapes world's images; rank 0 renders them first, the others wait."""
+def stage_data(cfg, rt, img_size):
+    """
+    Tokenizer, text shard and the image source: the shapes world's pictures (rank 0 renders them first, the others
+    wait), or images.RealImages over image_data / instruct_data, its images decoded at the encoder's img_size.
+    """
     folder = master_first(rt, lambda: data.dataset_dir(cfg.dataset, cfg.data_dir))
-    world = master_first(rt, lambda: data.ImageWorld(folder, cfg.scene_size, cfg.caption_scenes, cfg.conversations))
     enc = data.get_tokenizer(data.load_meta(folder)['tokenizer'])
-    return enc, data.open_shard(folder, 'train'), world
+    if cfg.image_data or cfg.instruct_data:
+        source = master_first(rt, lambda: images.RealImages(
+            img_size, cfg.image_data, cfg.caption_key, cfg.instruct_data, cfg.instruct_images,
+            cache_dir=os.path.join(cfg.data_dir, 'image_index'), verbose=rt.master))
+        log(rt, f'image data: {source.summary()}')
+    else:
+        source = master_first(rt, lambda: data.ImageWorld(folder, cfg.scene_size, cfg.caption_scenes,
+                                                          cfg.conversations))
+    return enc, data.open_shard(folder, 'train'), source
 
 
-def image_inputs(world, features, ids):
+def counting_skips(source, make):
+    """
+    A batch builder (step, rows) -> (x, y, refs) made into one for batch_loader: the refs become model inputs and the
+    batch carries the samples its building skipped (a DataLoader worker counts in its own copy of the source).
+    """
+    def build(step, rows):
+        before = Counter(source.skipped)
+        x, y, inputs = make(step, rows)
+        return x, y, inputs, source.skipped - before
+    return build
+
+
+def image_inputs(source, features, refs):
     """
     The model inputs for a batch's images: cached features of a frozen encoder, or the uint8 pictures; an empty
     tensor for a batch without images, so every step runs the same modules on every rank.
     """
     if features is not None:
-        return {'features': torch.from_numpy(np.asarray(features[ids]))}
-    return {'images': torch.from_numpy(np.asarray(world.images[ids]))}
+        return {'features': torch.from_numpy(np.asarray(features[refs]))}
+    return {'images': torch.from_numpy(source.pixels(refs))}
 
 
 def feature_cache(cfg, rt, world, raw_model):
-    if not (cfg.cache_features and raw_model.encoder.frozen):
+    """A frozen encoder's features of the shapes world's fixed image set; real image data is encoded as it comes."""
+    if not (cfg.cache_features and raw_model.encoder.frozen and isinstance(world, data.ImageWorld)):
         return None
     cache_dir = os.path.join(cfg.data_dir, 'features')
     name = f'shapes-v{data.SHAPES_VERSION}-{cfg.scene_size}px-{cfg.caption_scenes}-{cfg.conversations}'
@@ -522,13 +592,13 @@ def train_image(cfg, rt):
     if not os.path.exists(os.path.join(text_ckpt, 'config.json')):
         log(rt, f'image stage: {text_ckpt} does not exist yet, running the text stage first')
         train_text(cfg, rt)
-    enc, text_tokens, world = image_data(cfg, rt)
     gpt = build_model(read_checkpoint_info(text_ckpt))
     gpt.load_state_dict(load_file(os.path.join(text_ckpt, 'model.safetensors')))
     torch.manual_seed(cfg.seed)
     # rank 0 first: weights='shapes' pre-trains the encoder when its file is missing, and the others then read it
     encoder = master_first(rt, lambda: build_encoder(cfg.encoder, cfg.encoder_scale, cfg.encoder_weights,
                                                      freeze=cfg.freeze_encoder))
+    enc, text_tokens, world = stage_data(cfg, rt, encoder.img_size)
     raw_model = VLM(gpt, encoder, data.special_id(enc, '<|image|>'), cfg.projector, cfg.image_inject_layer)
     raw_model = raw_model.to(rt.device).train()
     log(rt, f'image stage: {cfg.encoder} ({"frozen" if encoder.frozen else "trained"}, {encoder.num_tokens} tokens '
@@ -544,12 +614,13 @@ def train_image(cfg, rt):
     info_at = lambda done: vlm_info(cfg, raw_model, 'image', done, cfg.image_iters, tokenizer)
 
     def make(step, rows):
-        x, y, ids = data.mixture_batch(world, enc, text_tokens, cfg.batch_size, cfg.block_size, encoder.num_tokens,
-                                       cfg.image_ratio, cfg.instruct_ratio, data.seeded_generator(cfg.seed + 1, step),
-                                       rows)
-        return x, y, image_inputs(world, features, ids)
+        x, y, refs = data.mixture_batch(world, enc, text_tokens, cfg.batch_size, cfg.block_size, encoder.num_tokens,
+                                        cfg.image_ratio, cfg.instruct_ratio, data.seeded_generator(cfg.seed + 1, step),
+                                        rows)
+        return x, y, image_inputs(world, features, refs)
 
-    train_steps(rt, 'image', model, raw_model, optimizer, batch_loader(rt, make, first, cfg.image_iters), lr_at,
+    train_steps(rt, 'image', model, raw_model, optimizer,
+                batch_loader(rt, counting_skips(world, make), first, cfg.image_iters), lr_at,
                 first, cfg.image_iters, tokens_per_step=cfg.batch_size * cfg.block_size,
                 log_interval=cfg.log_interval, grad_clip=cfg.grad_clip, peak_flops=cfg.peak_flops,
                 max_bad_steps=cfg.max_bad_steps,
@@ -566,14 +637,17 @@ def train_finetune(cfg, rt):
     if not os.path.exists(os.path.join(image_ckpt, 'config.json')):
         log(rt, f'finetune stage: {image_ckpt} does not exist yet, running the image stage first')
         train_image(cfg, rt)
-    enc, text_tokens, world = image_data(cfg, rt)
     raw_model = build_model(read_checkpoint_info(image_ckpt))
     state = load_file(os.path.join(image_ckpt, 'model.safetensors'))
     raw_model.load_state_dict(state, strict=encoder_saved(raw_model))
     raw_model = raw_model.to(rt.device).train()
+    n_image_tokens = raw_model.encoder.num_tokens
+    enc, text_tokens, world = stage_data(cfg, rt, raw_model.encoder.img_size)
     features = feature_cache(cfg, rt, world, raw_model)
-    epochs = [data.finetune_rows(world, enc, cfg.block_size, raw_model.encoder.num_tokens,
-                                 data.seeded_generator(cfg.seed + 2, epoch, 0)) for epoch in range(cfg.finetune_epochs)]
+    epochs = data.finetune_plan(world, enc, cfg.block_size, n_image_tokens, cfg.finetune_epochs, cfg.seed + 2)
+    if world.skipped:
+        log(rt, f'finetune stage: {world.skipped["longer than block_size"]:,} conversations longer than '
+                f'block_size={cfg.block_size} left out')
     # each optimizer step: n_conv rows of conversations and n_text rows of plain text (LLaVA keeps text-only
     # conversations in its mix for the same reason: without them fine-tuning erases the LM's text knowledge)
     n_text = round(cfg.batch_size * cfg.finetune_text_ratio)
@@ -584,18 +658,22 @@ def train_finetune(cfg, rt):
                           f'takes (batch_size={cfg.batch_size}, finetune_text_ratio={cfg.finetune_text_ratio}): '
                           f'lower either')
     iters = steps_per_epoch * cfg.finetune_epochs
-    log(rt, f'finetune stage: {len(world.conversations):,} conversations in {len(epochs[0])} rows, '
+    log(rt, f'finetune stage: {world.n_conversations:,} conversations in {len(epochs[0])} rows, '
             f'{cfg.finetune_epochs} epochs = {iters} steps of {n_conv} conversation + {n_text} text rows')
 
     def make(step, rows):
         epoch, s = divmod(step, steps_per_epoch)
-        conv = epochs[epoch][s * n_conv:(s + 1) * n_conv]
-        if n_text:
-            x, y = data.text_batch(text_tokens, n_text, cfg.block_size, data.seeded_generator(cfg.seed + 2, step))
-            conv = conv + [(x[i], y[i], []) for i in range(n_text)]
-        batch = conv[rows]
-        ids = [i for r in batch for i in r[2]]
-        return torch.stack([r[0] for r in batch]), torch.stack([r[1] for r in batch]), image_inputs(world, features, ids)
+        plan = epochs[epoch][s * n_conv:(s + 1) * n_conv] + [None] * n_text  # None: a text row
+        batch = []
+        for i, indices in list(enumerate(plan))[rows]:
+            if indices is None:
+                x, y = data.text_batch(text_tokens, n_text, cfg.block_size, data.seeded_generator(cfg.seed + 2, step),
+                                       slice(i - n_conv, i - n_conv + 1))
+                batch.append((x[0], y[0], []))
+            else:
+                batch.append(data.finetune_row(world, enc, indices, cfg.block_size, n_image_tokens))
+        refs = [r for row in batch for r in row[2]]
+        return torch.stack([r[0] for r in batch]), torch.stack([r[1] for r in batch]), image_inputs(world, features, refs)
 
     peak = cfg.finetune_lr
     first, state = resume_point(cfg, rt, 'finetune', raw_model, finetune_keys)
@@ -606,7 +684,8 @@ def train_finetune(cfg, rt):
     tokenizer = enc.name.removeprefix('nanovlp_')
     info_at = lambda done: vlm_info(cfg, raw_model, 'finetune', done, iters, tokenizer)
     lr_at = lambda step: cosine_lr(step, peak, cfg.rewarm_iters, iters, cfg.min_lr) / peak
-    train_steps(rt, 'finetune', model, raw_model, optimizer, batch_loader(rt, make, first, iters), lr_at, first, iters,
+    train_steps(rt, 'finetune', model, raw_model, optimizer, batch_loader(rt, counting_skips(world, make), first, iters),
+                lr_at, first, iters,
                 tokens_per_step=cfg.batch_size * cfg.block_size, log_interval=cfg.log_interval,
                 grad_clip=cfg.grad_clip, peak_flops=cfg.peak_flops, max_bad_steps=cfg.max_bad_steps,
                 on_step=periodic_checkpoints(cfg, rt, 'finetune', raw_model, optimizer, info_at, iters))
@@ -638,8 +717,9 @@ def main(cfg):
         stages = cfg.stages.split(',')
         for stage in stages:
             {'text': train_text, 'image': train_image, 'finetune': train_finetune}[stage](cfg, rt)
-        if rt.master and stages != ['text']:
-            print(f'\nstable scores with 95% intervals ({cfg.out_dir}):\n{summary(cfg)}')
+        table = summary(cfg)
+        if rt.master and stages != ['text'] and table.count('\n'):  # a row below the header: a stage was scored
+            print(f'\nstable scores with 95% intervals ({cfg.out_dir}):\n{table}')
         log(rt, f'done in {format_time(time.time() - t0)}')
     finally:
         if rt.ddp:

@@ -1,8 +1,12 @@
+import io
+import json
 import os
 import sys
+import tarfile
 
 import pytest
 import torch
+from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -30,3 +34,67 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def jsonl(path, records):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(''.join(json.dumps(r) + '\n' for r in records))
+
+
+def mc(stem, texts, labels, key):
+    return {'id': stem[:8], 'question': {'stem': stem, 'choices': [{'text': t, 'label': l} for t, l in zip(texts, labels)]},
+            'answerKey': key}
+
+
+@pytest.fixture
+def bench(tmp_path):
+    """Every benchmark of eval.py --tasks, a few items each, in its publisher's file layout under tmp_path/bench."""
+    b = tmp_path / 'bench'
+    jsonl(b / 'arc_easy' / 'ARC-Easy-Test.jsonl', [mc('Which is a liquid?', ['rock', 'water', 'wood', 'iron'],
+                                                      'ABCD', 'B'),
+                                                   mc('Pick two.', ['one', 'two', 'three'], '123', '2')])
+    jsonl(b / 'arc_challenge' / 'ARC-Challenge-Test.jsonl', [mc('Hard?', ['yes', 'no', 'maybe', 'so', 'x'],
+                                                                'ABCDE', 'E')])
+    jsonl(b / 'openbookqa' / 'test.jsonl', [mc('The sun is a', ['star', 'moon', 'rock', 'car'], 'ABCD', 'A')])
+    jsonl(b / 'hellaswag' / 'hellaswag_val.jsonl', [{
+        'ind': 4, 'activity_label': 'Making a cake', 'ctx_a': 'A man mixes flour.', 'ctx_b': 'he',
+        'ctx': 'A man mixes flour. he', 'endings': ['bakes it.', 'eats the bowl.', 'flies  away.', 'sings [title] loud.'],
+        'label': '0', 'split': 'val'}])
+    jsonl(b / 'piqa' / 'valid.jsonl', [{'goal': 'Open a jar', 'sol1': 'twist the lid', 'sol2': 'eat the lid'},
+                                       {'goal': 'Dry hair', 'sol1': 'use water', 'sol2': 'use a towel'}])
+    (b / 'piqa' / 'valid-labels.lst').write_text('0\n1\n')
+    jsonl(b / 'winogrande' / 'dev.jsonl', [{'qID': 'q1', 'sentence': 'The cup fell off the table because _ was tilted.',
+                                            'option1': 'the cup', 'option2': 'the table', 'answer': '2'}])
+    image = Image.new('RGB', (32, 32), (200, 30, 30))
+    for folder, name in (('vqav2/val2014', 'COCO_val2014_000000000042.jpg'), ('gqa/images', 'n123.jpg'),
+                         ('textvqa/train_images', 'abc.jpg'), ('pope/val2014', 'COCO_val2014_000000000042.jpg'),
+                         ('vizwiz/val', 'VizWiz_val_00000001.jpg')):
+        (b / folder).mkdir(parents=True)
+        image.save(b / folder / name, 'JPEG')
+    (b / 'vqav2' / 'v2_OpenEnded_mscoco_val2014_questions.json').write_text(json.dumps({'questions': [
+        {'image_id': 42, 'question': 'What color is it?', 'question_id': 420},
+        {'image_id': 7, 'question': 'Is the image missing?', 'question_id': 70}]}))
+    answers = lambda words: [{'answer': w, 'answer_confidence': 'yes', 'answer_id': i + 1} for i, w in enumerate(words)]
+    (b / 'vqav2' / 'v2_mscoco_val2014_annotations.json').write_text(json.dumps({'annotations': [
+        {'question_id': 420, 'image_id': 42, 'answers': answers(['red'] * 3 + ['maroon'] * 7)},
+        {'question_id': 70, 'image_id': 7, 'answers': answers(['yes'] * 10)}]}))
+    (b / 'gqa' / 'testdev_balanced_questions.json').write_text(json.dumps({
+        '201': {'imageId': 'n123', 'question': 'What color is the square?', 'answer': 'red'}}))
+    (b / 'textvqa' / 'TextVQA_0.5.1_val.json').write_text(json.dumps({'dataset_name': 'textvqa', 'data': [
+        {'question': 'What does it say?', 'image_id': 'abc', 'question_id': 1, 'answers': ['stop'] * 10}]}))
+    for split, label in (('random', 'yes'), ('popular', 'no'), ('adversarial', 'no')):
+        jsonl(b / 'pope' / f'coco_pope_{split}.json', [{'question_id': 1, 'image': 'COCO_val2014_000000000042.jpg',
+                                                         'text': 'Is there a dog in the image?', 'label': label}])
+    (b / 'vizwiz' / 'val.json').write_text(json.dumps([{
+        'image': 'VizWiz_val_00000001.jpg', 'question': 'What is this?', 'answerable': 0, 'answer_type': 'unanswerable',
+        'answers': [{'answer': 'unanswerable', 'answer_confidence': 'yes'}] * 10}]))
+    return str(b)
+
+
+def write_tar(path, samples):
+    """A tar of (member name, bytes), as img2dataset writes its WebDataset shards."""
+    with tarfile.open(path, 'w') as tar:
+        for name, payload in samples:
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))

@@ -3,7 +3,6 @@ import io
 import json
 import os
 import struct
-import tarfile
 import zlib
 
 import numpy as np
@@ -11,6 +10,7 @@ import pytest
 from PIL import Image
 
 import data
+from conftest import write_tar
 from images import BadImage, MAX_PIXELS, decode_image, read_shard
 
 
@@ -80,14 +80,6 @@ def test_truncated_and_garbage_are_skipped():
         decode_image(jpeg[:len(jpeg) // 2], 16)
     with pytest.raises(BadImage, match='not an image'):
         decode_image(b'<html>not found</html>', 16)
-
-
-def write_tar(path, samples):
-    with tarfile.open(path, 'w') as tar:
-        for name, payload in samples:
-            info = tarfile.TarInfo(name)
-            info.size = len(payload)
-            tar.addfile(info, io.BytesIO(payload))
 
 
 def test_shard_yields_good_samples_and_counts_skips(tmp_path):

@@ -96,8 +96,11 @@ def test_packing_never_splits_and_fits_block(world, enc, shapes_dir):
         runs = [r for row in x for r in image_runs(row, image)]
         assert all(r == N for r in runs)  # every image whole
         assert len(runs) == len(ids)  # one image id per image, in order
-    rows = data.finetune_rows(world, enc, 256, N, torch.Generator().manual_seed(0))
-    assert sum(len(image_runs(x, image)) for x, _, _ in rows) == len(world.conversations)  # each exactly once
+    plan = data.finetune_plan(world, enc, 256, N, epochs=2, seed=0)
+    assert sorted(i for row in plan[1] for i in row) == list(range(world.n_conversations))  # each exactly once
+    assert plan[0] != plan[1]  # reshuffled every epoch
+    rows = [data.finetune_row(world, enc, indices, 256, N) for indices in plan[0]]
+    assert sum(len(image_runs(x, image)) for x, _, _ in rows) == len(world.conversations)
     for x, y, ids in rows:
         assert len(x) == 256 and all(r == N for r in image_runs(x, image)) and len(ids) == len(image_runs(x, image))
         assert enc.decode(x[x < 256].tolist()).count('?') >= len(ids)  # each conversation kept its question
