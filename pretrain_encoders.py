@@ -11,9 +11,11 @@ Objectives, one per family (dino_siglip is the two pre-trained halves; patch has
                 text tower that reads the scene's caption: language supervision.
   dinov2        DINO self-distillation: a student matches an EMA teacher's centered, sharpened prototype distribution
                 across two augmented views (the class token), plus iBOT's masked-patch form of the same loss (the
-                patch tokens), as DINOv2 combines them. No labels, no captions.
+                patch tokens), as DINOv2 combines them, with LayerScale started at 1 (at timm's 1e-5 the blocks are
+                identities for all of a short run and the targets are uniform from the start). No labels, no captions.
   vit, resnet   supervised classification, the shapes world's ImageNet: which color-shape pairs the scene holds
-                (24 labels, multi-label) and how many objects (4 classes), predicted by the model's own timm head.
+                (24 labels, multi-label) and how many objects (4 classes), predicted by the model's own timm head;
+                the ResNet also has deep supervision on the stage the VLM reads (what each 3x3 grid cell holds).
 The weights are the full timm model's state dict (timm's key layout, heads included) in
 data/shapes/encoders/<family>.safetensors, and load through the same code as weights=PATH.
 """
@@ -33,12 +35,15 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 import data
-from encoders import SHAPES_CLASSES, SHAPES_ENCODER_DIR, build_encoder, create_timm_model, to_pixels, PAPER_MODELS
+from encoders import (SHAPES_CLASSES, SHAPES_ENCODER_DIR, PAPER_MODELS, RESNET_STAGES, TINY_MODELS, build_encoder,
+                      create_timm_model, to_pixels)
 
 FAMILIES = ('siglip', 'dinov2', 'vit', 'resnet')
-# steps x batch per family, on 2 CPU cores: siglip about 2 min, the others under 1 min each
+# steps x batch per family, on 2 CPU cores: siglip about 2 min, dinov2 about 1.5 min, vit and resnet under 1 min.
+# The ViT learns far more from many small steps than from few large ones at the same compute: 1600 x 32 probes at
+# 0.85 pairs, 800 x 64 at 0.67, 400 x 128 at 0.33.
 BUDGETS = {'siglip': dict(steps=600, batch_size=128, lr=1e-3), 'dinov2': dict(steps=400, batch_size=64, lr=1e-3),
-           'vit': dict(steps=400, batch_size=128, lr=2e-3), 'resnet': dict(steps=300, batch_size=128, lr=3e-3)}
+           'vit': dict(steps=1600, batch_size=32, lr=2e-3), 'resnet': dict(steps=300, batch_size=128, lr=3e-3)}
 SCENE_SEEDS = {'train': 101, 'probe_train': 102, 'probe_test': 103}  # disjoint from the ImageWorld's seeds
 N_PAIRS = len(data.COLORS) * len(data.SHAPES)
 assert N_PAIRS + data.MAX_OBJECTS == SHAPES_CLASSES, 'encoders.SHAPES_CLASSES must match the supervised labels'
@@ -73,10 +78,41 @@ class SupervisedObjective(nn.Module):
         self.model = model
         self.pairs, self.counts = class_labels(scenes)
 
-    def forward(self, pixels, idx):
-        logits = self.model(pixels)  # timm's head: class token (ViT) or average pool (ResNet), then a linear layer
+    def loss(self, logits, idx):
         pair_loss = F.binary_cross_entropy_with_logits(logits[:, :N_PAIRS], self.pairs[idx])
         return pair_loss * N_PAIRS / data.MAX_OBJECTS + F.cross_entropy(logits[:, N_PAIRS:], self.counts[idx])
+
+    def forward(self, pixels, idx):
+        return self.loss(self.model(pixels), idx)  # timm's head: class token (ViT) or average pool (ResNet)
+
+
+def cell_labels(scenes):
+    """[N, 9]: what each cell of the 3x3 grid holds, its color-shape pair or N_PAIRS for an empty cell."""
+    cells = torch.full((len(scenes), 9), N_PAIRS, dtype=torch.long)
+    for i, scene in enumerate(scenes):
+        for obj in scene:
+            cells[i, obj['cell']] = data.COLORS.index(obj['color']) * len(data.SHAPES) + data.SHAPES.index(obj['shape'])
+    return cells
+
+
+class ResNetObjective(SupervisedObjective):
+    """The supervised objective through timm's head, plus deep supervision of the stage the VLM reads: a 1x1 conv on
+    the tapped feature map, average-pooled to the scene's 3x3 grid of cells, says what each cell holds (one of the
+    24 pairs, or empty), a dense, detection-like target. Without it the tapped stage (layer2 of five) hardly moves:
+    random layer2 features already bind color to shape (ReLU conjunctions), and the head four stages up pulls the
+    stages near it; 300 or 600 steps left the layer2 probe where random init had it."""
+
+    def __init__(self, model, scenes, stage, dense_weight=1.0):
+        super().__init__(model, scenes)
+        self.tap = RESNET_STAGES.index(stage) + 1  # timm's feature index: 0 is the stem
+        self.cell_head = nn.Conv2d(model.feature_info[self.tap]['num_chs'], N_PAIRS + 1, kernel_size=1)
+        self.cells, self.dense_weight = cell_labels(scenes), dense_weight
+
+    def forward(self, pixels, idx):
+        final, (tapped,) = self.model.forward_intermediates(pixels, indices=[self.tap])
+        cells = F.adaptive_avg_pool2d(self.cell_head(tapped), 3).flatten(2)  # [B, 25, 9], cells in row-major order
+        return (self.loss(self.model.forward_head(final), idx)
+                + self.dense_weight * F.cross_entropy(cells, self.cells[idx]))
 
 
 def caption_words(text):
@@ -158,51 +194,69 @@ def sinkhorn(logits, iters=3):
 
 class DINOObjective(nn.Module):
     """DINO (class token, across views) + iBOT (masked patch tokens) with an EMA teacher, centered by Sinkhorn-Knopp
-    as in DINOv2."""
+    as in DINOv2, with a separate head for each (DINOv2's ibot_separate_head).
 
-    def __init__(self, model, n_prototypes=256, mask_ratio=0.4, student_temp=0.1, teacher_temp=0.04, momentum=0.996):
+    Two things make it learn at demo scale. LayerScale starts at 1, not at timm's 1e-5 (DINOv2's value for 100k+
+    step runs of deep models): at 1e-5 every block is an identity, so the class token never reads the image (its
+    output had cosine 0.999 between different scenes, teacher logits varied by 1e-4 across a batch, the teacher's
+    targets were uniform, log K, from the first step) and 400 steps grew the scales only to 0.01. And the class
+    token has its own head: sharing one batch-norm head with the 36 patch tokens of each image left the class
+    token's targets uniform even with LayerScale 1 (entropy 5.52 of log K = 5.55; 4.1 with its own head)."""
+
+    def __init__(self, model, n_prototypes=256, mask_ratio=0.4, student_temp=0.1, teacher_temp=0.04, momentum=0.996,
+                 layer_scale=1.0):
         super().__init__()
         dim = model.embed_dim
         self.model = model
-        # batch norm in the head, as in DINO's optional head and BYOL: the outputs are standardized over the batch,
-        # so they cannot all become the same vector, the collapse a tiny model otherwise falls into within 100 steps
-        self.head = nn.Sequential(nn.Linear(dim, 256), nn.BatchNorm1d(256), nn.GELU(), nn.Linear(256, 64))
+        with torch.no_grad():
+            for block in model.blocks:
+                block.ls1.gamma.fill_(layer_scale)
+                block.ls2.gamma.fill_(layer_scale)
+        # batch norm in the heads, as in DINO's optional head and BYOL: the outputs are standardized over the batch
+        head = lambda: nn.Sequential(nn.Linear(dim, 256), nn.BatchNorm1d(256), nn.GELU(), nn.Linear(256, 64))
+        self.cls_head, self.patch_head = head(), head()
         self.prototypes = nn.Linear(64, n_prototypes, bias=False)  # used with unit rows: logits are cosines
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
         # the EMA teacher starts as a copy of the student; a plain list, so its weights are neither trained nor saved
-        self.teacher = [copy.deepcopy(m).requires_grad_(False) for m in (model, self.head, self.prototypes)]
+        self.teacher = [copy.deepcopy(m).requires_grad_(False) for m in self.student()]
         self.mask_ratio, self.student_temp, self.teacher_temp = mask_ratio, student_temp, teacher_temp
         self.momentum = momentum  # of the EMA teacher, raised to 1 over the run on a cosine
 
-    def tokens(self, vit, head, prototypes, pixels, mask=None):
+    def student(self):
+        return self.model, self.cls_head, self.patch_head, self.prototypes
+
+    def tokens(self, vit, cls_head, patch_head, prototypes, pixels, mask=None):
         x = vit.patch_embed(pixels)
         if mask is not None:
             x = torch.where(mask.unsqueeze(-1), self.mask_token.to(x.dtype), x)
         x = vit.norm(vit.blocks(vit.norm_pre(vit._pos_embed(x))))
-        x = torch.cat([x[:, :1], x[:, vit.num_prefix_tokens:]], dim=1)  # class token + patches, registers dropped
+        patches = x[:, vit.num_prefix_tokens:]  # register tokens dropped
+        h_cls = cls_head(x[:, 0])
+        h_patch = patch_head(patches.flatten(0, 1)).view(*patches.shape[:2], -1)  # batch norm over every patch
         # cosine logits in [-1, 1], DINO's normalized last layer: the student cannot flatten its output to uniform
         # by shrinking weights, the trivial way to match a teacher it cannot yet predict
-        h = head(x.flatten(0, 1)).view(*x.shape[:2], -1)  # batch norm sees every token of the batch
-        return F.linear(F.normalize(h, dim=-1), F.normalize(prototypes.weight, dim=-1))
+        w = F.normalize(prototypes.weight, dim=-1)
+        return F.linear(F.normalize(h_cls, dim=-1), w), F.linear(F.normalize(h_patch, dim=-1), w)
 
     def forward(self, pixels, idx):
         views = torch.cat([random_view(pixels), random_view(pixels)])
         b, n = views.shape[0], self.model.patch_embed.num_patches
         mask = torch.rand(b, n) < self.mask_ratio
         with torch.no_grad():
-            t = self.tokens(*self.teacher, views)
-            t_cls = sinkhorn(t[:, 0] / self.teacher_temp)
-            t_patch = sinkhorn(t[:, 1:].flatten(0, 1) / self.teacher_temp).view(t[:, 1:].shape)
-        s = F.log_softmax(self.tokens(self.model, self.head, self.prototypes, views, mask) / self.student_temp, -1)
-        half = b // 2
+            t_cls, t_patch = self.tokens(*self.teacher, views)
+            t_cls = sinkhorn(t_cls / self.teacher_temp)
+            t_patch = sinkhorn(t_patch.flatten(0, 1) / self.teacher_temp).view(t_patch.shape)
+        s_cls, s_patch = self.tokens(*self.student(), views, mask)
+        s_cls = F.log_softmax(s_cls / self.student_temp, -1)
+        s_patch = F.log_softmax(s_patch / self.student_temp, -1)
         # each view's student class token predicts the other view's teacher
-        cls_loss = -(t_cls.roll(half, 0) * s[:, 0]).sum(-1).mean()
-        patch_loss = -(t_patch * s[:, 1:]).sum(-1)[mask].mean()
+        cls_loss = -(t_cls.roll(b // 2, 0) * s_cls).sum(-1).mean()
+        patch_loss = -(t_patch * s_patch).sum(-1)[mask].mean()
         return cls_loss + patch_loss
 
     @torch.no_grad()
     def update_teacher(self, momentum):
-        for teacher, student in zip(self.teacher, (self.model, self.head, self.prototypes)):
+        for teacher, student in zip(self.teacher, self.student()):
             for pt, ps in zip(teacher.parameters(), student.parameters()):
                 pt.lerp_(ps, 1 - momentum)
 
@@ -230,6 +284,8 @@ def pretrain(family, folder=SHAPES_ENCODER_DIR, steps=None, batch_size=None, lr=
             objective = SigLIPObjective(model, scenes, rng)
         elif family == 'dinov2':
             objective = DINOObjective(model)
+        elif family == 'resnet':
+            objective = ResNetObjective(model, scenes, TINY_MODELS['resnet']['stage'])
         else:
             objective = SupervisedObjective(model, scenes)
         params = [p for p in objective.parameters() if p.requires_grad]

@@ -1,5 +1,7 @@
 """Tests for pretrain_encoders.py: every objective learns, the saved weights load as weights=PATH, the probe reads."""
 
+import math
+
 import pytest
 import torch
 from safetensors import safe_open
@@ -39,6 +41,24 @@ def test_labels_and_scenes():
     first = scenes[0][0]
     k = data.COLORS.index(first['color']) * len(data.SHAPES) + data.SHAPES.index(first['shape'])
     assert pairs[0, k] == 1 and pairs[0].sum() == len({(o['color'], o['shape']) for o in scenes[0]})
+    # the ResNet's dense targets: each of the 9 cells holds its object's pair, or N_PAIRS when empty
+    cells = P.cell_labels(scenes)
+    assert cells.shape == (50, 9) and cells[0, first['cell']] == k
+    assert torch.equal((cells < P.N_PAIRS).sum(1), counts + 1)
+
+
+def test_dino_teacher_reads_the_image():
+    # with timm's LayerScale of 1e-5 the class token ignores the image and the teacher's targets are uniform from
+    # the first step; the objective starts LayerScale at 1, so different scenes get different targets
+    model = encoders.create_timm_model('dinov2', 'tiny', 'random', 48)
+    objective = P.DINOObjective(model)
+    pixels = encoders.to_pixels(P.make_scenes(32, seed=4)[1], 48, (0.5,) * 3, (0.5,) * 3)
+    with torch.no_grad():
+        t_cls, _ = objective.tokens(*objective.teacher, pixels)
+    targets = P.sinkhorn(t_cls / objective.teacher_temp)
+    entropy = -(targets * targets.clamp_min(1e-12).log()).sum(-1).mean()
+    assert all(bool((b.ls1.gamma == 1).all()) for b in model.blocks)
+    assert entropy < 0.9 * math.log(t_cls.shape[1])  # at LayerScale 1e-5: 0.997 log K, uniform; here about 0.73
 
 
 def test_nothing_to_pretrain_for_patch(tmp_path):
