@@ -135,6 +135,14 @@ def read_vision_task(task, folder):
     raise ValueError(f'unknown vision benchmark {task!r}: {", ".join(VISION_TASKS)}')
 
 
+def check_tasks(tasks):
+    """An unknown task name is an error that lists the known ones (before any model is loaded)."""
+    unknown = [t for t in tasks if t not in TEXT_TASKS + VISION_TASKS]
+    if unknown:
+        raise ValueError(f'unknown task {", ".join(map(repr, unknown))}; the tasks are: vision '
+                         f'{", ".join(VISION_TASKS)}; text {", ".join(TEXT_TASKS)}')
+
+
 def read_task(task, bench_dir, limit=0, seed=0):
     """A benchmark's items; with limit, a fixed seeded subset of that many (the same on every call)."""
     folder = os.path.join(bench_dir, task)

@@ -331,6 +331,7 @@ def run_benchmarks(model, enc, tasks, bench_dir, device='cpu', limit=0, seed=0):
     import benchmarks
     from images import BadImage, decode_image
 
+    benchmarks.check_tasks(tasks)
     rng = np.random.default_rng(seed)
     results, skipped = {}, Counter()
     for task in tasks:
@@ -372,6 +373,9 @@ def run_benchmarks(model, enc, tasks, bench_dir, device='cpu', limit=0, seed=0):
 
 def benchmark_checkpoint(ckpt_dir, tasks, bench_dir, device='cpu', limit=0):
     """Run benchmarks on the model in ckpt_dir; writes ckpt_dir/eval_bench.json and prints the table."""
+    import benchmarks
+
+    benchmarks.check_tasks(tasks)
     model, info = load_model(ckpt_dir, device)
     enc = data.get_tokenizer(info['tokenizer'])
     results = run_benchmarks(model, enc, tasks, bench_dir, device, limit)
@@ -394,7 +398,11 @@ if __name__ == '__main__':
     if not args['ckpt']:
         sys.exit('usage: python eval.py --ckpt=DIR [--device=cuda] [--tasks=vqav2,pope,arc_easy,... '
                  '--bench_dir=BENCH --limit=N]')
-    if args['tasks']:
-        benchmark_checkpoint(args['ckpt'], args['tasks'].split(','), args['bench_dir'], args['device'], args['limit'])
-    else:
-        evaluate_checkpoint(args['ckpt'], args['device'])
+    try:
+        if args['tasks']:
+            benchmark_checkpoint(args['ckpt'], args['tasks'].split(','), args['bench_dir'], args['device'],
+                                 args['limit'])
+        else:
+            evaluate_checkpoint(args['ckpt'], args['device'])
+    except (ValueError, FileNotFoundError) as err:  # an unknown task, a missing benchmark file: no traceback
+        sys.exit(f'error: {err}')

@@ -1,4 +1,8 @@
 """The paper's benchmarks: each reader on a fixture written in its publisher's format, and the scoring wired to it."""
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -47,6 +51,8 @@ def test_limit_is_a_fixed_subset(tmp_path):
 def test_missing_file_says_where_and_what(tmp_path):
     with pytest.raises(FileNotFoundError, match=r'gqa.testdev_balanced_questions.json is missing'):
         benchmarks.read_task('gqa', str(tmp_path))
+    with pytest.raises(ValueError, match=r"unknown task 'vqa2'; the tasks are: vision vqav2, gqa.*text arc_easy"):
+        ev.benchmark_checkpoint(str(tmp_path / 'no_checkpoint_needed'), ['vqav2', 'vqa2'], str(tmp_path))
 
 
 def test_text_benchmarks_score_with_known_chance(bench):
@@ -82,3 +88,11 @@ def test_vision_benchmarks_use_their_metrics(bench, monkeypatch):
     assert t['pope']['accuracy'] == pytest.approx(1 / 3) and t['pope']['chance'] == 0.5
     assert t['pope']['splits']['random'] == {'accuracy': 1.0, 'n': 1, 'f1': 1.0}
     assert t['pope']['splits']['popular']['f1'] == 0.0
+
+
+def test_command_line_error_is_one_line(tmp_path):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, 'eval.py', f'--ckpt={tmp_path}', '--tasks=pope,mmlu'], cwd=root,
+                          capture_output=True, text=True)
+    assert proc.returncode == 1 and proc.stderr.startswith("error: unknown task 'mmlu'; the tasks are")
+    assert 'Traceback' not in proc.stderr
