@@ -1,6 +1,7 @@
 import io
 import json
 import os
+import subprocess
 import sys
 import tarfile
 
@@ -98,3 +99,14 @@ def write_tar(path, samples):
             info = tarfile.TarInfo(name)
             info.size = len(payload)
             tar.addfile(info, io.BytesIO(payload))
+
+
+def run_train(args, ranks=0):
+    """train.py with args in a subprocess: plain python, or torchrun with `ranks` processes (gloo on the CPU). Its
+    stdout; a failure shows the ends of both streams."""
+    cmd = [sys.executable, 'train.py', *args]
+    if ranks:
+        cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={ranks}', *cmd[1:]]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS='1'))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc.stdout

@@ -4,16 +4,14 @@ checkpoints load into a single process and back, and torch.compile compiles once
 """
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 import train
+from conftest import run_train
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # every stage, with an unfrozen encoder (its gradients cross the ranks too) and image-caption rows whose scored
 # target counts differ, so an unweighted mean over micro-batches would not match
 TINY = ['--device=cpu', '--text_iters=10', '--save_fracs=[0.5,1.0]', '--image_inject_frac=0.5', '--warmup_iters=2',
@@ -26,12 +24,7 @@ STAGES = ('text/ckpt_050', 'text/ckpt_100', 'image', 'finetune')
 def launch(out, shapes_dir, *extra, ranks=0):
     """train.py in a subprocess: plain python, or torchrun with `ranks` processes."""
     args = TINY + [f'--data_dir={shapes_dir}', f'--out_dir={out}', f'--text_out_dir={out}/text', *extra]
-    cmd = [sys.executable, 'train.py', *args]
-    if ranks:
-        cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={ranks}', *cmd[1:]]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS='1'))
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    return proc.stdout
+    return run_train(args, ranks)
 
 
 def assert_same_weights(a, b, atol):

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 import benchmarks
 import corpora
@@ -18,7 +19,7 @@ import data
 import eval as ev
 import images
 import train
-from conftest import write_tar
+from conftest import run_train, write_tar
 
 N = 36  # image tokens of a tiny encoder at 48 px (a 6 x 6 grid)
 
@@ -142,16 +143,25 @@ def test_real_data_config_errors(real, tmp_path):
     train.get_config([f'--image_data={shards}', '--stages=text,image'])  # no conversations needed: fine
 
 
-def test_all_stages_on_real_data_then_every_benchmark(real, tmp_path, bench, capsys, one_thread):
+def launch(real, out, *extra, ranks=0):
+    """train.py on the real-data fixtures, every stage, in a subprocess (torchrun with `ranks` processes); its log."""
     shards, llava, corpus = real
-    out = str(tmp_path / 'run')
-    train.main(train.get_config([
-        f'--dataset={corpus}', f'--image_data={shards}', f'--instruct_data={llava}', f'--data_dir={tmp_path}',
-        f'--out_dir={out}', f'--text_out_dir={out}/text', '--text_iters=6', '--save_fracs=[0.5,1.0]',
-        '--image_inject_frac=0.5', '--warmup_iters=1', '--batch_size=4', '--image_iters=4', '--image_ratio=0.5',
-        '--instruct_ratio=0.25', '--finetune_epochs=2', '--rewarm_iters=1', '--log_interval=2', '--encoder=vit',
-        '--encoder_weights=random', '--eval_iters=1', '--device=cpu', '--finetune_text_ratio=0.5']))
-    log = capsys.readouterr().out
+    args = [f'--dataset={corpus}', f'--image_data={shards}', f'--instruct_data={llava}', f'--data_dir={out}/data',
+            f'--out_dir={out}', f'--text_out_dir={out}/text', '--text_iters=6', '--save_fracs=[0.5,1.0]',
+            '--image_inject_frac=0.5', '--warmup_iters=1', '--batch_size=4', '--image_iters=4', '--image_ratio=0.5',
+            '--instruct_ratio=0.25', '--finetune_epochs=2', '--rewarm_iters=1', '--log_interval=2', '--encoder=vit',
+            '--encoder_weights=random', '--eval_iters=1', '--device=cpu', '--finetune_text_ratio=0.5', *extra]
+    return run_train(args, ranks)
+
+
+@pytest.fixture(scope='module')
+def real_run(real, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp('real_run'))
+    return out, launch(real, out)
+
+
+def test_all_stages_on_real_data_then_every_benchmark(real_run, bench):
+    out, log = real_run
     assert 'image data: 21 image-caption pairs in 2 shards; 10 conversations (9 with an image); left out when ' \
            'read: no caption 1' in log
     image_log, finetune_log = log.split('finetune stage:', 1)
@@ -161,9 +171,20 @@ def test_all_stages_on_real_data_then_every_benchmark(real, tmp_path, bench, cap
     assert 'finetune step 2/2' in finetune_log and 'skipped so far: missing file 1' in finetune_log
     assert 'stable scores' not in log  # no built-in tasks: the scores come from eval.py --tasks
     ckpt = os.path.join(out, 'finetune')
-    assert os.path.exists(os.path.join(ckpt, 'model.safetensors'))
     tasks = list(benchmarks.TEXT_TASKS) + list(benchmarks.VISION_TASKS)
     result = ev.benchmark_checkpoint(ckpt, tasks, bench)
     assert set(result['tasks']) == set(tasks)
     assert result['vision_stable_score'] is not None and result['text_stable_score'] is not None
     assert json.load(open(os.path.join(ckpt, 'eval_bench.json')))['tasks'].keys() == result['tasks'].keys()
+
+
+def test_two_ranks_and_a_worker_read_real_data_as_one_process(real, real_run, tmp_path):
+    single, single_log = real_run
+    out = str(tmp_path / 'ddp')
+    log = launch(real, out, '--data_workers=1', ranks=2)  # each rank reads its own rows, in a DataLoader worker
+    skips = lambda text: [line.split(' | ')[-1] for line in text.splitlines() if 'skipped so far' in line]
+    assert skips(log) == skips(single_log)  # the counts summed over the ranks are the single process's
+    for stage in ('image', 'finetune'):
+        a, b = (load_file(os.path.join(d, stage, 'model.safetensors')) for d in (single, out))
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], atol=2e-3, rtol=0, msg=k)
