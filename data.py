@@ -14,6 +14,7 @@ import json
 import os
 import random
 import sys
+import time
 from collections import Counter
 
 import numpy as np
@@ -483,13 +484,18 @@ def mixture_batch(source, enc, text_tokens, batch_size, block_size, n_image_toke
     return torch.stack(xs), torch.stack(ys), image_refs
 
 
-def finetune_plan(source, enc, block_size, n_image_tokens, epochs, seed):
+def finetune_plan(source, enc, block_size, n_image_tokens, epochs, seed, verbose=False):
     """
     The fine-tuning epochs as rows of conversation indices: each epoch a shuffle of the conversations, packed greedily
     into rows of block_size tokens. Lengths are measured once; the rows are built when a batch is (finetune_row).
     Conversations longer than a row are left out and counted in source.skipped. Returns [epoch][row] = [indices].
     """
-    lengths = [len(source.conversation_sample(i, enc, n_image_tokens)[0]) for i in range(source.n_conversations)]
+    lengths, t0, n = [], time.time(), source.n_conversations
+    for i in range(n):  # LLaVA's 665k conversations take minutes: say how long
+        lengths.append(len(source.conversation_sample(i, enc, n_image_tokens)[0]))
+        if verbose and (i + 1) % 100_000 == 0:
+            print(f'finetune: measured {i + 1:,} of {n:,} conversations, eta '
+                  f'{(time.time() - t0) / (i + 1) * (n - i - 1):.0f}s', flush=True)
     too_long = sum(n + 1 > block_size for n in lengths)
     if too_long:
         source.skipped['longer than block_size'] += too_long

@@ -24,7 +24,7 @@ MIN_SIDE = 8  # pixels: smaller images (tracking pixels, 1x1 spacers) carry noth
 MAX_PIXELS = 64 * 2 ** 20  # width x height above this is refused from the header alone, before any decoding
 IMAGE_EXTENSIONS = ('jpg', 'jpeg', 'png', 'webp')
 # why a sample drawn for a batch was left out: decode_image's reasons, a missing LLaVA image, a sample over block_size
-SKIP_REASONS = ('not an image', 'too large', 'too small', 'truncated or corrupt', 'missing file',
+SKIP_REASONS = ('not an image', 'too large', 'too small', 'truncated or corrupt', 'missing file', 'unreadable file',
                 'longer than block_size')
 
 
@@ -331,6 +331,8 @@ class RealImages:
                 return f.read()
         except FileNotFoundError:
             raise BadImage('missing file')
+        except OSError:  # a folder, no permission
+            raise BadImage('unreadable file')
 
     def usable(self, ref):
         """Decode ref's image (kept for pixels()); False, and the reason counted, when it cannot be used."""

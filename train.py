@@ -644,7 +644,8 @@ def train_finetune(cfg, rt):
     n_image_tokens = raw_model.encoder.num_tokens
     enc, text_tokens, world = stage_data(cfg, rt, raw_model.encoder.img_size)
     features = feature_cache(cfg, rt, world, raw_model)
-    epochs = data.finetune_plan(world, enc, cfg.block_size, n_image_tokens, cfg.finetune_epochs, cfg.seed + 2)
+    epochs = data.finetune_plan(world, enc, cfg.block_size, n_image_tokens, cfg.finetune_epochs, cfg.seed + 2,
+                                verbose=rt.master)
     if world.skipped:
         log(rt, f'finetune stage: {world.skipped["longer than block_size"]:,} conversations longer than '
                 f'block_size={cfg.block_size} left out')
