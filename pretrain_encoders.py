@@ -333,6 +333,7 @@ def ensure_pretrained(family, folder=SHAPES_ENCODER_DIR):
         pretrain(family, folder)
     return path
 
+
 # -----------------------------------------------------------------------------
 # linear probe: what does the mean of an encoder's tokens say about the scene? Reading single attributes is easy
 # here even for random features (a random patch embedding keeps the pixels), so the probe asks for what pre-training

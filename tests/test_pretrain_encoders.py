@@ -25,6 +25,7 @@ def test_objective_lowers_its_loss_and_weights_load_as_path(family, tmp_path, mo
     assert float(meta['last_loss']) < float(meta['first_loss'])
     # the file is a plain timm state dict: it loads through weights=PATH, and 'shapes' finds the same file
     monkeypatch.setattr(encoders, 'SHAPES_ENCODER_DIR', str(tmp_path))
+    monkeypatch.setattr(P, 'pretrain', lambda *a, **k: pytest.fail('a cached encoder was pre-trained again'))
     images = P.make_scenes(4, seed=5)[1]
     by_path, by_name = build_encoder(family, weights=path), build_encoder(family, weights='shapes')
     assert torch.equal(by_path.encode(images), by_name.encode(images))
