@@ -85,19 +85,19 @@ def index_shard(path, caption_key='txt'):
     caption_key is not 'txt'. Only the captions are read: the image bytes are skipped over.
     """
     keys, rows, skipped = [], [], Counter()
+    field = 'txt' if caption_key == 'txt' else 'json'
 
-    def close(key, files):
+    def close(key, files, caption):
         image = next((files[e] for e in IMAGE_EXTENSIONS if e in files), None)
-        field = 'txt' if caption_key == 'txt' else 'json'
         if image is None:
             skipped['no image'] += 1
-        elif field not in files or not caption_text(read_range(path, *files[field]), caption_key):
+        elif caption is None or not caption_text(caption, caption_key):
             skipped['no caption'] += 1
         else:
             keys.append(key)
             rows.append(image + files[field])
 
-    key, files, n = None, {}, 0
+    key, files, caption, n = None, {}, None, 0
     try:
         with tarfile.open(path) as tar:
             for member in tar:
@@ -107,15 +107,17 @@ def index_shard(path, caption_key='txt'):
                 k, _, ext = base.partition('.')
                 k = os.path.join(os.path.dirname(member.name), k)
                 if k != key and key is not None:
-                    close(key, files)
+                    close(key, files, caption)
                     n += 1
-                    files = {}
-                key = k
-                files[ext.lower()] = (member.offset_data, member.size)
+                    files, caption = {}, None
+                key, ext = k, ext.lower()
+                files[ext] = (member.offset_data, member.size)
+                if ext == field:  # read while the tar is open: the caption decides whether the sample is kept
+                    caption = tar.extractfile(member).read()
     except tarfile.TarError as e:
         raise ValueError(f'{path} is not a readable tar shard ({e})') from e
     if key is not None:
-        close(key, files)
+        close(key, files, caption)
         n += 1
     if n == 0:
         raise ValueError(f'{path} holds no samples: an empty shard (check how it was written)')

@@ -646,9 +646,9 @@ def train_finetune(cfg, rt):
     features = feature_cache(cfg, rt, world, raw_model)
     epochs = data.finetune_plan(world, enc, cfg.block_size, n_image_tokens, cfg.finetune_epochs, cfg.seed + 2,
                                 verbose=rt.master)
-    if world.skipped:
-        log(rt, f'finetune stage: {world.skipped["longer than block_size"]:,} conversations longer than '
-                f'block_size={cfg.block_size} left out')
+    too_long = world.skipped['longer than block_size']
+    if too_long:
+        log(rt, f'finetune stage: {too_long:,} conversations longer than block_size={cfg.block_size} left out')
     # each optimizer step: n_conv rows of conversations and n_text rows of plain text (LLaVA keeps text-only
     # conversations in its mix for the same reason: without them fine-tuning erases the LM's text knowledge)
     n_text = round(cfg.batch_size * cfg.finetune_text_ratio)
@@ -664,15 +664,13 @@ def train_finetune(cfg, rt):
 
     def make(step, rows):
         epoch, s = divmod(step, steps_per_epoch)
-        plan = epochs[epoch][s * n_conv:(s + 1) * n_conv] + [None] * n_text  # None: a text row
-        batch = []
-        for i, indices in list(enumerate(plan))[rows]:
-            if indices is None:
-                x, y = data.text_batch(text_tokens, n_text, cfg.block_size, data.seeded_generator(cfg.seed + 2, step),
-                                       slice(i - n_conv, i - n_conv + 1))
-                batch.append((x[0], y[0], []))
-            else:
-                batch.append(data.finetune_row(world, enc, indices, cfg.block_size, n_image_tokens))
+        start, stop, _ = rows.indices(cfg.batch_size)  # rows 0 .. n_conv-1 are conversations, the rest text
+        batch = [data.finetune_row(world, enc, indices, cfg.block_size, n_image_tokens)
+                 for indices in epochs[epoch][s * n_conv:(s + 1) * n_conv][start:stop]]
+        if stop > n_conv:
+            x, y = data.text_batch(text_tokens, n_text, cfg.block_size, data.seeded_generator(cfg.seed + 2, step),
+                                   slice(max(start - n_conv, 0), stop - n_conv))
+            batch += [(x[i], y[i], []) for i in range(len(x))]
         refs = [r for row in batch for r in row[2]]
         return torch.stack([r[0] for r in batch]), torch.stack([r[1] for r in batch]), image_inputs(world, features, refs)
 
