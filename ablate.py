@@ -22,7 +22,7 @@ import time
 
 import numpy as np
 
-from configurator import ConfigError, configure
+from configurator import ConfigError, configure, script_config
 from eval import paired_difference
 import train
 
@@ -74,7 +74,9 @@ def expand(cfg, passed):
                 raise  # a typo in the grid is an error, not a skip
             skipped.append(f'{name}: {e}')
             continue
-        text_tag = '-'.join(f'{k}={getattr(cell_cfg, k)}' for k in train.TEXT_KEYS if k in cell and k != 'seed')
+        # cells that differ only in keys the text stage does not read share one text stage (train.fingerprint)
+        text_tag = '-'.join(f'{k}={getattr(cell_cfg, k)}' for k in cell
+                            if k not in train.RUN_KEYS + train.IMAGE_KEYS + train.FINETUNE_KEYS + ('seed',))
         for seed in cfg['seeds']:
             out = os.path.join(cfg['out_dir'], folder_name(name), f'seed{seed}')
             text_out = os.path.join(cfg['out_dir'], 'text', folder_name(text_tag or 'shared'), f'seed{seed}')
@@ -238,7 +240,7 @@ def collect(cfg, runs, errors, skipped=()):
 
 def main(args):
     own, passed = split_args(args)
-    cfg = configure(own, {k: globals()[k] for k in ABLATE_KEYS})
+    cfg = configure(own, script_config(globals()), source=__file__)
     runs, skipped = expand(cfg, passed)
     for reason in skipped:
         print(f'skipped {reason}')

@@ -20,13 +20,28 @@ from contextlib import nullcontext
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from configurator import configure
+from configurator import configure, script_config
 from encoders import build_encoder
 from model import GPT, PRESETS, VLM, GPTConfig, device_peak_flops
 from runtime import compile_count
 
-config = dict(model='demo', block_size=256, batch_size=16, vocab_size=320, device='auto', dtype='auto', steps=10,
-              warmup=3, modes='', encoder='', encoder_scale='tiny', images_per_row=2, grad_checkpoint=False, seed=0)
+# -----------------------------------------------------------------------------
+# config for `python bench.py`
+model = 'demo'  # a preset of model.PRESETS: demo, 79m, 1b
+block_size = 256  # context length of the random batches
+batch_size = 16  # sequences per step
+vocab_size = 320  # 320: the byte vocabulary of the shapes world; 50304: GPT-2's, padded
+device = 'auto'  # 'auto' (cuda when available), 'cpu', 'cuda'
+dtype = 'auto'  # 'auto' (bfloat16 on CUDA, float32 on CPU), 'bfloat16', 'float32'
+steps = 10  # timed steps per mode
+warmup = 3  # untimed steps first (compilation, allocator)
+modes = ''  # comma-separated: eager, compiled (LM); unfrozen, frozen, cached (VLM); '': all of the model's
+encoder = ''  # an encoder of encoders.ENCODERS: time the VLM step with images; '': the LM alone
+encoder_scale = 'tiny'  # 'tiny' or 'paper'
+images_per_row = 2  # images at the start of every row of the VLM's batch
+grad_checkpoint = False  # recompute each block's activations in the backward pass
+seed = 0  # of the random weights and batches
+# -----------------------------------------------------------------------------
 IMAGE_TOKEN = 257
 
 
@@ -117,4 +132,4 @@ def main(cfg):
 
 
 if __name__ == '__main__':
-    main(configure(sys.argv[1:], config))
+    main(configure(sys.argv[1:], script_config(globals()), source=__file__))

@@ -3,14 +3,21 @@ Checkpoints of nanoVLP: one folder each, holding
 
     model.safetensors   the weights, named without compile / DDP / FSDP prefixes
     state.pt            the optimizer state keyed by parameter name, the step, the RNG states (weights_only tensors)
-    config.json         the run's config, the model's shape, the tokenizer and, for a VLM, the encoder
+    config.json         the run's config, the model's shape, the tokenizer, for a VLM the encoder, and the
+                        fingerprint of what made it (its stage's config keys, code, data and encoder weights)
 
 A checkpoint is written to {folder}.tmp, flushed to disk, and swapped in by two renames (the old one to
 {folder}.old, the new one in place), so a crash at any moment leaves a loadable checkpoint: the new one, the old one,
 or the old one as {folder}.old, which recover() puts back. Nothing here unpickles code: weights are safetensors and
 state.pt is read with torch.load(weights_only=True).
+
+A finished stage is reused only when its fingerprint equals the one this run would write (check_fingerprint): edit
+model.py, the shapes world or a config key that defines the stage, and the old checkpoint is refused with what
+differs, never silently reused.
 """
 
+import ast
+import hashlib
 import json
 import os
 import random
@@ -18,11 +25,9 @@ import shutil
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_optimizer_state_dict)
-
-from model import VLM
 
 
 def read_checkpoint_info(folder):
@@ -59,10 +64,10 @@ def full_state(raw_model, optimizer):
     """
     The weights and the optimizer state a checkpoint stores, whole and on the CPU, keyed by parameter name (so a
     checkpoint written by an FSDP run loads into a single process and back). Under FSDP this gathers the shards: a
-    collective that every rank calls. A frozen encoder with a recorded source is left out: it is rebuilt from it.
+    collective that every rank calls. An encoder the model does not save (model.VLM.saves_encoder) is left out.
     """
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    skip_encoder = isinstance(raw_model, VLM) and raw_model.encoder.frozen and raw_model.encoder.weights != 'random'
+    skip_encoder = not getattr(raw_model, 'saves_encoder', True)
     # copies, so tied weights are two tensors to safetensors
     weights = {k: v.detach().to('cpu', copy=True).contiguous() for k, v in
                get_model_state_dict(raw_model, options=options).items()
@@ -101,6 +106,12 @@ def save_checkpoint(folder, weights, optimizer_state, info):
     shutil.rmtree(old, ignore_errors=True)
 
 
+def is_checkpoint(folder):
+    """True when folder holds a finished checkpoint (one whose swap a crash interrupted is put back first)."""
+    recover(folder)
+    return os.path.exists(os.path.join(folder, 'config.json'))
+
+
 def recover(folder):
     """Put back {folder}.old when a crash came between the two renames of save_checkpoint."""
     old = folder + '.old'
@@ -117,6 +128,21 @@ def load_state(folder):
         raise RuntimeError(f'cannot load {path} safely: it holds more than tensors and plain containers '
                            f'(torch.load with weights_only=True said: {e}). nanoVLP never unpickles objects from a '
                            f'checkpoint; if you wrote this file yourself, save only tensors, numbers and strings') from e
+
+
+def load_weights(model, folder):
+    """
+    A checkpoint's model.safetensors into model, strictly, but for an encoder the model does not save (it was
+    rebuilt from its recorded source). A mismatch names the file and the keys.
+    """
+    path = os.path.join(folder, 'model.safetensors')
+    missing, unexpected = model.load_state_dict(load_file(path), strict=False)
+    if not getattr(model, 'saves_encoder', True):
+        missing = [k for k in missing if not k.startswith('encoder.')]
+    if missing or unexpected:
+        raise ValueError(f'{path} does not fit the model in its config.json: missing {missing[:5]}, '
+                         f'unexpected {unexpected[:5]}')
+    return model
 
 
 def load_optimizer_state(raw_model, optimizer, optimizer_state, sharded=False):
@@ -143,3 +169,70 @@ def prune(folder, keep_last):
     """Delete all but the newest keep_last checkpoints in folder (the periodic ones of a stage)."""
     for _, path in finished_checkpoints(folder)[:-keep_last]:
         shutil.rmtree(path)
+
+
+# -----------------------------------------------------------------------------
+# fingerprints: what made a checkpoint, so that a stale one is never reused silently
+
+class StaleCheckpoint(ValueError):
+    """A finished checkpoint that other code, data or settings made: the message says what differs."""
+
+
+def code_digest(path):
+    """
+    A digest of a module's code with comments and docstrings left out (its syntax tree): a comment edit keeps a
+    checkpoint, any change to what the code does makes it stale.
+    """
+    with open(path) as f:
+        tree = ast.parse(f.read(), path)
+    for node in ast.walk(tree):
+        body = getattr(node, 'body', None)
+        if isinstance(body, list) and body and isinstance(body[0], ast.Expr) and \
+                isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str):
+            node.body = body[1:] or [ast.Pass()]
+    return hashlib.sha1(ast.dump(tree).encode()).hexdigest()[:16]
+
+
+_digests = {}
+
+
+def file_digest(path):
+    """sha256 of a file's bytes (first 16 hex digits), remembered per path, size and mtime within a process."""
+    st = os.stat(path)
+    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+    if key not in _digests:
+        h = hashlib.sha256()
+        with open(path, 'rb') as f:
+            for block in iter(lambda: f.read(1 << 24), b''):
+                h.update(block)
+        _digests[key] = h.hexdigest()[:16]
+    return _digests[key]
+
+
+def fingerprint_differences(made, expected):
+    """What differs between the fingerprint a checkpoint holds and the one expected, as phrases."""
+    found = []
+    for section in sorted(set(made) | set(expected)):
+        there, here = made.get(section, {}), expected.get(section, {})
+        for key in sorted(set(there) | set(here), key=str):
+            if there.get(key) != here.get(key):
+                found.append(f'{key}: {there.get(key)!r} there, {here.get(key)!r} here' if section == 'config' else
+                             f'{section} {key} differs ({there.get(key)} there, {here.get(key)} here)')
+    return found
+
+
+def check_fingerprint(folder, expected, allow_stale=False, warn=print):
+    """
+    Nothing when folder's checkpoint was made by what the fingerprint `expected` describes; otherwise
+    StaleCheckpoint naming the differences, or with allow_stale a warning and nothing.
+    """
+    made = read_checkpoint_info(folder).get('fingerprint')
+    differences = fingerprint_differences(made, expected) if made else ['it records no fingerprint']
+    if not differences:
+        return
+    message = f'{folder} was made by other code, data or settings: {"; ".join(differences)}'
+    if allow_stale:
+        warn(f'warning: {message}. Reusing it anyway (allow_stale=True)')
+        return
+    raise StaleCheckpoint(f'{message}. Run into another folder (out_dir, text_out_dir), delete it, or pass '
+                          f'--allow_stale=True to reuse it knowingly')

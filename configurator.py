@@ -1,64 +1,78 @@
 """
-The configuration override of nanoGPT, with checks: a script's config is its module globals; config files (plain
-Python) are executed in order and may set any of them, then --key=value flags do. For example
+The configuration override of nanoGPT, with checks, used by every script: a script's config is its module globals;
+config files (plain Python) are executed in order and may set any of them, then --key=value flags do. For example
 
     python train.py config/siglip_frozen.py --image_iters=200 --save_fracs=[0.5,1.0]
+    python train.py --help          # every key with its default and the comment beside it in the script
 
 An unknown key is an error naming the closest known keys; a value must have its default's type (an int is fine for
-a float; booleans accept True/False/true/false/1/0; a key whose default is None takes any Python literal).
+a float; booleans accept True/False/true/false/1/0); a key whose default is None takes the type the script declares
+for it. check_ranges then holds every number to its range before any compute.
 """
 
 import ast
 import difflib
+import io
+import math
 import os
+import tokenize
 
 
 class ConfigError(ValueError):
     pass
 
 
-def parse_value(key, text, default):
-    """Turn the text of --key=text into a value of the default's type."""
-    if isinstance(default, bool):
+def parse_value(key, text, default, declared=None):
+    """Turn the text of --key=text into a value of the default's type (or the declared type, for a None default)."""
+    if isinstance(default, bool) or declared is bool:
         lowered = text.lower()
         if lowered in ('true', '1'):
             return True
         if lowered in ('false', '0'):
             return False
+        if declared is bool and lowered == 'none':
+            return None
         raise ConfigError(f'--{key}={text}: expected a boolean (True/False/true/false/1/0)')
     if isinstance(default, str):
         return text  # strings are taken as written: --out_dir=out/run1 needs no quotes
     try:
         value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
-        if default is None:
-            return text
-        raise ConfigError(f'--{key}={text}: expected {type(default).__name__}, like {default!r}') from None
-    return check_type(key, value, default)
+        raise ConfigError(f'--{key}={text}: expected {type_name(default, declared)}, like {default!r}') from None
+    return check_type(key, value, default, declared)
 
 
-def check_type(key, value, default):
-    if default is None or value is None:
+def type_name(default, declared):
+    return declared.__name__ if default is None and declared else type(default).__name__
+
+
+def check_type(key, value, default, declared=None):
+    """value as a value of key: the default's type (an int widened to float; one value for a list is a list of one)."""
+    if value is None and default is None:
         return value
-    if isinstance(default, bool):
+    like = declared() if default is None and declared else default  # a None default: an instance of its type
+    if like is None:
+        raise ConfigError(f'{key}: its default is None and the script declares no type for it')
+    if isinstance(like, bool):
         if isinstance(value, bool):
             return value
-    elif isinstance(default, float):
+    elif isinstance(like, float):
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
-    elif isinstance(default, int):
+    elif isinstance(like, int):
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-    elif isinstance(default, (list, tuple)):
-        if isinstance(value, (list, tuple)):
-            return type(default)(value)
-        return type(default)([value])  # --save_fracs=1.0 means [1.0]
-    elif isinstance(default, dict):
+    elif isinstance(like, (list, tuple)):
+        items = value if isinstance(value, (list, tuple)) else [value]  # --save_fracs=1.0 means [1.0]
+        if like and not isinstance(like[0], (list, tuple, dict)):  # a list of numbers stays a list of numbers
+            items = [check_type(f'{key}[{i}]', v, like[0]) for i, v in enumerate(items)]
+        return type(like)(items)
+    elif isinstance(like, dict):
         if isinstance(value, dict):
             return value
-    elif isinstance(value, type(default)):
+    elif isinstance(value, type(like)):
         return value
-    raise ConfigError(f'{key}={value!r}: expected {type(default).__name__}, like {default!r}')
+    raise ConfigError(f'{key}={value!r}: expected {type_name(default, declared)}, like {default!r}')
 
 
 def unknown_key_error(key, known):
@@ -67,12 +81,47 @@ def unknown_key_error(key, known):
     return ConfigError(f'unknown config key {key!r}{hint}')
 
 
-def configure(args, config):
-    """Apply config files and --key=value flags from args to the dict config (a script's globals), in order."""
-    known = sorted(config)
+def key_comments(source):
+    """{key: comment} for the lines `key = value  # comment` of a script's source file: the keys' documentation."""
+    comments = {}
+    with open(source) as f:
+        lines = f.read()
+    pending = None
+    for tok in tokenize.generate_tokens(io.StringIO(lines).readline):
+        if tok.type == tokenize.NAME and tok.start[1] == 0:
+            pending = tok.string
+        elif tok.type == tokenize.COMMENT and pending and tok.start[1] > 0:
+            comments.setdefault(pending, tok.string.lstrip('# '))
+        elif tok.type == tokenize.NEWLINE:
+            pending = None
+    return comments
+
+
+def help_text(config, source=None):
+    comments = key_comments(source) if source else {}
+    width = max(len(f'{k} = {v!r}') for k, v in config.items())
+    lines = [f'  {k} = {v!r}'.ljust(width + 4) + (f'# {comments[k]}' if k in comments else '').rstrip()
+             for k, v in config.items()]
+    return 'config keys, their defaults and what they do (set them in a config file or as --key=value):\n' + \
+        '\n'.join(lines)
+
+
+def script_config(namespace):
+    """A script's config: its lowercase module globals of plain types (the keys of its config section)."""
+    return {k: v for k, v in namespace.items()
+            if not k.startswith('_') and k.islower() and isinstance(v, (int, float, bool, str, list, dict, type(None)))}
+
+
+def configure(args, config, source=None, types=None):
+    """
+    Apply config files and --key=value flags from args to the dict config (a script's globals), in order. source:
+    the script's file, whose comments --help prints; types: {key: type} for the keys whose default is None.
+    """
+    known, types = sorted(config), types or {}
     for arg in args:
         if arg in ('-h', '--help'):
-            raise SystemExit('config keys and defaults:\n' + '\n'.join(f'  {k} = {config[k]!r}' for k in known))
+            print(help_text(config, source))
+            raise SystemExit(0)
         if not arg.startswith('--'):
             if not os.path.isfile(arg):
                 raise ConfigError(f'config file {arg} not found (flags are written --key=value)')
@@ -84,12 +133,37 @@ def configure(args, config):
                     continue  # helpers a config file imports or defines are not settings
                 if key not in config:
                     raise unknown_key_error(key, known)
-                config[key] = check_type(key, value, config[key])
+                config[key] = check_type(key, value, config[key], types.get(key))
             continue
         key, sep, text = arg[2:].partition('=')
         if not sep:
             raise ConfigError(f'{arg}: flags are written --key=value')
         if key not in config:
             raise unknown_key_error(key, known)
-        config[key] = parse_value(key, text, config[key])
+        config[key] = parse_value(key, text, config[key], types.get(key))
     return config
+
+
+def check_ranges(config, ranges):
+    """
+    Every number in config (and in its lists of numbers) must be finite and in its range: ranges maps a key to an
+    interval written '(0, 1]', '[0, 1)', '> 0' ...; a key not in ranges must be >= 0. Raises ConfigError.
+    """
+    for key, value in config.items():
+        values = value if isinstance(value, (list, tuple)) else [value]
+        for v in values:
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                continue
+            rule = ranges.get(key, '>= 0')
+            if not math.isfinite(v) or not in_range(v, rule):
+                raise ConfigError(f'{key}={value!r}: must be {"finite and " if not math.isfinite(v) else ""}'
+                                  f'{rule if rule[0] not in "[(" else "in " + rule}')
+
+
+def in_range(v, rule):
+    if rule.startswith(('>', '<')):
+        op, bound = rule.split()
+        bound = float(bound)
+        return {'>': v > bound, '>=': v >= bound, '<': v < bound, '<=': v <= bound}[op]
+    lo, hi = (float(x) for x in rule[1:-1].split(','))
+    return (lo <= v if rule[0] == '[' else lo < v) and (v <= hi if rule[-1] == ']' else v < hi)

@@ -1,7 +1,7 @@
 """
 Real text corpora to token shards, streamed: never more than a chunk of documents in memory.
 
-    python data.py prepare text --input=dclm/*.jsonl.zst --out=data/dclm --tokenizer=gpt2
+    python corpora.py --input='dclm/*.jsonl.zst' --out=data/dclm --tokenizer=gpt2
     python train.py config/scale_79m.py --dataset=data/dclm
 
 Reads .txt (a file is one document), .jsonl and .jsonl.gz (one JSON object a line, its `text` field: the DCLM /
@@ -26,6 +26,16 @@ from multiprocessing import Pool
 import numpy as np
 
 import data
+from configurator import configure, script_config
+
+# -----------------------------------------------------------------------------
+# config for `python corpora.py`
+input = ''  # comma-separated files, folders (searched recursively) and globs (quote them: '*.jsonl.gz')
+out = ''  # the dataset folder to write: train.bin, val.bin, meta.json
+tokenizer = 'bytes'  # 'bytes' (256 byte tokens) or 'gpt2' (tiktoken's BPE, the paper's scale)
+val_fraction = 0.005  # share of documents that go to val.bin, chosen by a hash of their text
+workers = 0  # tokenizer processes; 0: one per core
+# -----------------------------------------------------------------------------
 
 FORMATS = ('.txt', '.jsonl', '.jsonl.gz', '.jsonl.zst', '.parquet')
 
@@ -191,24 +201,11 @@ def prepare_text(inputs, out, tokenizer='bytes', val_fraction=0.005, workers=Non
     return meta
 
 
-def main(argv):
-    """python data.py prepare text --input=PATH [PATH ...] --out=DIR [--tokenizer=gpt2] [--val_fraction=0.005]"""
-    inputs, options = [], {'out': None, 'tokenizer': 'bytes', 'val_fraction': '0.005', 'workers': '0'}
-    key = None
-    for arg in argv:
-        if arg.startswith('--'):
-            key, _, value = arg[2:].partition('=')
-            if key not in options and key != 'input':
-                sys.exit(f'unknown option --{key}; the options are --input, {", ".join("--" + k for k in options)}')
-            if value and key == 'input':
-                inputs.append(value)
-            elif value:
-                options[key] = value
-        elif key == 'input':
-            inputs.append(arg)  # --input=a b c: the shell's glob expansion lands here
-        else:
-            sys.exit(f'unexpected argument {arg!r}')
-    if not inputs or not options['out']:
-        sys.exit(main.__doc__)
-    prepare_text(inputs, options['out'], options['tokenizer'], float(options['val_fraction']),
-                 int(options['workers']) or None)
+if __name__ == '__main__':
+    cfg = configure(sys.argv[1:], script_config(globals()), source=__file__)
+    if not cfg['input'] or not cfg['out']:
+        sys.exit('usage: python corpora.py --input=PATH[,PATH...] --out=DIR [--tokenizer=gpt2] (--help lists the keys)')
+    try:
+        prepare_text(cfg['input'].split(','), cfg['out'], cfg['tokenizer'], cfg['val_fraction'], cfg['workers'] or None)
+    except (ValueError, OSError) as e:
+        sys.exit(f'error: {e}')

@@ -8,8 +8,9 @@ Image encoders for nanoVLP: thin adapters over timm models that turn uint8 image
 Families: siglip, dinov2, dino_siglip (the two fused channel-wise), vit (supervised), resnet, and patch (no
 pretrained encoder at all, just a learned patch projection). scale='paper' builds the models of the paper (see
 PAPER_MODELS); scale='tiny' builds the same timm model classes shrunk to a few hundred thousand parameters, so the
-whole study runs on a laptop CPU. Weights: 'random', 'hub' (timm download), 'shapes' (tiny encoders pre-trained on
-the shapes world) or a path to a .safetensors file holding the full timm model's state dict.
+whole study runs on a laptop CPU. Weights: 'random', 'hub' (timm download) or a path to a .safetensors file holding
+the full timm model's state dict (pretrain_encoders.py writes such files for the tiny encoders: train.py's
+encoder_weights='shapes' is one of them).
 
 Features follow Prismatic's convention, which the paper builds on: a ViT gives the tokens after its second-to-last
 block with the class / register tokens removed and no final norm; a ResNet gives one stage's feature map, flattened.
@@ -27,7 +28,6 @@ from safetensors.torch import load_file
 from timm.layers import resample_abs_pos_embed
 
 ENCODERS = ('siglip', 'dinov2', 'dino_siglip', 'vit', 'resnet', 'patch')
-SHAPES_ENCODER_DIR = 'data/shapes/encoders'  # '<family>.safetensors', written by pretrain_encoders.py
 # the supervised ViT and ResNet are pre-trained on the shapes world's labels (pretrain_encoders.py): which of the
 # 24 color-shape pairs a scene holds, and its object count (4 classes). Their timm heads have that many outputs.
 SHAPES_CLASSES = 24 + 4
@@ -218,7 +218,11 @@ def load_safetensors(model, path):
     """Load a full timm state dict from a .safetensors file into model, strictly; errors say what does not fit."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"encoder weights file not found: {path}")
-    state = load_file(path)
+    try:
+        state = load_file(path)
+    except Exception as e:  # safetensors' own error names neither the file nor what to do
+        raise ValueError(f"{path} is not a readable .safetensors file ({e}): write it again, or point "
+                         f"encoder_weights at another") from None
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
@@ -247,26 +251,20 @@ def create_timm_model(family, scale, weights, img_size):
         kwargs['img_size'] = img_size
     if weights == 'hub':
         if scale != 'paper':
-            raise ValueError(f"weights='hub' exists only for scale='paper'; at scale='{scale}' use 'random', "
-                             f"'shapes' or a .safetensors path")
+            raise ValueError(f"weights='hub' exists only for scale='paper'; at scale='{scale}' use 'random' or a "
+                             f".safetensors path (pretrain_encoders.py writes one per tiny family)")
         try:
             return timm.create_model(cfg['timm_id'], pretrained=True, **kwargs)
         except Exception as e:
             raise RuntimeError(f"downloading the timm weights of {cfg['timm_id']} failed ({type(e).__name__}: {e}); "
                                f"without a network, pass a local .safetensors path as weights instead "
                                f"(e.g. model.safetensors of hf-hub:timm/{cfg['timm_id']})") from e
-    if weights == 'shapes':
-        if scale != 'tiny':
-            raise ValueError(f"weights='shapes' are the tiny encoders pre-trained on the shapes world; at "
-                             f"scale='{scale}' use 'hub', 'random' or a .safetensors path")
-        from pretrain_encoders import ensure_pretrained  # imported here: it builds on this module
-        path = ensure_pretrained(family, SHAPES_ENCODER_DIR)
-    elif weights == 'random':
+    if weights == 'random':
         path = None
     elif isinstance(weights, str) and weights.endswith('.safetensors'):
         path = weights
     else:
-        raise ValueError(f"unknown encoder weights {weights!r}: use 'random', 'hub', 'shapes' or a .safetensors path")
+        raise ValueError(f"unknown encoder weights {weights!r}: use 'random', 'hub' or a .safetensors path")
     model = timm.create_model(cfg['timm_id'], pretrained=False, **kwargs)  # random init from the caller's RNG
     if path is not None:
         load_safetensors(model, path)
@@ -290,11 +288,11 @@ def build_encoder(name, scale='tiny', weights='random', img_size=None, freeze=Tr
                 raise ValueError(f"dino_siglip weights as a dict need exactly the keys 'dinov2' and 'siglip', "
                                  f"got {sorted(weights)}")
             halves = weights
-        elif weights in ('random', 'hub', 'shapes'):
+        elif weights in ('random', 'hub'):
             halves = {'dinov2': weights, 'siglip': weights}
         else:
             raise ValueError(f"dino_siglip holds two models, so one weights path {weights!r} is ambiguous; pass "
-                             f"weights={{'dinov2': PATH, 'siglip': PATH}} (or 'random', 'hub', 'shapes')")
+                             f"weights={{'dinov2': PATH, 'siglip': PATH}} (or 'random', 'hub')")
         return DinoSigLIP(build_encoder('dinov2', scale, halves['dinov2'], img_size, freeze),
                           build_encoder('siglip', scale, halves['siglip'], img_size, freeze))
 
@@ -306,7 +304,7 @@ def build_encoder(name, scale='tiny', weights='random', img_size=None, freeze=Tr
         if freeze:
             raise ValueError("the patch encoder is a learned projection with nothing pretrained to freeze; "
                              "set freeze_encoder=False")
-        if weights not in ('random', 'shapes'):  # 'shapes', the demo default: there is nothing to pre-train
+        if weights != 'random':
             raise ValueError(f"the patch encoder is trained from scratch, so its weights must be 'random', "
                              f"got {weights!r}")
         encoder = PatchProjection(cfg['stride'], **common)
@@ -331,11 +329,11 @@ def encoder_fingerprint(encoder):
 
 
 @torch.no_grad()
-def cached_features(encoder, images, image_set, cache_dir, batch_size=256, verbose=True):
+def cached_features(encoder, images, image_set, cache_dir, create=True, batch_size=256, verbose=True):
     """
     Features of a fixed image set (uint8 [N, H, W, 3], named image_set) from a frozen encoder, as a read-only
     float16 memmap [N, num_tokens, dim] under cache_dir. The file is keyed by the encoder's weights, resolution and
-    the image set, computed once, and read back on later steps and runs.
+    the image set, computed once (only when create is set: a run makes it while it prepares), and read back.
     """
     if not encoder.frozen:
         raise ValueError('features can be cached only for a frozen encoder: a trained one changes them every step')
@@ -343,6 +341,9 @@ def cached_features(encoder, images, image_set, cache_dir, batch_size=256, verbo
     path = os.path.join(cache_dir, f'{encoder.name}-{encoder.img_size}px-{encoder_fingerprint(encoder)}-'
                                    f'{image_set}.f16')
     if not os.path.exists(path):
+        if not create:
+            raise FileNotFoundError(f'feature cache {path} is missing: the run prepares it for the encoder its '
+                                    f'config builds, and this encoder has other weights')
         os.makedirs(cache_dir, exist_ok=True)
         device = next(encoder.parameters()).device
         out = np.lib.format.open_memmap(path + '.tmp', mode='w+', dtype=np.float16, shape=shape)

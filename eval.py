@@ -19,13 +19,23 @@ from collections import Counter
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 
 import data
-from checkpoint import read_checkpoint_info
-from configurator import configure
+import shapes
+from checkpoint import file_digest, load_weights, read_checkpoint_info
+from configurator import configure, script_config
 from encoders import build_encoder
 from model import GPT, VLM, GPTConfig
+
+# -----------------------------------------------------------------------------
+# config for `python eval.py`
+ckpt = ''  # the checkpoint folder to score (eval.json, or eval_bench.json with tasks, is written into it)
+device = 'cpu'  # 'cpu', 'cuda', 'cuda:1', ...
+data_dir = 'data'  # where the shapes world is (written there first when missing), for checkpoints trained on it
+tasks = ''  # comma-separated real benchmarks (benchmarks.py) instead of the dataset's own tasks
+bench_dir = 'bench'  # the folder holding the benchmarks' files in their publishers' layouts
+limit = 0  # score at most this many items per benchmark (a seeded sample); 0: all
+# -----------------------------------------------------------------------------
 
 # -----------------------------------------------------------------------------
 # loading checkpoints
@@ -37,8 +47,15 @@ def build_model(info):
     if 'encoder' not in info:
         return gpt
     e = info['encoder']
-    # an encoder whose weights the checkpoint holds starts random; a frozen one is rebuilt from its recorded source
+    # an encoder whose weights the checkpoint holds starts random; a frozen one is rebuilt from its recorded source,
+    # which must still be the file it was made with
     weights = 'random' if e['saved'] else e['weights']
+    for name, digest in ({} if e['saved'] else e.get('weights_digest', {})).items():
+        path = weights[name] if isinstance(weights, dict) else weights
+        if not os.path.isfile(path) or file_digest(path) != digest:
+            raise ValueError(f'the frozen encoder of this checkpoint is rebuilt from {path}, which is missing or '
+                             f'is no longer the file it was trained with (pre-trained again?): restore that file, '
+                             f'or train the image stage again')
     encoder = build_encoder(e['name'], e['scale'], weights, e['img_size'], freeze=e['frozen'])
     return VLM(gpt, encoder, e['image_token'], e['projector'], e['inject_layer'])
 
@@ -46,14 +63,7 @@ def build_model(info):
 def load_model(ckpt_dir, device='cpu'):
     """Rebuild the model saved in ckpt_dir; returns (model in eval mode, the checkpoint's config.json)."""
     info = read_checkpoint_info(ckpt_dir)
-    model = build_model(info)
-    state = load_file(os.path.join(ckpt_dir, 'model.safetensors'))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if 'encoder' in info and not info['encoder']['saved']:
-        missing = [k for k in missing if not k.startswith('encoder.')]
-    if missing or unexpected:
-        raise ValueError(f'{ckpt_dir}/model.safetensors does not fit the model in its config.json: missing '
-                         f'{missing[:5]}, unexpected {unexpected[:5]}')
+    model = load_weights(build_model(info), ckpt_dir)
     return model.to(device).eval(), info
 
 
@@ -261,7 +271,7 @@ def vision_tasks(model, enc, world, device, rng, blind=False):
         images = np.full_like(images, 128)
     predictions = answer(model, enc, prompts, images, device)
     tasks = {}
-    for name in data.VISION_TASKS:
+    for name in shapes.VISION_TASKS:
         chosen = [(p, it) for p, it in zip(predictions, world.eval_items) if it['task'] == name]
         scores = [float(normalize_answer(p) == normalize_answer(it['answer'])) for p, it in chosen]
         # the answers are balanced over a known set of k, so an image-blind model gets 1/k
@@ -271,13 +281,14 @@ def vision_tasks(model, enc, world, device, rng, blind=False):
 
 
 def evaluate(model, enc, folder, device, world_args=(), seed=0):
-    """All tasks of the dataset in folder; returns the eval.json dict."""
+    """All tasks of the dataset in folder (world_args: the shapes ImageWorld's, for a VLM); the eval.json dict."""
     rng = np.random.default_rng(seed)
-    tasks = text_tasks(model, enc, data.load_text_tasks(folder), device, rng)
+    tasks = text_tasks(model, enc, shapes.load_text_tasks(folder), device, rng)
     results = {'vision_stable_score': None, 'vision_stable_score_ci95': None,
                'vision_blind_stable_score': None, 'vision_blind_stable_score_ci95': None}
     if isinstance(model, VLM):
-        world = data.ImageWorld(folder, *world_args)
+        shapes.prepare_images(folder, *world_args)
+        world = shapes.ImageWorld(folder, *world_args)
         vision = vision_tasks(model, enc, world, device, rng)
         blind = vision_tasks(model, enc, world, device, rng, blind=True)
         tasks.update(vision)
@@ -305,12 +316,39 @@ def format_table(results):
     return '\n'.join(lines)
 
 
-def evaluate_checkpoint(ckpt_dir, device='cpu', verbose=True):
-    """Evaluate the model in ckpt_dir and write ckpt_dir/eval.json; returns the results."""
+def stable_scores_line(r):
+    """The stable scores of an eval.json, on one line: 'vision 0.520 | blind -0.327 | text stable score 0.869'."""
+    return ' | '.join(f'{name} {r[key]:.3f}' for name, key in (
+        ('vision', 'vision_stable_score'), ('blind', 'vision_blind_stable_score'),
+        ('text stable score', 'text_stable_score')) if r[key] is not None)
+
+
+def stable_score_table(rows):
+    """[(name, checkpoint folder)] -> the stable scores of those with an eval.json, with their intervals."""
+    fmt = lambda r, k: 'n/a' if r.get(k) is None else f"{r[k]:.3f} [{r[k + '_ci95'][0]:+.3f}, {r[k + '_ci95'][1]:+.3f}]"
+    lines = [f"{'checkpoint':<16}{'vision':<26}{'vision (blind)':<26}{'text':<26}"]
+    for name, folder in rows:
+        path = os.path.join(folder, 'eval.json')
+        if os.path.exists(path):
+            with open(path) as f:
+                r = json.load(f)
+            lines.append(f"{name:<16}{fmt(r, 'vision_stable_score'):<26}{fmt(r, 'vision_blind_stable_score'):<26}"
+                         f"{fmt(r, 'text_stable_score'):<26}")
+    return '\n'.join(lines)
+
+
+def evaluate_checkpoint(ckpt_dir, device='cpu', data_dir='data', verbose=True):
+    """
+    Evaluate the model in ckpt_dir on its dataset's own tasks and write ckpt_dir/eval.json; returns the results.
+    A checkpoint of the shapes world is scored on the world under data_dir (written there when missing).
+    """
     model, info = load_model(ckpt_dir, device)
     enc = data.get_tokenizer(info['tokenizer'])
-    folder = data.dataset_dir(info['config']['dataset'], info['config']['data_dir'])
     c = info['config']
+    folder = shapes.prepare_text(data_dir, verbose=verbose) if c['dataset'] == 'shapes' else c['dataset']
+    if not os.path.exists(os.path.join(folder, 'text_tasks.json')):
+        raise ValueError(f'{ckpt_dir} was trained on dataset={folder}, which has no built-in tasks: score it on '
+                         f'benchmarks with --tasks=... --bench_dir=...')
     world_args = (c['scene_size'], c['caption_scenes'], c['conversations']) if 'encoder' in info else ()
     results = evaluate(model, enc, folder, device, world_args)
     results['checkpoint'] = {'stage': info['stage'], 'step': info['step']}
@@ -394,15 +432,14 @@ def benchmark_checkpoint(ckpt_dir, tasks, bench_dir, device='cpu', limit=0):
 
 
 if __name__ == '__main__':
-    args = configure(sys.argv[1:], {'ckpt': '', 'device': 'cpu', 'tasks': '', 'bench_dir': 'bench', 'limit': 0})
-    if not args['ckpt']:
+    cfg = configure(sys.argv[1:], script_config(globals()), source=__file__)
+    if not cfg['ckpt']:
         sys.exit('usage: python eval.py --ckpt=DIR [--device=cuda] [--tasks=vqav2,pope,arc_easy,... '
-                 '--bench_dir=BENCH --limit=N]')
+                 '--bench_dir=BENCH --limit=N] (--help lists the keys)')
     try:
-        if args['tasks']:
-            benchmark_checkpoint(args['ckpt'], args['tasks'].split(','), args['bench_dir'], args['device'],
-                                 args['limit'])
+        if cfg['tasks']:
+            benchmark_checkpoint(cfg['ckpt'], cfg['tasks'].split(','), cfg['bench_dir'], cfg['device'], cfg['limit'])
         else:
-            evaluate_checkpoint(args['ckpt'], args['device'])
+            evaluate_checkpoint(cfg['ckpt'], cfg['device'], cfg['data_dir'])
     except (ValueError, FileNotFoundError) as err:  # an unknown task, a missing benchmark file: no traceback
         sys.exit(f'error: {err}')

@@ -20,6 +20,8 @@ from collections import Counter
 
 import numpy as np
 
+import data
+
 MIN_SIDE = 8  # pixels: smaller images (tracking pixels, 1x1 spacers) carry nothing to caption
 MAX_PIXELS = 64 * 2 ** 20  # width x height above this is refused from the header alone, before any decoding
 IMAGE_EXTENSIONS = ('jpg', 'jpeg', 'png', 'webp')
@@ -194,25 +196,12 @@ def llava_conversations(path, images_dir):
 
 def llava_sample(enc, turns, n_image_tokens):
     """
-    A LLaVA conversation in the demo's chat format, <|user|> question <|assistant|> answer <|endoftext|> per turn,
-    with n_image_tokens <|image|> tokens where the literal <image> stands; the loss mask covers the answers and their
-    end tokens only. Returns (tokens, mask).
+    A LLaVA conversation in the chat format (data.chat_sample): the image's tokens first, wherever the record's
+    literal <image> mark stood (LLaVA puts it at the start or the end of the first question), so that fine-tuning on
+    LLaVA data and every benchmark prompt (data.question_prompt) put the image in the same place. Returns
+    (tokens, mask); n_image_tokens is 0 for a text-only record.
     """
-    import data
-
-    user, assistant, eot, image = (data.special_id(enc, t) for t in
-                                   ('<|user|>', '<|assistant|>', '<|endoftext|>', '<|image|>'))
-    tokens, mask = [], []
-    for question, answer in turns:
-        before, mark, after = question.partition('<image>')
-        prompt = [user] + enc.encode_ordinary(before)
-        if mark:
-            prompt += [image] * n_image_tokens
-        prompt += enc.encode_ordinary(after) + [assistant]
-        reply = enc.encode_ordinary(answer) + [eot]
-        tokens += prompt + reply
-        mask += [False] * len(prompt) + [True] * len(reply)
-    return tokens, mask
+    return data.chat_sample(enc, [(q.replace('<image>', '').strip(), a) for q, a in turns], n_image_tokens)
 
 
 def shard_paths(pattern):
@@ -247,7 +236,7 @@ def cached_index(path, caption_key, cache_dir):
 
 class RealImages:
     """
-    Real image data behind the shapes world's image source interface (data.ImageWorld), so data.mixture_batch and
+    Real image data behind the image source interface (data.py, above MAX_DRAWS; shapes.ImageWorld has it too), so data.mixture_batch and
     the fine-tuning rows read either: the captions of image_data (img2dataset tar shards, each indexed once into
     cache_dir, then read by random access) and the conversations of instruct_data (a LLaVA json; its image paths are
     relative to instruct_images). Random access rather than streaming keeps a batch a function of its step, as the
@@ -312,15 +301,13 @@ class RealImages:
         return self.paths[int(np.searchsorted(self.starts, i, side='right')) - 1]
 
     def caption_sample(self, i, enc, n_image_tokens, generator):
-        import data
-
         _, _, at, size = self.ranges[i].tolist()
         text = caption_text(read_range(self.shard_of(i), at, size), self.caption_key)
         return data.caption_sample(enc, text, n_image_tokens) + ([i],)
 
     def conversation_sample(self, i, enc, n_image_tokens):
         image, turns = self.conversations[i]
-        tokens, mask = llava_sample(enc, turns, n_image_tokens)
+        tokens, mask = llava_sample(enc, turns, 0 if image is None else n_image_tokens)
         return tokens, mask, [] if image is None else [self.n_captions + i]
 
     def raw_image(self, ref):

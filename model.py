@@ -286,6 +286,15 @@ class VLM(nn.Module):
         self.image_token, self.inject_layer = image_token, inject_layer
         self.config = gpt.config
 
+    @property
+    def saves_encoder(self):
+        """
+        Whether a checkpoint holds the encoder's weights: yes, unless the encoder is frozen and every part of it has
+        a recorded source (a weights file or the hub) that rebuilds it exactly. The one place this rule is written.
+        """
+        w = self.encoder.weights
+        return not (self.encoder.frozen and 'random' not in (w.values() if isinstance(w, dict) else [w]))
+
     def project(self, images=None, features=None):
         """[N images, num_tokens, n_embd] from uint8 images [N, H, W, 3], or from precomputed encoder features."""
         if features is None:

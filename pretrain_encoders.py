@@ -2,9 +2,9 @@
 Pre-train the tiny encoders on the shapes world, each family in the spirit of its paper-scale original, so that
 encoder_weights='shapes' (the demo default) means at demo scale what pretrained weights mean at paper scale.
 
-    python pretrain_encoders.py                      # every family whose weights are missing
-    python pretrain_encoders.py siglip --force       # retrain one family
-    python pretrain_encoders.py probe                # linear probes on frozen features: random init vs pre-trained
+    python pretrain_encoders.py                                # every family whose weights are missing
+    python pretrain_encoders.py --families=siglip --force=True # retrain one family
+    python pretrain_encoders.py --probe=True                   # linear probes on frozen features: random vs trained
 
 Objectives, one per family (dino_siglip is the two pre-trained halves; patch has nothing to pre-train):
   siglip        SigLIP's pairwise sigmoid loss between the image tower (timm's attention-pooled output) and a small
@@ -17,7 +17,8 @@ Objectives, one per family (dino_siglip is the two pre-trained halves; patch has
                 (24 labels, multi-label) and how many objects (4 classes), predicted by the model's own timm head;
                 the ResNet also has deep supervision on the stage the VLM reads (what each 3x3 grid cell holds).
 The weights are the full timm model's state dict (timm's key layout, heads included) in
-data/shapes/encoders/<family>.safetensors, and load through the same code as weights=PATH.
+{data_dir}/shapes/encoders/<family>.safetensors, and load through encoders.build_encoder(weights=PATH). train.py
+resolves encoder_weights='shapes' to these paths (shapes_weights) when it prepares a run.
 """
 
 import copy
@@ -34,9 +35,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-import data
-from encoders import (SHAPES_CLASSES, SHAPES_ENCODER_DIR, PAPER_MODELS, RESNET_STAGES, TINY_MODELS, build_encoder,
-                      create_timm_model, to_pixels)
+import shapes
+from configurator import configure, script_config
+from encoders import SHAPES_CLASSES, PAPER_MODELS, RESNET_STAGES, TINY_MODELS, build_encoder, create_timm_model, to_pixels
+
+# -----------------------------------------------------------------------------
+# config for `python pretrain_encoders.py`
+families = 'siglip,dinov2,vit,resnet'  # comma-separated families to pre-train when their weights are missing
+force = False  # pre-train them again even when their weights exist
+probe = False  # instead of pre-training: print the linear-probe table (random init vs pre-trained) of every family
+data_dir = 'data'  # weights go to {data_dir}/shapes/encoders/<family>.safetensors
+# -----------------------------------------------------------------------------
 
 FAMILIES = ('siglip', 'dinov2', 'vit', 'resnet')
 # steps x batch per family, on 2 CPU cores: siglip about 2 min, dinov2 about 1.5 min, vit and resnet under 1 min.
@@ -45,8 +54,8 @@ FAMILIES = ('siglip', 'dinov2', 'vit', 'resnet')
 BUDGETS = {'siglip': dict(steps=600, batch_size=128, lr=1e-3), 'dinov2': dict(steps=400, batch_size=64, lr=1e-3),
            'vit': dict(steps=1600, batch_size=32, lr=2e-3), 'resnet': dict(steps=300, batch_size=128, lr=3e-3)}
 SCENE_SEEDS = {'train': 101, 'probe_train': 102, 'probe_test': 103}  # disjoint from the ImageWorld's seeds
-N_PAIRS = len(data.COLORS) * len(data.SHAPES)
-assert N_PAIRS + data.MAX_OBJECTS == SHAPES_CLASSES, 'encoders.SHAPES_CLASSES must match the supervised labels'
+N_PAIRS = len(shapes.COLORS) * len(shapes.SHAPES)
+assert N_PAIRS + shapes.MAX_OBJECTS == SHAPES_CLASSES, 'encoders.SHAPES_CLASSES must match the supervised labels'
 
 # -----------------------------------------------------------------------------
 # scenes: uniform over 1..4 objects in random cells, unconstrained (the encoder should see every combination)
@@ -54,9 +63,9 @@ assert N_PAIRS + data.MAX_OBJECTS == SHAPES_CLASSES, 'encoders.SHAPES_CLASSES mu
 
 def make_scenes(n, seed, size=48):
     rng = random.Random(seed)
-    scenes = [[data.random_object(rng, c) for c in rng.sample(range(9), rng.randint(1, data.MAX_OBJECTS))]
+    scenes = [[shapes.random_object(rng, c) for c in rng.sample(range(9), rng.randint(1, shapes.MAX_OBJECTS))]
               for _ in range(n)]
-    images = np.stack([data.render(s, size) for s in scenes])
+    images = np.stack([shapes.render(s, size) for s in scenes])
     return scenes, images, rng
 
 
@@ -65,7 +74,7 @@ def class_labels(scenes):
     pairs = torch.zeros(len(scenes), N_PAIRS)
     for i, scene in enumerate(scenes):
         for obj in scene:
-            pairs[i, data.COLORS.index(obj['color']) * len(data.SHAPES) + data.SHAPES.index(obj['shape'])] = 1
+            pairs[i, shapes.COLORS.index(obj['color']) * len(shapes.SHAPES) + shapes.SHAPES.index(obj['shape'])] = 1
     return pairs, torch.tensor([len(s) - 1 for s in scenes])
 
 # -----------------------------------------------------------------------------
@@ -80,7 +89,7 @@ class SupervisedObjective(nn.Module):
 
     def loss(self, logits, idx):
         pair_loss = F.binary_cross_entropy_with_logits(logits[:, :N_PAIRS], self.pairs[idx])
-        return pair_loss * N_PAIRS / data.MAX_OBJECTS + F.cross_entropy(logits[:, N_PAIRS:], self.counts[idx])
+        return pair_loss * N_PAIRS / shapes.MAX_OBJECTS + F.cross_entropy(logits[:, N_PAIRS:], self.counts[idx])
 
     def forward(self, pixels, idx):
         return self.loss(self.model(pixels), idx)  # timm's head: class token (ViT) or average pool (ResNet)
@@ -91,7 +100,7 @@ def cell_labels(scenes):
     cells = torch.full((len(scenes), 9), N_PAIRS, dtype=torch.long)
     for i, scene in enumerate(scenes):
         for obj in scene:
-            cells[i, obj['cell']] = data.COLORS.index(obj['color']) * len(data.SHAPES) + data.SHAPES.index(obj['shape'])
+            cells[i, obj['cell']] = shapes.COLORS.index(obj['color']) * len(shapes.SHAPES) + shapes.SHAPES.index(obj['shape'])
     return cells
 
 
@@ -145,7 +154,7 @@ class SigLIPObjective(nn.Module):
         super().__init__()
         self.model = model
         # several phrasings per scene, one drawn per step, as web captions vary for one picture
-        texts = [[caption_words(data.caption(s, rng)) for _ in range(captions_per_scene)] for s in scenes]
+        texts = [[caption_words(shapes.caption(s, rng)) for _ in range(captions_per_scene)] for s in scenes]
         vocab = sorted({w for options in texts for t in options for w in t})
         index = {w: i + 1 for i, w in enumerate(vocab)}  # 0 pads
         max_len = max(len(t) for options in texts for t in options)
@@ -263,14 +272,14 @@ class DINOObjective(nn.Module):
 # -----------------------------------------------------------------------------
 
 
-def weights_path(family, folder=SHAPES_ENCODER_DIR):
-    return os.path.join(folder, f'{family}.safetensors')
+def weights_path(family, data_dir):
+    return os.path.join(data_dir, 'shapes', 'encoders', f'{family}.safetensors')
 
 
-def pretrain(family, folder=SHAPES_ENCODER_DIR, steps=None, batch_size=None, lr=None, n_scenes=20000, seed=0,
+def pretrain(family, path, steps=None, batch_size=None, lr=None, n_scenes=20000, seed=0,
              verbose=True):
-    """Pre-train one family on the shapes world and save its timm state dict; returns the path. Runs under its
-    own RNG, so building an encoder leaves the caller's random state as it was."""
+    """Pre-train one family on the shapes world and save its timm state dict to path (a .safetensors); returns the
+    path. Runs under its own RNG, so the caller's random state is left as it was."""
     if family not in FAMILIES:
         raise ValueError(f'nothing to pre-train for {family!r}: the pre-trained families are {", ".join(FAMILIES)}'
                          f' (dino_siglip is dinov2 + siglip; patch is learned from scratch)')
@@ -312,8 +321,7 @@ def pretrain(family, folder=SHAPES_ENCODER_DIR, steps=None, batch_size=None, lr=
                 eta = elapsed / (step + 1) * (steps - step - 1)
                 print(f'pretrain {family}: step {step + 1}/{steps} loss {np.mean(losses[-50:]):.4f} '
                       f'({elapsed:.0f}s, ETA {eta:.0f}s)', flush=True)
-    os.makedirs(folder, exist_ok=True)
-    path = weights_path(family, folder)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     save_file(state, path + '.tmp', metadata={'objective': type(objective).__name__, 'steps': str(steps),
                                               'batch_size': str(batch_size), 'first_loss': f'{losses[0]:.4f}',
@@ -325,13 +333,26 @@ def pretrain(family, folder=SHAPES_ENCODER_DIR, steps=None, batch_size=None, lr=
     return path
 
 
-def ensure_pretrained(family, folder=SHAPES_ENCODER_DIR):
+def ensure_pretrained(family, data_dir, verbose=True):
     """The path of a family's shapes weights, pre-training them first if they are missing."""
-    path = weights_path(family, folder)
+    path = weights_path(family, data_dir)
     if not os.path.isfile(path):
-        print(f'{path} is missing: pre-training the tiny {family} on the shapes world (once; cached afterwards)')
-        pretrain(family, folder)
+        if verbose:
+            print(f'{path} is missing: pre-training the tiny {family} on the shapes world (once; cached afterwards)')
+        pretrain(family, path, verbose=verbose)
     return path
+
+
+def shapes_weights(encoder, data_dir, verbose=True):
+    """
+    encoder_weights='shapes' as build_encoder takes it: the family's weights file (pre-trained here when missing),
+    a dict of the two halves' files for dino_siglip, and 'random' for patch (a projection learned from scratch).
+    """
+    if encoder == 'patch':
+        return 'random'
+    if encoder == 'dino_siglip':
+        return {half: ensure_pretrained(half, data_dir, verbose) for half in ('dinov2', 'siglip')}
+    return ensure_pretrained(encoder, data_dir, verbose)
 
 
 # -----------------------------------------------------------------------------
@@ -346,7 +367,7 @@ def pooled_features(encoder, images, batch_size=256):
                       for i in range(0, len(images), batch_size)])
 
 
-def probe(encoder, n_train=3000, n_test=1000, ridge=1e-3):
+def linear_probe(encoder, n_train=3000, n_test=1000, ridge=1e-3):
     """Ridge-regression probes on frozen, mean-pooled features, fit on train scenes and scored on test scenes:
     'pairs', the fraction of scenes whose set of color-shape pairs is predicted exactly (24 yes/no outputs), and
     'count', the accuracy of the object count (chance 1/4)."""
@@ -363,17 +384,17 @@ def probe(encoder, n_train=3000, n_test=1000, ridge=1e-3):
     xt, pairs_t, counts_t = fit['probe_test']
     xt = design(xt)
     exact = (((xt @ solve(pairs)) > 0.5) == (pairs_t > 0.5)).all(1)
-    count = (xt @ solve(F.one_hot(counts, data.MAX_OBJECTS))).argmax(1) == counts_t
+    count = (xt @ solve(F.one_hot(counts, shapes.MAX_OBJECTS))).argmax(1) == counts_t
     return {'pairs': exact.float().mean().item(), 'count': count.float().mean().item()}
 
 
-def probe_table(folder=SHAPES_ENCODER_DIR):
+def probe_table(data_dir):
     rows = ['| encoder | pairs, random init | pairs, pre-trained | count, random init | count, pre-trained |',
             '|---|---|---|---|---|']
     for family in FAMILIES:
         torch.manual_seed(0)
-        random_init = probe(build_encoder(family, weights='random'))
-        trained = probe(build_encoder(family, weights=ensure_pretrained(family, folder)))
+        random_init = linear_probe(build_encoder(family, weights='random'))
+        trained = linear_probe(build_encoder(family, weights=ensure_pretrained(family, data_dir)))
         rows.append(f"| {family} | {random_init['pairs']:.3f} | {trained['pairs']:.3f} | "
                     f"{random_init['count']:.3f} | {trained['count']:.3f} |")
         print(rows[-1], flush=True)
@@ -381,14 +402,13 @@ def probe_table(folder=SHAPES_ENCODER_DIR):
 
 
 if __name__ == '__main__':
-    args = sys.argv[1:]
-    force = '--force' in args
-    names = [a for a in args if not a.startswith('--')]
-    if names == ['probe']:
-        print(probe_table())
+    cfg = configure(sys.argv[1:], script_config(globals()), source=__file__)
+    if cfg['probe']:
+        print(probe_table(cfg['data_dir']))
     else:
-        for name in names or FAMILIES:
-            if force or not os.path.isfile(weights_path(name)):
-                pretrain(name)
+        for name in cfg['families'].split(','):
+            path = weights_path(name, cfg['data_dir'])
+            if cfg['force'] or not os.path.isfile(path):
+                pretrain(name, path)
             else:
-                print(f'{weights_path(name)} exists (use --force to retrain)')
+                print(f'{path} exists (--force=True pre-trains it again)')

@@ -1,10 +1,14 @@
 """
 The runtime of a training run: device and process group, precision, DDP / FSDP / torch.compile around the model,
-the DataLoader of a stage's micro-batches, and rank-0-only logging. train.py's stages use these; none of them knows
-about stages.
+the DataLoader of a stage's micro-batches, the optimizer steps themselves (train_steps: the weighted micro-batch
+loss, the non-finite guard every rank agrees on, the log lines) and rank-0-only logging. train.py's stages use
+these; none of them knows about stages.
 """
 
+import math
 import os
+import time
+from collections import Counter
 from contextlib import contextmanager, nullcontext
 from types import SimpleNamespace
 
@@ -14,8 +18,11 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
+from checkpoint import full_state, save_checkpoint
 from configurator import ConfigError
+from images import SKIP_REASONS
 from model import VLM
+
 
 def setup_runtime(cfg):
     """Device, DDP process group, autocast context; returns a namespace every stage uses."""
@@ -74,6 +81,18 @@ def log(rt, *args):
 def format_time(seconds):
     seconds = int(seconds)
     return f'{seconds // 3600}h{seconds % 3600 // 60:02d}m' if seconds >= 3600 else f'{seconds // 60}m{seconds % 60:02d}s'
+
+
+def skip_counts(rt, skipped):
+    """' | skipped so far: reason n, ...' summed over the ranks (each rank builds its own rows), or '' when nothing was."""
+    unknown = set(skipped) - set(SKIP_REASONS)
+    if unknown:
+        raise ValueError(f'skip reasons {unknown} are not in images.SKIP_REASONS')
+    counts = torch.tensor([float(skipped[r]) for r in SKIP_REASONS], device=rt.device)
+    if rt.ddp:
+        dist.all_reduce(counts)
+    found = [f'{r} {int(n):,}' for r, n in zip(SKIP_REASONS, counts.tolist()) if n]
+    return ' | skipped so far: ' + ', '.join(found) if found else ''
 
 
 def batch_loader(rt, make, first, last):
@@ -154,3 +173,94 @@ def wrap_model(rt, raw_model):
     if rt.ddp and not rt.fsdp:
         return DDP(raw_model, device_ids=[rt.device] if rt.device_type == 'cuda' else None)
     return raw_model
+
+
+# -----------------------------------------------------------------------------
+# the optimizer steps of a stage, and its checkpoints
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on (a non-finite loss): the message names the step, the stage and what to do."""
+
+
+def train_steps(rt, stage, model, raw_model, optimizer, batches, lr_at, first, last, on_step, val_loss,
+                tokens_per_step, cfg):
+    """
+    Optimizer steps first .. last-1 on the micro-batches (x, y, inputs, skipped) from batches (batch_loader), where
+    skipped counts the samples left out while building it (bad images); lr_at(step) is the LR factor every param
+    group multiplies its peak_lr by; on_step(step_done) runs after each step (checkpoints). A step whose gradient is
+    not finite is not applied; after max_bad_steps of them the run stops (TrainingError).
+    """
+    bad_steps = 0
+    accum = rt.micro_steps
+    t_start, t_last, step_last = time.time(), time.time(), first
+    losses, waited, skipped = [], 0.0, Counter()
+    compiles = compile_count() if rt.compile else 0
+    for step in range(first, last):
+        factor = lr_at(step)
+        for group in optimizer.param_groups:
+            group['lr'] = group['peak_lr'] * factor
+        t = time.time()
+        micro_batches = [next(batches) for _ in range(accum)]
+        waited += time.time() - t
+        # the step's loss is the mean over all its scored targets, on every rank and micro-step: each micro-batch's
+        # mean loss is weighted by its share of them (rows of captions and conversations score unequal numbers),
+        # so the gradient does not depend on how the batch is split over ranks and micro-steps
+        counts = [(y != -1).sum().item() for _, y, _, _ in micro_batches]
+        for batch in micro_batches:
+            skipped.update(batch[3])
+        total = torch.tensor(float(sum(counts)), device=rt.device)
+        if rt.ddp:
+            dist.all_reduce(total)
+        step_loss = 0.0  # this rank's mean over its scored targets, for the log
+        for micro, (x, y, inputs, _) in enumerate(micro_batches):
+            x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
+            inputs = {k: v.to(rt.device, non_blocking=True) for k, v in inputs.items()}
+            with nullcontext() if micro == accum - 1 else no_grad_sync(model):
+                with rt.autocast:
+                    _, loss = model(x, y, **inputs)
+                # DDP and FSDP average the ranks' gradients: scale by world_size to make that average a sum
+                (loss * (counts[micro] * rt.world_size / total.clamp(min=1))).backward()
+            step_loss = step_loss + loss.detach() * counts[micro] / max(sum(counts), 1)
+        # the global gradient norm (clipped to grad_clip, when set) is the same on every rank, so every rank agrees
+        # on whether a step is bad; a NaN or inf loss makes it NaN too
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float('inf'))
+        norm = norm.full_tensor() if hasattr(norm, 'full_tensor') else norm  # FSDP: a DTensor
+        done = step + 1
+        if math.isfinite(norm.item()):
+            optimizer.step()
+            losses.append(step_loss)
+        else:
+            bad_steps += 1
+            if bad_steps > cfg.max_bad_steps:
+                raise TrainingError(
+                    f'{stage} stage, step {done}: the loss or its gradient is not finite (loss {loss.item()}, gradient '
+                    f'norm {norm.item()}). The last good checkpoint is {rt.last_checkpoint or "none (none written yet)"}'
+                    f'; nothing after it was written. Resume from it with init_from=resume (a lower learning rate or '
+                    f'grad_clip may help), or set max_bad_steps to skip such batches')
+            log(rt, f'{stage} step {done}: non-finite loss or gradient, batch skipped '
+                    f'({bad_steps} of max_bad_steps={cfg.max_bad_steps})')
+        optimizer.zero_grad(set_to_none=True)
+        if done % cfg.log_interval == 0 or done == last:
+            now = time.time()
+            dt = (now - t_last) / (done - step_last)
+            tok_s = tokens_per_step / dt
+            mfu = raw_model.estimate_mfu(tok_s, cfg.peak_flops or None)
+            mean_loss = torch.stack(losses).mean().item() if losses else float('nan')  # nan: every step was bad
+            log(rt, f'{stage} step {done}/{last} | loss {mean_loss:.4f} | lr {optimizer.param_groups[0]["lr"]:.2e} | '
+                    f'{tok_s:,.0f} tok/s | mfu {"n/a" if mfu is None else f"{mfu:.1%}"} | '
+                    f'data wait {waited / (now - t_last):.0%} | '
+                    f'eta {format_time((last - done) * (now - t_start) / (done - first))}' + skip_counts(rt, skipped))
+            t_last, step_last, losses, waited = now, done, [], 0.0
+        if val_loss is not None and cfg.eval_interval and (done % cfg.eval_interval == 0 or done == last):
+            log(rt, f'{stage} step {done}: val loss {val_loss():.4f}')
+        on_step(done)
+    if rt.compile:
+        log(rt, f'{stage} stage: torch.compile made {compile_count() - compiles} new graph(s)')
+
+
+def save_stage_checkpoint(rt, folder, raw_model, optimizer, info):
+    """Every rank gathers (FSDP), rank 0 writes. The folder becomes the stage's last good checkpoint."""
+    weights, optimizer_state = full_state(raw_model, optimizer)
+    if rt.master:
+        save_checkpoint(folder, weights, optimizer_state, info)
+    rt.last_checkpoint = folder

@@ -18,17 +18,29 @@ import torch
 
 import data
 import eval as ev
-from configurator import configure
+import shapes
+from configurator import configure, script_config
 from model import VLM
 
-config = dict(ckpt='out/finetune', prompt='How many shapes are there?', image='', scene=-1, max_new_tokens=32,
-              temperature=0.0, top_k=0, seed=0, device='cpu', scene_size=48)
+# -----------------------------------------------------------------------------
+# config for `python sample.py`
+ckpt = 'out/finetune'  # the checkpoint folder to ask
+prompt = 'How many shapes are there?'  # the question (a VLM) or the text to continue (a text checkpoint)
+image = ''  # an image file to ask about; '': a shapes-world test scene
+scene = -1  # which test scene (its seed); -1: scene 0
+max_new_tokens = 32  # at most this many tokens of reply
+temperature = 0.0  # 0: greedy
+top_k = 0  # sample from the k likeliest tokens; 0: from all
+seed = 0  # of the sampling
+device = 'cpu'  # 'cpu', 'cuda', ...
+scene_size = 48  # the scene is rendered at this many pixels (the shapes world's default)
+# -----------------------------------------------------------------------------
 
 
 def shapes_scene(seed, size):
     """A test-split scene (seeds disjoint from training's) and its rendering."""
-    scene = data.scene_with(random.Random(data.SPLIT_SEEDS['test'] * 1_000_003 + seed), {})
-    return scene, data.render(scene, size)
+    scene = shapes.scene_with(random.Random(shapes.SPLIT_SEEDS['test'] * 1_000_003 + seed), {})
+    return scene, shapes.render(scene, size)
 
 
 def main(cfg):
@@ -48,7 +60,7 @@ def main(cfg):
             path = os.path.join(cfg['ckpt'], f'scene_{seed}.png')
             from PIL import Image
             Image.fromarray(picture).resize((192, 192), Image.Resampling.NEAREST).save(path)
-            print(f'scene {seed}: {", ".join(data.describe(o, random.Random(0)) for o in scene)} (saved {path})')
+            print(f'scene {seed}: {", ".join(shapes.describe(o, random.Random(0)) for o in scene)} (saved {path})')
         idx = data.question_prompt(enc, cfg['prompt'], model.encoder.num_tokens)
         images = torch.from_numpy(np.array(picture[None])).to(cfg['device'])
     elif cfg['image'] or cfg['scene'] >= 0:
@@ -65,4 +77,4 @@ def main(cfg):
 
 
 if __name__ == '__main__':
-    main(configure(sys.argv[1:], config))
+    main(configure(sys.argv[1:], script_config(globals()), source=__file__))

@@ -12,14 +12,14 @@ from PIL import Image
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import data  # noqa: E402
+import shapes  # noqa: E402
 
 
 @pytest.fixture(scope='session')
 def shapes_dir(tmp_path_factory):
     """A small shapes world (same generator, fewer bytes), written once per test session; returns its data_dir."""
     data_dir = str(tmp_path_factory.mktemp('data'))
-    data.prepare_shapes(data_dir, train_bytes=300_000, val_bytes=20_000, n_task_items=40, verbose=False)
+    shapes.prepare_text(data_dir, train_bytes=300_000, val_bytes=20_000, n_task_items=40, verbose=False)
     return data_dir
 
 

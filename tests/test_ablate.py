@@ -112,8 +112,10 @@ def test_paired_bootstrap():
         ev.paired_difference(better['tasks'], fake_eval([1.0] * 10, [1.0] * 50)['tasks'], 'vision')
 
 
+@pytest.mark.slow
 def test_a_real_cell_runs_and_a_broken_one_is_reported(tmp_path, shapes_dir):
-    grid = "{'encoder_weights': ['random', '/no/such.safetensors']}"
+    (tmp_path / 'broken.safetensors').write_bytes(b'not a safetensors file')  # exists, so it fails as it loads
+    grid = f"{{'encoder_weights': ['random', '{tmp_path}/broken.safetensors']}}"
     ok = ablate.main([f'--out_dir={tmp_path}', f'--grid={grid}', f'--data_dir={shapes_dir}', '--text_iters=10',
                       '--save_fracs=[0.5,1.0]', '--image_inject_frac=0.5', '--warmup_iters=2', '--batch_size=4',
                       '--image_iters=4', '--image_ratio=0.5', '--caption_scenes=40', '--conversations=40',
@@ -123,4 +125,4 @@ def test_a_real_cell_runs_and_a_broken_one_is_reported(tmp_path, shapes_dir):
     with open(tmp_path / 'results.json') as f:
         records = json.load(f)
     assert 'eval' in records[0] and records[0]['eval']['vision_stable_score'] is not None
-    assert 'encoder weights file not found' in records[1]['error']
+    assert 'broken.safetensors is not a readable .safetensors file' in records[1]['error']

@@ -90,6 +90,7 @@ def test_vision_benchmarks_use_their_metrics(bench, monkeypatch):
     assert t['pope']['splits']['popular']['f1'] == 0.0
 
 
+@pytest.mark.slow
 def test_command_line_error_is_one_line(tmp_path):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.run([sys.executable, 'eval.py', f'--ckpt={tmp_path}', '--tasks=pope,mmlu'], cwd=root,

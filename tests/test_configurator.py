@@ -34,8 +34,15 @@ def test_bad_boolean_and_wrong_type():
         configure(['--learning_rate=fast'], defaults())
 
 
-def test_none_default_takes_any_literal():
-    assert configure(['--compile=True'], defaults())['compile'] is True
+def test_a_none_default_takes_its_declared_type():
+    types = {'compile': bool}
+    assert configure(['--compile=True'], defaults(), types=types)['compile'] is True
+    assert configure(['--compile=false'], defaults(), types=types)['compile'] is False  # not the truthy 'false'
+    assert configure(['--compile=None'], defaults(), types=types)['compile'] is None
+    with pytest.raises(ConfigError, match='expected a boolean'):
+        configure(['--compile=maybe'], defaults(), types=types)
+    with pytest.raises(ConfigError, match='declares no type'):
+        configure(['--compile=True'], defaults())
 
 
 def test_unknown_key_names_the_closest_keys():

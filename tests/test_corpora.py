@@ -1,4 +1,4 @@
-"""python data.py prepare text: every reader, the round trip text -> tokens -> text, the split, counted skips."""
+"""python corpora.py: every reader, the round trip text -> tokens -> text, the split, counted skips."""
 import gzip
 import json
 import os
@@ -93,11 +93,12 @@ def test_optional_formats_say_what_to_install(tmp_path, monkeypatch):
             list(corpora.documents(str(tmp_path / name), corpora.Counter()))
 
 
+@pytest.mark.slow
 def test_command_line(tmp_path):
     inputs = write_inputs(tmp_path / 'in')
     out = tmp_path / 'out'
-    proc = subprocess.run([sys.executable, 'data.py', 'prepare', 'text', f'--input={inputs}/a.txt', f'{inputs}/b.jsonl',
-                           f'--out={out}', '--workers=1'], cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, 'corpora.py', f'--input={inputs}/a.txt,{inputs}/b.jsonl', f'--out={out}',
+                           '--workers=1'], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert 'skipped 2 lines' in proc.stdout and 'eta' in proc.stdout
     assert json.load(open(out / 'meta.json'))['files'] == 2

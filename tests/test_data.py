@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import data
+import shapes
 
 
 def test_byte_tokenizer_round_trip_and_specials():
@@ -30,15 +31,15 @@ def test_unknown_tokenizer():
 
 
 def test_world_and_corpus_are_deterministic():
-    assert data.make_world() == data.make_world()
-    world = data.make_world()
-    assert data.make_corpus(world, 1, 5000) == data.make_corpus(world, 1, 5000)
-    assert data.make_corpus(world, 1, 5000) != data.make_corpus(world, 2, 5000)
+    assert shapes.make_world() == shapes.make_world()
+    world = shapes.make_world()
+    assert shapes.make_corpus(world, 1, 5000) == shapes.make_corpus(world, 1, 5000)
+    assert shapes.make_corpus(world, 1, 5000) != shapes.make_corpus(world, 2, 5000)
 
 
 def test_corpus_states_the_world_facts():
-    world = data.make_world()
-    text = ' '.join(data.make_corpus(world, 1, 200_000))
+    world = shapes.make_world()
+    text = ' '.join(shapes.make_corpus(world, 1, 200_000))
     person = world['people'][0]
     facts = world['facts'][person]
     assert f"The favorite color of {person} is {facts['color']}." in text or \
@@ -47,7 +48,7 @@ def test_corpus_states_the_world_facts():
 
 
 def test_text_tasks_have_known_chance_and_uniform_answers():
-    items = data.make_text_tasks(data.make_world(), 3, 400)
+    items = shapes.make_text_tasks(shapes.make_world(), 3, 400)
     assert {it['task'] for it in items} == {'facts', 'arithmetic', 'sequence'}
     for it in items:
         assert len(it['choices']) == 4 and len(set(it['choices'])) == 4
@@ -55,12 +56,12 @@ def test_text_tasks_have_known_chance_and_uniform_answers():
     # the right answer sits uniformly among the choices, so an answer-blind scorer gets 1/4
     positions = np.bincount([it['answer'] for it in items if it['task'] != 'arithmetic'], minlength=4)
     assert positions.min() > 0.2 * positions.sum()
-    world = data.make_world()
+    world = shapes.make_world()
     for it in items:
         if it['task'] == 'arithmetic':
             a, op, b = it['prompt'].split()[:3]
-            a, b = data.NUMBER_WORDS.index(a), data.NUMBER_WORDS.index(b)
-            assert it['choices'][it['answer']].strip() == data.NUMBER_WORDS[a + b if op == 'plus' else a - b]
+            a, b = shapes.NUMBER_WORDS.index(a), shapes.NUMBER_WORDS.index(b)
+            assert it['choices'][it['answer']].strip() == shapes.NUMBER_WORDS[a + b if op == 'plus' else a - b]
         if it['task'] == 'facts' and it['prompt'].startswith('The pet of'):
             person = it['prompt'].split()[3]
             assert it['choices'][it['answer']].strip() == world['facts'][person]['pet']

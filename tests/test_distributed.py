@@ -45,6 +45,7 @@ def single(tmp_path_factory, shapes_dir):
     ('ddp', ['--gradient_accumulation_steps=2', '--data_workers=1']),  # 2 ranks x 2 micro-steps of one row
     ('fsdp', ['--fsdp=True']),
 ])
+@pytest.mark.slow
 def test_two_ranks_equal_one_process_in_every_stage(single, shapes_dir, tmp_path, mode, extra):
     out = str(tmp_path / mode)
     printed = launch(out, shapes_dir, *extra, ranks=2)
@@ -56,6 +57,7 @@ def test_two_ranks_equal_one_process_in_every_stage(single, shapes_dir, tmp_path
     assert_same_weights(os.path.join(single, 'text/ckpt_100'), os.path.join(out, 'text/ckpt_100'), atol=1e-4)
 
 
+@pytest.mark.slow
 def test_fsdp_checkpoints_load_into_one_process_and_back(single, shapes_dir, tmp_path):
     sharded = str(tmp_path / 'fsdp')
     launch(sharded, shapes_dir, '--fsdp=True', '--stages=text', ranks=2)
@@ -77,6 +79,7 @@ def test_fsdp_needs_torchrun():
         train.setup_runtime(train.get_config(['--fsdp=True']))
 
 
+@pytest.mark.slow
 def test_each_stage_compiles_once(tmp_path, shapes_dir, capsys):
     """Batches of one stage have one shape, whatever their number of images: one graph, no recompiles or breaks."""
     torch._dynamo.reset()

@@ -1,5 +1,7 @@
 """Tests for encoders.py: shapes, preprocessing, features equal to timm's, weights, freezing. Offline, CPU only."""
 
+import os
+
 import numpy as np
 import pytest
 import timm
@@ -215,26 +217,29 @@ def test_hub_without_network(monkeypatch):
         build('vit', weights='hub')
 
 
-def test_shapes_weights_are_pretrained_once(tmp_path, monkeypatch):
+def test_shapes_weights_are_pretrained_once_under_data_dir(tmp_path, monkeypatch):
     import pretrain_encoders
-    monkeypatch.setattr(encoders, 'SHAPES_ENCODER_DIR', str(tmp_path))
     torch.manual_seed(7)
     full = tiny_timm('resnet')
     calls = []
 
-    def fake_pretrain(family, folder):  # stands in for minutes of training; writes what pretrain() would
-        calls.append((family, folder))
-        return save(full, tmp_path / f'{family}.safetensors')
+    def fake_pretrain(family, path, verbose=True):  # stands in for minutes of training; writes what pretrain() would
+        calls.append((family, path))
+        return save(full, path)
 
     monkeypatch.setattr(pretrain_encoders, 'pretrain', fake_pretrain)
-    enc = build('resnet', weights='shapes')  # missing: pre-trained first
-    assert calls == [('resnet', str(tmp_path))]
-    assert enc.weights == 'shapes' and enc.scale == 'tiny'
-    assert torch.equal(enc.resnet.conv1.weight, full.conv1.weight)
-    build('resnet', weights='shapes')  # cached: not retrained
+    os.makedirs(tmp_path / 'shapes' / 'encoders')
+    path = pretrain_encoders.shapes_weights('resnet', str(tmp_path), verbose=False)  # missing: pre-trained first
+    assert path == str(tmp_path / 'shapes' / 'encoders' / 'resnet.safetensors') and calls == [('resnet', path)]
+    enc = build('resnet', weights=path)
+    assert enc.weights == path and torch.equal(enc.resnet.conv1.weight, full.conv1.weight)
+    assert pretrain_encoders.shapes_weights('resnet', str(tmp_path), verbose=False) == path  # cached: not retrained
     assert len(calls) == 1
-    with pytest.raises(ValueError, match="weights='shapes' are the tiny encoders"):
-        build('resnet', scale='paper', weights='shapes')
+    assert pretrain_encoders.shapes_weights('patch', str(tmp_path)) == 'random'  # learned from scratch
+    halves = pretrain_encoders.shapes_weights('dino_siglip', str(tmp_path), verbose=False)
+    assert set(halves) == {'dinov2', 'siglip'} and [c[0] for c in calls[1:]] == ['dinov2', 'siglip']
+    with pytest.raises(ValueError, match="unknown encoder weights 'shapes'"):
+        build('resnet', weights='shapes')  # build_encoder takes random, hub or a path: train.py resolves 'shapes'
 
 
 def test_random_init_uses_callers_rng():
@@ -260,7 +265,7 @@ def test_argument_errors():
         build_encoder('patch', freeze=True)
     with pytest.raises(ValueError, match="must be 'random'"):
         build_encoder('patch', weights='/some/file.safetensors', freeze=False)
-    assert build_encoder('patch', weights='shapes', freeze=False).weights == 'shapes'  # the default: nothing to load
+    assert build_encoder('patch', weights='random', freeze=False).weights == 'random'
     with pytest.raises(ValueError, match='scale'):
         build_encoder('vit', scale='huge')
 

@@ -135,10 +135,22 @@ def test_llava_conversations_mask_all_but_answers(tmp_path):
     enc = data.get_tokenizer('bytes')
     tokens, mask = llava_sample(enc, kept[0][1], n_image_tokens=5)
     image = data.special_id(enc, '<|image|>')
-    first = tokens.index(image)
-    assert tokens[first:first + 5] == [image] * 5 and tokens.count(image) == 5
-    assert tokens[first - 1] == data.special_id(enc, '<|user|>')  # the image stands where <image> stood
+    assert tokens[:5] == [image] * 5 and tokens.count(image) == 5  # the image first, wherever <image> stood
+    assert tokens[5] == data.special_id(enc, '<|user|>')
     answers = enc.decode([t for t, m in zip(tokens, mask) if m and t < 256])
     assert answers == 'A red cup.No.'  # the loss covers the two answers (and their end tokens), nothing else
     eot = data.special_id(enc, '<|endoftext|>')
     assert [t for t, m in zip(tokens, mask) if m and t >= 256] == [eot, eot]
+
+
+@pytest.mark.parametrize('question', ['<image>\nWhat color is the cup?', 'What color is the cup?\n<image>'])
+def test_a_llava_prompt_and_a_benchmark_prompt_are_the_same_tokens(question):
+    """One chat format: what fine-tuning on a LLaVA record shows before the answer is what every benchmark and
+    sample.py ask with (data.question_prompt), for the same question and image."""
+    import data
+    from images import llava_sample
+    enc = data.get_tokenizer('bytes')
+    tokens, mask = llava_sample(enc, [(question, 'red')], n_image_tokens=7)
+    prompt = tokens[:mask.index(True)]
+    assert prompt == data.question_prompt(enc, 'What color is the cup?', 7)
+    assert enc.decode(tokens[len(prompt):-1]) == 'red'

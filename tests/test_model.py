@@ -1,4 +1,5 @@
 import math
+import os
 
 import pytest
 import torch
@@ -149,7 +150,7 @@ def test_mfu_arithmetic():
 
 def test_loss_falls_on_shapes_text(shapes_dir):
     import data
-    folder = data.dataset_dir('shapes', shapes_dir)
+    folder = os.path.join(shapes_dir, 'shapes')
     tokens = data.open_shard(folder, 'train')
     gpt = GPT(GPTConfig(block_size=64, vocab_size=320, n_layer=2, n_head=2, n_embd=64))
     opt = gpt.configure_optimizers(0.0, 3e-3, (0.9, 0.95), 'cpu')

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import data
+import shapes
 import eval as ev
 import train
 from configurator import ConfigError
@@ -17,7 +18,8 @@ N = 36  # image tokens of every tiny encoder at 48 px
 
 @pytest.fixture(scope='module')
 def world(shapes_dir):
-    return data.ImageWorld(os.path.join(shapes_dir, 'shapes'), 48, n_captions=200, n_instruct=150, n_eval=20)
+    shapes.prepare_images(os.path.join(shapes_dir, 'shapes'), 48, 200, 150, 20)
+    return shapes.ImageWorld(os.path.join(shapes_dir, 'shapes'), 48, n_captions=200, n_instruct=150, n_eval=20)
 
 
 @pytest.fixture(scope='module')
@@ -39,30 +41,30 @@ def image_runs(row, image_token):
 
 def test_scenes_render_their_objects():
     scene = [dict(shape='square', color='red', size='large', cell=4)]
-    img = data.render(scene, 48)
+    img = shapes.render(scene, 48)
     assert img.shape == (48, 48, 3) and img.dtype == np.uint8
-    assert tuple(img[24, 24]) == data.RGB['red'] and tuple(img[2, 2]) == (data.BACKGROUND,) * 3
-    assert (img == data.RGB['red']).all(-1).sum() > 100
+    assert tuple(img[24, 24]) == shapes.RGB['red'] and tuple(img[2, 2]) == (shapes.BACKGROUND,) * 3
+    assert (img == shapes.RGB['red']).all(-1).sum() > 100
 
 
-@pytest.mark.parametrize('task', data.VISION_TASKS)
+@pytest.mark.parametrize('task', shapes.VISION_TASKS)
 def test_questions_are_answerable_and_balanced(task):
     rng = random.Random(0)
     answers = []
     for _ in range(600):
-        scene, q, a, choices = data.question(rng, task)
-        assert a in choices and 1 <= len(scene) <= data.MAX_OBJECTS
+        scene, q, a, choices = shapes.question(rng, task)
+        assert a in choices and 1 <= len(scene) <= shapes.MAX_OBJECTS
         assert len({o['cell'] for o in scene}) == len(scene)
         if task == 'color':  # the shape asked about is unique, and has the answered color
             shape = q.split()[-1][:-1]
             assert [o['color'] for o in scene if o['shape'] == shape] == [a]
         if task == 'count':
-            assert data.NUMBER_WORDS[len(scene)] == a
+            assert shapes.NUMBER_WORDS[len(scene)] == a
         if task == 'exists':
             color, shape = q[:-1].split()[-2:]
             assert (a == 'yes') == any(o['color'] == color and o['shape'] == shape for o in scene)
         if task == 'position':
-            assert [data.POSITIONS[o['cell']] for o in scene if o['shape'] == q.split()[-1][:-1]] == [a]
+            assert [shapes.POSITIONS[o['cell']] for o in scene if o['shape'] == q.split()[-1][:-1]] == [a]
         answers.append(a)
     counts = np.array([answers.count(c) for c in set(choices)])
     assert counts.min() > 0.6 * 600 / len(choices)  # every answer about equally often: chance is 1/k
@@ -70,15 +72,15 @@ def test_questions_are_answerable_and_balanced(task):
 
 def test_caption_mentions_every_object():
     rng = random.Random(1)
-    scene = data.scene_with(rng, {}, 3)
-    text = data.caption(scene, rng)
+    scene = shapes.scene_with(rng, {}, 3)
+    text = shapes.caption(scene, rng)
     for o in scene:
-        assert f"{o['color']} {o['shape']} at the {data.POSITIONS[o['cell']]}" in text
+        assert f"{o['color']} {o['shape']} at the {shapes.POSITIONS[o['cell']]}" in text
 
 
 def test_loss_mask_covers_exactly_the_answers(enc):
     turns = [('What color is the circle?', 'red'), ('How many shapes are there?', 'two')]
-    tokens, mask = data.instruct_sample(enc, turns, N)
+    tokens, mask = data.chat_sample(enc, turns, N)
     eot = data.special_id(enc, '<|endoftext|>')
     answer_tokens = [t for t, m in zip(tokens, mask) if m]
     assert answer_tokens == enc.encode_ordinary('red') + [eot] + enc.encode_ordinary('two') + [eot]
@@ -96,7 +98,8 @@ def test_packing_never_splits_and_fits_block(world, enc, shapes_dir):
         runs = [r for row in x for r in image_runs(row, image)]
         assert all(r == N for r in runs)  # every image whole
         assert len(runs) == len(ids)  # one image id per image, in order
-    plan = data.finetune_plan(world, enc, 256, N, epochs=2, seed=0)
+    plan, too_long = data.finetune_plan(world, enc, 256, N, epochs=2, seed=0)
+    assert too_long == 0
     assert sorted(i for row in plan[1] for i in row) == list(range(world.n_conversations))  # each exactly once
     assert plan[0] != plan[1]  # reshuffled every epoch
     rows = [data.finetune_row(world, enc, indices, 256, N) for indices in plan[0]]
@@ -174,6 +177,7 @@ def test_normalized_exact_match():
     assert ev.normalize_answer('a cross') == ev.normalize_answer('cross')
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('encoder,freeze', [('siglip', True), ('patch', False)])
 def test_all_stages_end_to_end(tmp_path, shapes_dir, encoder, freeze, capsys):
     out = str(tmp_path / 'run')
@@ -191,7 +195,7 @@ def test_all_stages_end_to_end(tmp_path, shapes_dir, encoder, freeze, capsys):
         for key in ('vision_stable_score', 'text_stable_score', 'vision_blind_stable_score',
                     'vision_stable_score_ci95', 'text_stable_score_ci95', 'vision_blind_stable_score_ci95'):
             assert result[key] is not None, key
-        assert set(result['tasks']) == set(data.VISION_TASKS) | {'facts', 'arithmetic', 'sequence'}
+        assert set(result['tasks']) == set(shapes.VISION_TASKS) | {'facts', 'arithmetic', 'sequence'}
         assert result['tasks']['position']['chance'] == pytest.approx(1 / 9)
     model, info = ev.load_model(os.path.join(out, 'finetune'))
     assert info['encoder']['name'] == encoder and model.encoder.frozen == freeze

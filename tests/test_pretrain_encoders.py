@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-import data
+import shapes
 import encoders
 import pretrain_encoders as P
 from encoders import build_encoder
@@ -15,20 +15,19 @@ from encoders import build_encoder
 pytestmark = pytest.mark.usefixtures('one_thread')  # tests/conftest.py
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('family', P.FAMILIES)
-def test_objective_lowers_its_loss_and_weights_load_as_path(family, tmp_path, monkeypatch):
+def test_objective_lowers_its_loss_and_weights_load_as_path(family, tmp_path):
     state = torch.random.get_rng_state()
-    path = P.pretrain(family, folder=str(tmp_path), steps=40, batch_size=16, lr=1e-3, n_scenes=400, verbose=False)
+    path = P.pretrain(family, str(tmp_path / f'{family}.safetensors'), steps=40, batch_size=16, lr=1e-3, n_scenes=400,
+                      verbose=False)
     assert torch.equal(torch.random.get_rng_state(), state)  # pre-training leaves the caller's RNG alone
     with safe_open(path, 'pt') as f:
         meta = f.metadata()
     assert float(meta['last_loss']) < float(meta['first_loss'])
-    # the file is a plain timm state dict: it loads through weights=PATH, and 'shapes' finds the same file
-    monkeypatch.setattr(encoders, 'SHAPES_ENCODER_DIR', str(tmp_path))
-    monkeypatch.setattr(P, 'pretrain', lambda *a, **k: pytest.fail('a cached encoder was pre-trained again'))
+    # the file is a plain timm state dict: it loads through weights=PATH
     images = P.make_scenes(4, seed=5)[1]
-    by_path, by_name = build_encoder(family, weights=path), build_encoder(family, weights='shapes')
-    assert torch.equal(by_path.encode(images), by_name.encode(images))
+    by_path = build_encoder(family, weights=path)
     assert not torch.equal(by_path.encode(images), build_encoder(family, weights='random').encode(images))
 
 
@@ -36,11 +35,11 @@ def test_labels_and_scenes():
     scenes, images, _ = P.make_scenes(50, seed=9)
     assert images.shape == (50, 48, 48, 3) and {len(s) for s in scenes} == {1, 2, 3, 4}
     pairs, counts = P.class_labels(scenes)
-    assert pairs.shape == (50, len(data.COLORS) * len(data.SHAPES))
+    assert pairs.shape == (50, len(shapes.COLORS) * len(shapes.SHAPES))
     assert torch.equal(counts, torch.tensor([len(s) - 1 for s in scenes]))
     # a pair is marked exactly when the scene has an object of that color and shape
     first = scenes[0][0]
-    k = data.COLORS.index(first['color']) * len(data.SHAPES) + data.SHAPES.index(first['shape'])
+    k = shapes.COLORS.index(first['color']) * len(shapes.SHAPES) + shapes.SHAPES.index(first['shape'])
     assert pairs[0, k] == 1 and pairs[0].sum() == len({(o['color'], o['shape']) for o in scenes[0]})
     # the ResNet's dense targets: each of the 9 cells holds its object's pair, or N_PAIRS when empty
     cells = P.cell_labels(scenes)
@@ -64,7 +63,7 @@ def test_dino_teacher_reads_the_image():
 
 def test_nothing_to_pretrain_for_patch(tmp_path):
     with pytest.raises(ValueError, match='nothing to pre-train'):
-        P.pretrain('patch', folder=str(tmp_path))
+        P.pretrain('patch', str(tmp_path / 'patch.safetensors'))
 
 
 def test_probe_reads_what_the_features_hold():
@@ -77,14 +76,14 @@ def test_probe_reads_what_the_features_hold():
     for split in ('probe_train', 'probe_test'):
         scenes, images, _ = P.make_scenes(3000 if split == 'probe_train' else 1000, P.SCENE_SEEDS[split])
         pairs, counts = P.class_labels(scenes)
-        feats = torch.cat([pairs, torch.nn.functional.one_hot(counts, data.MAX_OBJECTS).float()], 1)
+        feats = torch.cat([pairs, torch.nn.functional.one_hot(counts, shapes.MAX_OBJECTS).float()], 1)
         lookup.update({bytes(img.tobytes()): f for img, f in zip(images, feats)})
-    result = P.probe(Oracle(), ridge=1e-6)
+    result = P.linear_probe(Oracle(), ridge=1e-6)
     assert result['pairs'] == 1.0 and result['count'] == 1.0
 
     class Blank(torch.nn.Module):  # features that hold nothing: count at the majority rate, pairs almost never
         def encode(self, images):
             return torch.zeros(len(images), 1, 8)
 
-    blank = P.probe(Blank())
+    blank = P.linear_probe(Blank())
     assert blank['pairs'] < 0.05 and blank['count'] < 0.35

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 import benchmarks
 import corpora
 import data
+import shapes
 import eval as ev
 import images
 import train
@@ -34,27 +35,27 @@ def write_real_data(root):
     """Two caption shards (the second with a corrupt image and a sample without a caption), a LLaVA json whose
     records include a text-only one and one whose image file is missing, and a small text corpus."""
     rng = random.Random(0)
-    scenes = [data.scene_with(rng, {}) for _ in range(20)]
+    scenes = [shapes.scene_with(rng, {}) for _ in range(20)]
     shards = root / 'shards'
     shards.mkdir(parents=True)
     for s in range(2):
         samples = []
         for i, scene in enumerate(scenes[s * 10:(s + 1) * 10]):
             key = f'{s:05d}/{s:05d}{i:04d}'
-            samples += [(f'{key}.png', png(data.render(scene, 40))), (f'{key}.txt', data.caption(scene, rng).encode()),
+            samples += [(f'{key}.png', png(shapes.render(scene, 40))), (f'{key}.txt', shapes.caption(scene, rng).encode()),
                         (f'{key}.json', json.dumps({'caption': 'unused', 'url': 'http://x'}).encode())]
         if s == 1:
             samples += [('00001/bad.jpg', b'\xff\xd8 not really a jpeg'), ('00001/bad.txt', b'a broken picture'),
-                        ('00001/nocap.png', png(data.render(scenes[0], 40)))]
+                        ('00001/nocap.png', png(shapes.render(scenes[0], 40)))]
         write_tar(str(shards / f'{s:05d}.tar'), samples)
     pictures = root / 'llava' / 'coco'
     pictures.mkdir(parents=True)
     records = []
     for i, scene in enumerate(scenes[:8]):
-        Image.fromarray(data.render(scene, 64)).save(pictures / f'{i}.jpg')
+        Image.fromarray(shapes.render(scene, 64)).save(pictures / f'{i}.jpg')
         records.append({'id': str(i), 'image': f'coco/{i}.jpg', 'conversations': [
             {'from': 'human', 'value': '<image>\nHow many shapes are there?'},
-            {'from': 'gpt', 'value': data.NUMBER_WORDS[len(scene)]}]})
+            {'from': 'gpt', 'value': shapes.NUMBER_WORDS[len(scene)]}]})
     records.append({'id': 'gone', 'image': 'coco/missing.jpg', 'conversations': [
         {'from': 'human', 'value': 'What is this?\n<image>'}, {'from': 'gpt', 'value': 'a picture'}]})
     records.append({'id': 'text', 'conversations': [
@@ -160,6 +161,7 @@ def real_run(real, tmp_path_factory):
     return out, launch(real, out)
 
 
+@pytest.mark.slow
 def test_all_stages_on_real_data_then_every_benchmark(real_run, bench):
     out, log = real_run
     assert 'image data: 21 image-caption pairs in 2 shards; 10 conversations (9 with an image); left out when ' \
@@ -178,6 +180,7 @@ def test_all_stages_on_real_data_then_every_benchmark(real_run, bench):
     assert json.load(open(os.path.join(ckpt, 'eval_bench.json')))['tasks'].keys() == result['tasks'].keys()
 
 
+@pytest.mark.slow
 def test_two_ranks_and_a_worker_read_real_data_as_one_process(real, real_run, tmp_path):
     single, single_log = real_run
     out = str(tmp_path / 'ddp')

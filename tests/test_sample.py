@@ -10,6 +10,7 @@ from PIL import Image
 import checkpoint
 import data
 import sample
+from configurator import script_config
 from encoders import build_encoder
 from model import GPT, VLM, GPTConfig
 
@@ -36,7 +37,7 @@ def checkpoints(tmp_path_factory):
 
 
 def args(**kw):
-    return dict(sample.config, **kw)
+    return dict(script_config(vars(sample)), **kw)
 
 
 def test_scene_question_saves_the_picture(checkpoints):

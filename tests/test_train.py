@@ -26,6 +26,7 @@ def weights(folder):
     return load_file(os.path.join(folder, 'model.safetensors'))
 
 
+@pytest.mark.slow
 def test_text_stage_writes_checkpoints_in_design_format(tmp_path, shapes_dir, capsys):
     out = run(tmp_path, shapes_dir)
     assert sorted(os.listdir(out)) == ['ckpt_050', 'ckpt_100']  # nothing .tmp or .old left behind
@@ -39,9 +40,10 @@ def test_text_stage_writes_checkpoints_in_design_format(tmp_path, shapes_dir, ca
     assert 'text step 12/12' in printed and 'eta' in printed and 'val loss' in printed
 
 
+@pytest.mark.slow
 def test_eval_json_has_design_keys(tmp_path, shapes_dir):
     out = run(tmp_path, shapes_dir)
-    result = ev.evaluate_checkpoint(os.path.join(out, 'ckpt_100'), verbose=False)
+    result = ev.evaluate_checkpoint(os.path.join(out, 'ckpt_100'), data_dir=shapes_dir, verbose=False)
     for key in ('vision_stable_score', 'text_stable_score', 'vision_blind_stable_score', 'text_stable_score_ci95'):
         assert key in result
     assert result['vision_stable_score'] is None  # a text-only model has no vision score
@@ -69,6 +71,7 @@ def test_checkpoint_round_trip_is_exact(tmp_path):
     assert torch.equal(opt2.state_dict()['state'][0]['exp_avg'], opt.state_dict()['state'][0]['exp_avg'])
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly(tmp_path, shapes_dir):
     straight = run(tmp_path, shapes_dir, name='straight')
     interrupted = run(tmp_path, shapes_dir, name='interrupted')
@@ -80,13 +83,14 @@ def test_resume_continues_exactly(tmp_path, shapes_dir):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_finished_text_stage_is_reused_and_other_settings_refused(tmp_path, shapes_dir, capsys):
     out = run(tmp_path, shapes_dir)
     before = os.path.getmtime(os.path.join(out, 'ckpt_100', 'model.safetensors'))
     run(tmp_path, shapes_dir)
     assert 'already complete' in capsys.readouterr().out
     assert os.path.getmtime(os.path.join(out, 'ckpt_100', 'model.safetensors')) == before
-    with pytest.raises(ConfigError, match=r'learning_rate: 0.003 there, 0.001 here'):
+    with pytest.raises(checkpoint.StaleCheckpoint, match=r'learning_rate: 0.003 there, 0.001 here'):
         run(tmp_path, shapes_dir, '--learning_rate=1e-3')
 
 

@@ -1,0 +1,388 @@
+"""
+The shapes world: a small universe generated from a seed, offline, so that the whole study runs on a laptop CPU with
+no data prepared. Its text corpus states facts about a fixed population of people (their colours, pets, towns and
+food), arithmetic in words and ordered sequences (days, months, counting, the towns along the river); its text tasks
+ask for those facts, sums and next items as multiple choice with known chance. Its pictures are scenes of 1-4
+coloured shapes on a 3x3 grid, with captions, instruction conversations and balanced vision questions.
+
+    python shapes.py                 # write {data_dir}/shapes/ (text shards, text tasks) and print its sizes
+
+train.py prepares what a run needs (prepare_text, prepare_images) in one step before any training.
+"""
+
+import json
+import os
+import random
+import sys
+from collections import Counter
+
+import numpy as np
+
+from configurator import configure
+from data import caption_sample, chat_sample, get_tokenizer, randint, special_id, write_shard
+
+# -----------------------------------------------------------------------------
+# config for `python shapes.py`
+data_dir = 'data'  # the world is written to {data_dir}/shapes
+# -----------------------------------------------------------------------------
+
+SHAPES_VERSION = 3  # bump when the generator changes, so stale caches are rebuilt (and checkpoints say so)
+SPLIT_SEEDS = {'train': 1, 'val': 2, 'test': 3}  # disjoint streams of sentences and items
+
+# -----------------------------------------------------------------------------
+# its fixed population of facts
+
+WORLD_SEED = 1234  # the world's facts; the corpus and task splits below draw their sentences with their own seeds
+NUMBER_WORDS = ['zero', 'one', 'two', 'three', 'four', 'five', 'six', 'seven', 'eight', 'nine', 'ten', 'eleven',
+                'twelve', 'thirteen', 'fourteen', 'fifteen', 'sixteen', 'seventeen', 'eighteen', 'nineteen', 'twenty']
+COLORS = ['red', 'green', 'blue', 'yellow', 'purple', 'orange']
+DAYS = ['Monday', 'Tuesday', 'Wednesday', 'Thursday', 'Friday', 'Saturday', 'Sunday']
+MONTHS = ['January', 'February', 'March', 'April', 'May', 'June', 'July', 'August', 'September', 'October',
+          'November', 'December']
+N_PEOPLE = 24
+N_TOWNS = 8
+
+# Each attribute: its values and its phrasings. A phrasing is (prompt, ending); the task prompts use the first one.
+ATTRIBUTES = {
+    'color': (COLORS, [('The favorite color of {p} is', '.'), ('{p} likes the color', ' best.'),
+                       ('Ask {p} about colors and the answer is always', '.')]),
+    'pet': (['cat', 'dog', 'bird', 'fish', 'horse', 'rabbit'],
+            [('The pet of {p} is a', '.'), ('{p} has a pet', ' at home.'), ('Every morning {p} feeds the', '.')]),
+    'food': (['apples', 'bread', 'rice', 'soup', 'cheese', 'plums'],
+             [('The favorite food of {p} is', '.'), ('{p} eats', ' every day.'), ('For dinner {p} wants', '.')]),
+    'town': (None, [('{p} lives in', '.'), ('The home of {p} is', '.'), ('{p} walks home to', ' at night.')]),
+}
+
+
+def make_names(rng, n, syllables):
+    onsets, vowels = 'bdfgklmnprstvz', 'aeiou'
+    names = set()
+    while len(names) < n:
+        names.add(''.join(rng.choice(onsets) + rng.choice(vowels) for _ in range(syllables)).capitalize())
+    return sorted(names)
+
+
+def make_world(seed=WORLD_SEED):
+    """The fixed facts of the shapes world: people with attributes, and towns in their order along the river."""
+    rng = random.Random(seed)
+    towns = make_names(rng, N_TOWNS, 3)
+    rng.shuffle(towns)  # the river's order, north to south
+    people = make_names(rng, N_PEOPLE, 2)
+    values = {attr: vals or towns for attr, (vals, _) in ATTRIBUTES.items()}
+    facts = {p: {attr: rng.choice(values[attr]) for attr in ATTRIBUTES} for p in people}
+    sequences = {'days': DAYS, 'months': MONTHS, 'numbers': NUMBER_WORDS[1:], 'river': towns}
+    return {'people': people, 'facts': facts, 'values': values, 'sequences': sequences}
+
+
+# -----------------------------------------------------------------------------
+# text corpus
+
+def fact_sentence(rng, world, person, attr, phrasing=None):
+    templates = ATTRIBUTES[attr][1]
+    prompt, ending = templates[rng.randrange(len(templates)) if phrasing is None else phrasing]
+    return prompt.format(p=person) + ' ' + world['facts'][person][attr] + ending
+
+
+ARITHMETIC_MAX = 10  # sums and differences of numbers up to ten: 121 facts, enough to take a small model a while
+
+
+def arithmetic_pair(rng):
+    """a + b or a - b with every number in 0 .. ARITHMETIC_MAX."""
+    a, b = rng.randint(0, ARITHMETIC_MAX), rng.randint(0, ARITHMETIC_MAX)
+    if rng.random() < 0.5 and a + b <= ARITHMETIC_MAX:
+        return f'{NUMBER_WORDS[a]} plus {NUMBER_WORDS[b]} is', NUMBER_WORDS[a + b]
+    a, b = max(a, b), min(a, b)
+    return f'{NUMBER_WORDS[a]} minus {NUMBER_WORDS[b]} is', NUMBER_WORDS[a - b]
+
+
+def sequence_span(rng, world, length):
+    """A run of consecutive items from one of the world's orders (days and months wrap around)."""
+    name = rng.choice(sorted(world['sequences']))
+    seq = world['sequences'][name]
+    if name in ('days', 'months'):
+        start = rng.randrange(len(seq))
+        return [seq[(start + i) % len(seq)] for i in range(length)], name, seq
+    length = min(length, len(seq))
+    start = rng.randrange(len(seq) - length + 1)
+    return seq[start:start + length], name, seq
+
+
+SEQUENCE_INTROS = {'days': 'The days go', 'months': 'The months go', 'numbers': 'We count',
+                   'river': 'Down the river the towns are'}
+
+
+def make_document(rng, world):
+    """One short document: a profile of a person, a page of sums, or a list, mixed as a small model can learn."""
+    kind = rng.random()
+    if kind < 0.5:
+        people = rng.sample(world['people'], rng.randint(1, 2))
+        sentences = [fact_sentence(rng, world, p, attr) for p in people for attr in rng.sample(sorted(ATTRIBUTES), 3)]
+    elif kind < 0.8:
+        sentences = [' '.join(arithmetic_pair(rng)) + '.' for _ in range(rng.randint(2, 5))]
+    else:
+        sentences = []
+        for _ in range(rng.randint(1, 3)):
+            items, name, _ = sequence_span(rng, world, rng.randint(3, 7))
+            sentences.append(f"{SEQUENCE_INTROS[name]}: {', '.join(items)}.")
+    return ' '.join(sentences)
+
+
+def make_corpus(world, seed, n_bytes):
+    rng = random.Random(seed)
+    docs, size = [], 0
+    while size < n_bytes:
+        docs.append(make_document(rng, world))
+        size += len(docs[-1]) + 1
+    return docs
+
+
+# -----------------------------------------------------------------------------
+# text tasks (multiple choice; the right answer is uniform over the choice set, so chance = 1/k)
+
+def choice_set(rng, answer, pool, k=4):
+    choices = [answer] + rng.sample([v for v in pool if v != answer], k - 1)
+    rng.shuffle(choices)
+    return choices
+
+
+def make_text_tasks(world, seed, n_per_task):
+    rng = random.Random(seed)
+    items = []
+    for _ in range(n_per_task):  # facts: the first phrasing of each attribute, asked for any person
+        person, attr = rng.choice(world['people']), rng.choice(sorted(ATTRIBUTES))
+        prompt = ATTRIBUTES[attr][1][0][0].format(p=person)
+        answer = world['facts'][person][attr]
+        items.append(dict(task='facts', prompt=prompt, choices=choice_set(rng, answer, world['values'][attr]),
+                          answer=answer))
+    for _ in range(n_per_task):  # arithmetic: four consecutive numbers, the answer at a uniform place among them
+        prompt, answer = arithmetic_pair(rng)
+        lo = min(max(NUMBER_WORDS.index(answer) - rng.randrange(4), 0), ARITHMETIC_MAX + 1 - 4)
+        items.append(dict(task='arithmetic', prompt=prompt, choices=NUMBER_WORDS[lo:lo + 4], answer=answer))
+    for _ in range(n_per_task):  # sequence: three items of an order, which one comes next?
+        items_, name, seq = sequence_span(rng, world, 4)
+        prompt = f"{SEQUENCE_INTROS[name]}: {', '.join(items_[:3])},"
+        items.append(dict(task='sequence', prompt=prompt, choices=choice_set(rng, items_[3], seq), answer=items_[3]))
+    for item in items:
+        item['choices'] = [' ' + c for c in item['choices']]  # a continuation starts with its space
+        item['answer'] = item['choices'].index(' ' + item['answer'])
+    return items
+
+
+# -----------------------------------------------------------------------------
+# scenes, their pictures, captions and questions
+
+SHAPES = ['circle', 'square', 'triangle', 'cross']
+SIZES = ['small', 'large']
+POSITIONS = ['top left', 'top', 'top right', 'left', 'center', 'right', 'bottom left', 'bottom', 'bottom right']
+RGB = {'red': (220, 40, 40), 'green': (40, 180, 60), 'blue': (60, 100, 240), 'yellow': (235, 215, 40),
+       'purple': (160, 70, 210), 'orange': (245, 140, 30)}
+BACKGROUND = 25  # dark gray: every color above stands out against it
+MAX_OBJECTS = 4
+# scenes with fewer objects are more common: a small model first learns to read one object, then to pick one out
+OBJECT_COUNT_WEIGHTS = (4, 3, 2, 1)
+VISION_TASKS = ('color', 'shape', 'count', 'exists', 'position')
+
+
+def random_object(rng, cell, shape=None, color=None):
+    return dict(shape=shape or rng.choice(SHAPES), color=color or rng.choice(COLORS), size=rng.choice(SIZES),
+                cell=cell)
+
+
+def render(scene, size=48):
+    """A scene as uint8 [size, size, 3]: each object drawn in its cell of the 3x3 grid."""
+    img = np.full((size, size, 3), BACKGROUND, dtype=np.uint8)
+    cell = size / 3
+    yy, xx = np.mgrid[0:size, 0:size] + 0.5
+    for obj in scene:
+        row, col = divmod(obj['cell'], 3)
+        dx, dy = xx - (col + 0.5) * cell, yy - (row + 0.5) * cell
+        r = cell * (0.42 if obj['size'] == 'large' else 0.27)
+        if obj['shape'] == 'circle':
+            mask = dx ** 2 + dy ** 2 <= r ** 2
+        elif obj['shape'] == 'square':
+            mask = np.maximum(np.abs(dx), np.abs(dy)) <= 0.85 * r
+        elif obj['shape'] == 'triangle':  # apex up, base at 0.8 r below the center
+            mask = (dy <= 0.8 * r) & (np.abs(dx) <= (dy + r) / 1.8)
+        else:  # cross
+            mask = ((np.abs(dx) <= r / 3) & (np.abs(dy) <= r)) | ((np.abs(dy) <= r / 3) & (np.abs(dx) <= r))
+        img[mask] = RGB[obj['color']]
+    return img
+
+
+def describe(obj, rng):
+    words = f"{obj['size'] + ' ' if rng.random() < 0.5 else ''}{obj['color']} {obj['shape']}"  # size: sometimes
+    return f"{'an' if words[0] in 'aeiou' else 'a'} {words} at the {POSITIONS[obj['cell']]}"
+
+
+def caption(scene, rng):
+    objs = [describe(o, rng) for o in rng.sample(scene, len(scene))]
+    listed = objs[0] if len(objs) == 1 else ', '.join(objs[:-1]) + ' and ' + objs[-1]
+    n = len(scene)
+    template = rng.choice(['{l}.', 'In this picture: {l}.', 'We see {l}.',
+                           'There ' + ('is one shape' if n == 1 else f'are {NUMBER_WORDS[n]} shapes') + ': {l}.'])
+    text = template.format(l=listed)
+    return text[0].upper() + text[1:]
+
+
+def scene_with(rng, first, n=None):
+    """A scene of n objects (1 .. MAX_OBJECTS) whose first object has the attributes in `first`; the others avoid
+    its shape and its color, so a question about it by shape or by color has one answer."""
+    n = n or rng.choices(range(1, MAX_OBJECTS + 1), weights=OBJECT_COUNT_WEIGHTS)[0]
+    cell = first.get('cell', rng.randrange(9))
+    obj = random_object(rng, cell, first.get('shape'), first.get('color'))
+    others = rng.sample([c for c in range(9) if c != cell], n - 1)
+    return [obj] + [random_object(rng, c, rng.choice([s for s in SHAPES if s != obj['shape']]),
+                                  rng.choice([k for k in COLORS if k != obj['color']])) for c in others]
+
+
+def question(rng, task):
+    """(scene, question, answer) with the answer uniform over the task's answer set; returns also that set."""
+    if task == 'color':
+        answer = rng.choice(COLORS)
+        scene = scene_with(rng, {'color': answer})
+        return scene, f"What color is the {scene[0]['shape']}?", answer, COLORS
+    if task == 'shape':
+        answer = rng.choice(SHAPES)
+        scene = scene_with(rng, {'shape': answer})
+        return scene, f"What shape is the {scene[0]['color']} object?", answer, SHAPES
+    if task == 'count':
+        n = rng.randint(1, MAX_OBJECTS)
+        return scene_with(rng, {}, n), 'How many shapes are there?', NUMBER_WORDS[n], NUMBER_WORDS[1:MAX_OBJECTS + 1]
+    if task == 'exists':
+        scene = scene_with(rng, {})
+        if rng.random() < 0.5:
+            obj = rng.choice(scene)
+            color, shape, answer = obj['color'], obj['shape'], 'yes'
+        else:
+            present = {(o['color'], o['shape']) for o in scene}
+            color, shape = rng.choice([(c, s) for c in COLORS for s in SHAPES if (c, s) not in present])
+            answer = 'no'
+        return scene, f'Is there a {color} {shape}?', answer, ['yes', 'no']
+    if task == 'position':
+        cell = rng.randrange(9)
+        scene = scene_with(rng, {'cell': cell})
+        return scene, f"Where is the {scene[0]['shape']}?", POSITIONS[cell], POSITIONS
+    raise ValueError(f'unknown vision task {task!r}; the tasks are {", ".join(VISION_TASKS)}')
+
+
+def conversation(rng):
+    """A scene and one or two question-answer turns about it."""
+    scene, q, a, _ = question(rng, rng.choice(VISION_TASKS))
+    turns = [(q, a)]
+    if rng.random() < 0.3:  # a second turn that any scene answers
+        turns.append(('How many shapes are there?', NUMBER_WORDS[len(scene)]))
+    return scene, turns
+
+
+def render_all(scenes, size):
+    return np.stack([render(scene, size) for scene in scenes]) if scenes else np.zeros((0, size, size, 3), np.uint8)
+
+
+def image_sets(n_captions, n_instruct, n_eval):
+    """The fixed scene lists of the image data: caption scenes and conversations (train split), vision eval items
+    (test split). Generated from their seeds in well under a second; their pictures are rendered once to a file."""
+    rng = random.Random(SPLIT_SEEDS['train'] * 1000 + 7)
+    caption_scenes = [scene_with(rng, {}) for _ in range(n_captions)]
+    conversations = [conversation(rng) for _ in range(n_instruct)]
+    rng = random.Random(SPLIT_SEEDS['test'] * 1000 + 7)
+    eval_items = [dict(task=t, scene=s, question=q, answer=a, answers=k)
+                  for t in VISION_TASKS for s, q, a, k in (question(rng, t) for _ in range(n_eval))]
+    return caption_scenes, conversations, eval_items
+
+
+def images_path(folder, scene_size, n_captions, n_instruct, n_eval):
+    return os.path.join(folder, f'images_v{SHAPES_VERSION}_{scene_size}px_{n_captions}_{n_instruct}_{n_eval}.npy')
+
+
+def prepare_images(folder, scene_size, n_captions=8000, n_instruct=6000, n_eval=100):
+    """Render the image sets' pictures to one .npy in folder, once per resolution and size; returns its path."""
+    path = images_path(folder, scene_size, n_captions, n_instruct, n_eval)
+    if not os.path.exists(path):
+        caption_scenes, conversations, eval_items = image_sets(n_captions, n_instruct, n_eval)
+        scenes = caption_scenes + [s for s, _ in conversations] + [it['scene'] for it in eval_items]
+        np.save(path + '.tmp.npy', render_all(scenes, scene_size))
+        os.replace(path + '.tmp.npy', path)  # only a complete file carries the final name
+    return path
+
+
+class ImageWorld:
+    """
+    The shapes world's image data, as rendered by prepare_images: the caption scenes and the instruction
+    conversations of the train split (fixed sets, so a frozen encoder's features can be cached), and the vision
+    eval items of the test split.
+    """
+
+    def __init__(self, folder, scene_size, n_captions=8000, n_instruct=6000, n_eval=100):
+        self.folder, self.scene_size = folder, scene_size
+        self.caption_scenes, self.conversations, self.eval_items = image_sets(n_captions, n_instruct, n_eval)
+        path = images_path(folder, scene_size, n_captions, n_instruct, n_eval)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f'{path} is missing: shapes.prepare_images renders it (train.py and eval.py '
+                                    f'do so before they read it)')
+        self.images = np.load(path, mmap_mode='r')
+        self.caption_ids = np.arange(n_captions)
+        self.conversation_ids = n_captions + np.arange(n_instruct)
+        self.eval_ids = n_captions + n_instruct + np.arange(len(self.eval_items))
+        if len(self.images) != len(self.eval_ids) + n_captions + n_instruct:
+            raise ValueError(f'{path} does not match the scene lists: delete it to render it again')
+        self.skipped = Counter()  # rendered pictures never fail; images.RealImages counts its skips here
+
+    # the image source interface that mixture_batch and the fine-tuning rows use (images.RealImages has it too):
+    # samples are (tokens, loss mask, image refs), and a ref is an index into self.images
+    @property
+    def n_captions(self):
+        return len(self.caption_ids)
+
+    @property
+    def n_conversations(self):
+        return len(self.conversation_ids)
+
+    def caption_sample(self, i, enc, n_image_tokens, generator):
+        text = caption(self.caption_scenes[i], random.Random(randint(generator, 2 ** 31)))  # a phrasing per draw
+        return caption_sample(enc, text, n_image_tokens) + ([int(self.caption_ids[i])],)
+
+    def conversation_sample(self, i, enc, n_image_tokens):
+        return chat_sample(enc, self.conversations[i][1], n_image_tokens) + ([int(self.conversation_ids[i])],)
+
+    def usable(self, ref):
+        return True
+
+    def pixels(self, refs):
+        return np.asarray(self.images[refs])
+
+
+def prepare_text(data_dir='data', train_bytes=3_000_000, val_bytes=100_000, n_task_items=200, verbose=True):
+    """Write the shapes world's text shards and text tasks under {data_dir}/shapes, once; return the folder."""
+    out = os.path.join(data_dir, 'shapes')
+    meta_path = os.path.join(out, 'meta.json')
+    if os.path.exists(meta_path):
+        with open(meta_path) as f:
+            if json.load(f).get('version') == SHAPES_VERSION:
+                return out
+    os.makedirs(out, exist_ok=True)
+    enc, world = get_tokenizer('bytes'), make_world()
+    eot = special_id(enc, '<|endoftext|>')
+    meta = {'version': SHAPES_VERSION, 'tokenizer': 'bytes', 'vocab_size': enc.n_vocab, 'dtype': 'uint16',
+            'world_seed': WORLD_SEED, 'tokens': {}}
+    for split, n_bytes in (('train', train_bytes), ('val', val_bytes)):
+        docs = make_corpus(world, SPLIT_SEEDS[split], n_bytes)
+        tokens = [t for ids in enc.encode_ordinary_batch(docs) for t in ids + [eot]]
+        meta['tokens'][split] = write_shard(os.path.join(out, f'{split}.bin'), tokens)
+    with open(os.path.join(out, 'text_tasks.json'), 'w') as f:
+        json.dump(make_text_tasks(world, SPLIT_SEEDS['test'], n_task_items), f)
+    with open(meta_path + '.tmp', 'w') as f:
+        json.dump(meta, f, indent=1)
+    os.replace(meta_path + '.tmp', meta_path)  # meta.json last: its presence means the folder is complete
+    if verbose:
+        print(f"shapes world written to {out}: {meta['tokens']['train']:,} train / {meta['tokens']['val']:,} val tokens")
+    return out
+
+
+def load_text_tasks(folder):
+    with open(os.path.join(folder, 'text_tasks.json')) as f:
+        return json.load(f)
+
+
+if __name__ == '__main__':
+    cfg = configure(sys.argv[1:], {'data_dir': data_dir}, source=__file__)
+    prepare_text(cfg['data_dir'])

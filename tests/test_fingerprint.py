@@ -1,0 +1,80 @@
+"""A finished stage is reused only when what made it is what this run would make: config, code, data, weights."""
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import checkpoint
+import eval as ev
+import prepare
+import train
+from configurator import ConfigError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TEXT = ['--stages=text', '--block_size=64', '--batch_size=4', '--text_iters=4', '--save_fracs=[0.5,1.0]',
+        '--warmup_iters=1', '--log_interval=2', '--eval_interval=0', '--device=cpu']
+
+
+def test_code_digest_ignores_comments_and_docstrings_only(tmp_path):
+    a, b, c = tmp_path / 'a.py', tmp_path / 'b.py', tmp_path / 'c.py'
+    a.write_text('"""A module."""\n\ndef f(x):\n    """Twice x."""\n    return 2 * x  # doubled\n')
+    b.write_text('"""Another docstring."""\n# a new comment\n\ndef f(x):\n\n    return 2 * x\n')
+    c.write_text('"""A module."""\n\ndef f(x):\n    """Twice x."""\n    return 3 * x  # doubled\n')
+    assert checkpoint.code_digest(a) == checkpoint.code_digest(b) != checkpoint.code_digest(c)
+
+
+def test_a_new_key_defines_every_stage_until_declared_otherwise(shapes_dir):
+    cfg = train.get_config([f'--data_dir={shapes_dir}'])
+    prep = prepare.prepare_run(train.get_config([f'--data_dir={shapes_dir}', '--stages=text']), verbose=False)
+    cfg.some_new_key = 3  # a key someone adds to train.py and forgets to classify
+    assert train.fingerprint(cfg, 'text', prep)['config']['some_new_key'] == 3
+    assert 'image_iters' not in train.fingerprint(cfg, 'text', prep)['config']  # declared: read by image stages only
+    assert 'out_dir' not in train.fingerprint(cfg, 'text', prep)['config']  # declared: where, not what
+
+
+def copy_of_the_code(tmp_path):
+    code = tmp_path / 'code'
+    code.mkdir()
+    for name in os.listdir(ROOT):
+        if name.endswith('.py'):
+            shutil.copy(os.path.join(ROOT, name), code / name)
+    return code
+
+
+def test_changed_model_code_is_never_reused_silently(tmp_path, shapes_dir, monkeypatch, capsys):
+    code = copy_of_the_code(tmp_path)
+    monkeypatch.setattr(prepare, 'HERE', str(code))  # the fingerprint reads the code from here
+    args = TEXT + [f'--data_dir={shapes_dir}', f'--text_out_dir={tmp_path}/text']
+    train.main(train.get_config(args))
+    train.main(train.get_config(args))
+    assert 'text stage: already complete' in capsys.readouterr().out  # nothing changed: reused
+    with open(code / 'model.py', 'a') as f:
+        f.write('\nPRESETS["demo"] = dict(PRESETS["demo"])  # a line of code\n')
+    with pytest.raises(checkpoint.StaleCheckpoint, match=r'code model.py differs.*--allow_stale=True'):
+        train.main(train.get_config(args))
+    train.main(train.get_config(args + ['--allow_stale=True']))
+    printed = capsys.readouterr().out
+    assert 'warning:' in printed and 'code model.py differs' in printed and 'already complete' in printed
+
+
+def test_a_stage_asks_for_its_input_and_does_not_run_it(tmp_path, shapes_dir):
+    args = [f'--data_dir={shapes_dir}', f'--out_dir={tmp_path}/run', f'--text_out_dir={tmp_path}/text',
+            '--stages=image', '--encoder_weights=random', '--device=cpu']
+    with pytest.raises(ConfigError, match=r'ckpt_080 does not exist: run the text stage first'):
+        train.main(train.get_config(args))
+    assert not os.path.exists(tmp_path / 'text')
+
+
+def test_a_frozen_encoder_rebuilt_from_a_changed_file_is_refused(tmp_path):
+    path = str(tmp_path / 'siglip.safetensors')
+    save_file({'x': torch.zeros(2)}, path)
+    info = {'model_args': {'block_size': 64, 'vocab_size': 320, 'n_layer': 1, 'n_head': 1, 'n_embd': 16},
+            'encoder': {'name': 'siglip', 'scale': 'tiny', 'weights': path, 'img_size': 48, 'frozen': True,
+                        'saved': False, 'projector': 'mlp', 'inject_layer': 0, 'image_token': 257,
+                        'weights_digest': {'weights': checkpoint.file_digest(path)}}}
+    save_file({'x': torch.ones(2)}, path)  # pre-trained again after the checkpoint was made (minutes later)
+    os.utime(path, ns=(os.stat(path).st_atime_ns, os.stat(path).st_mtime_ns + 10 ** 9))
+    with pytest.raises(ValueError, match='no longer the file it was trained with'):
+        ev.build_model(info)
