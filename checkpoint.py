@@ -17,14 +17,19 @@ differs, never silently reused.
 """
 
 import ast
+import contextlib
 import hashlib
 import json
 import os
+import pickle
 import random
 import shutil
+import socket
+import time
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_optimizer_state_dict)
@@ -37,8 +42,15 @@ def read_checkpoint_info(folder):
     if not os.path.exists(path):
         raise FileNotFoundError(f'no checkpoint at {folder} ({path} is missing): create it with '
                                 f'`python train.py --stages=text` (text checkpoints go to text_out_dir/ckpt_XXX)')
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            info = json.load(f)
+    except (ValueError, RecursionError) as e:
+        raise ValueError(f'{path} is not valid JSON ({str(e)[:200]}): the checkpoint is corrupt') from None
+    missing = [k for k in ('stage', 'step', 'model_args') if not isinstance(info, dict) or k not in info]
+    if missing:
+        raise ValueError(f'{path} lacks {", ".join(missing)}: not a nanoVLP checkpoint, or a corrupt one')
+    return info
 
 
 def rng_state():
@@ -85,23 +97,41 @@ def fsync_path(path):
 
 
 def save_checkpoint(folder, weights, optimizer_state, info):
-    """Write a checkpoint atomically: a crash leaves the old one or the new one, never half of one."""
-    tmp, old = folder + '.tmp', folder + '.old'
+    """
+    Write a checkpoint atomically: a crash leaves the old one or the new one, never half of one. Weights that are
+    not finite are refused (a NaN checkpoint must never become "the last good one"); config.json records a checksum
+    of each file, which loading verifies.
+    """
+    bad = [k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise ValueError(f'not writing {folder}: weights {", ".join(bad[:3])} hold NaN or inf')
+    tmp = folder + '.tmp'
     recover(folder)
     shutil.rmtree(tmp, ignore_errors=True)  # what a crash left half written
     os.makedirs(tmp)
     save_file(weights, os.path.join(tmp, 'model.safetensors'))
     # a step's batch is a function of the step (data.seeded_generator): the step is the data position
     torch.save({'optimizer': optimizer_state, 'step': info['step'], 'rng': rng_state()}, os.path.join(tmp, 'state.pt'))
+    info = dict(info, checksums={name: file_digest(os.path.join(tmp, name), full=True)
+                                 for name in ('model.safetensors', 'state.pt')})
     with open(os.path.join(tmp, 'config.json'), 'w') as f:
         json.dump(info, f, indent=1)
+    swap_in(tmp, folder)
+
+
+def swap_in(tmp, folder):
+    """
+    Replace folder by the complete folder tmp: every file flushed, then two renames (the old folder to {folder}.old,
+    tmp into place). A crash between them leaves {folder}.old, which recover() puts back.
+    """
+    old = folder + '.old'
     for name in os.listdir(tmp):
         fsync_path(os.path.join(tmp, name))
     fsync_path(tmp)
     shutil.rmtree(old, ignore_errors=True)
     if os.path.exists(folder):
         os.replace(folder, old)
-    os.replace(tmp, folder)  # a crash between the two renames leaves {folder}.old, which recover() restores
+    os.replace(tmp, folder)
     fsync_path(os.path.dirname(os.path.abspath(folder)))
     shutil.rmtree(old, ignore_errors=True)
 
@@ -121,13 +151,26 @@ def recover(folder):
 
 def load_state(folder):
     """state.pt, refusing anything but tensors and plain containers: a pickled object is an error, never run."""
-    path = os.path.join(folder, 'state.pt')
+    path = verified(folder, 'state.pt')
     try:
         return torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:  # weights_only refuses pickled code: say which file and why
+    except pickle.UnpicklingError as e:  # weights_only refuses pickled code: say which file and why
         raise RuntimeError(f'cannot load {path} safely: it holds more than tensors and plain containers '
                            f'(torch.load with weights_only=True said: {e}). nanoVLP never unpickles objects from a '
                            f'checkpoint; if you wrote this file yourself, save only tensors, numbers and strings') from e
+    except Exception as e:  # a truncated zip, a file of another kind
+        raise RuntimeError(f'cannot read {path}: it is truncated or corrupt ({str(e)[:200]})') from e
+
+
+def verified(folder, name):
+    """The path of a checkpoint file whose bytes match the checksum config.json recorded for it."""
+    path = os.path.join(folder, name)
+    has_info = os.path.exists(os.path.join(folder, 'config.json'))
+    expected = read_checkpoint_info(folder).get('checksums', {}).get(name) if has_info else None
+    if expected is not None and (not os.path.isfile(path) or file_digest(path, full=True) != expected):
+        raise ValueError(f'{path} does not match the checksum its config.json recorded: it was truncated, damaged '
+                         f'or replaced after it was written; use another checkpoint')
+    return path
 
 
 def load_weights(model, folder):
@@ -135,14 +178,38 @@ def load_weights(model, folder):
     A checkpoint's model.safetensors into model, strictly, but for an encoder the model does not save (it was
     rebuilt from its recorded source). A mismatch names the file and the keys.
     """
-    path = os.path.join(folder, 'model.safetensors')
-    missing, unexpected = model.load_state_dict(load_file(path), strict=False)
+    path = verified(folder, 'model.safetensors')
+    try:
+        state = load_file(path)
+    except Exception as e:  # safetensors' error names neither the file nor what to do
+        raise ValueError(f'{path} is truncated or corrupt ({str(e)[:200]})') from None
+    missing, unexpected = model.load_state_dict(state, strict=False)
     if not getattr(model, 'saves_encoder', True):
         missing = [k for k in missing if not k.startswith('encoder.')]
     if missing or unexpected:
         raise ValueError(f'{path} does not fit the model in its config.json: missing {missing[:5]}, '
                          f'unexpected {unexpected[:5]}')
     return model
+
+
+def check_shapes(skeleton, folder):
+    """
+    The tensors of folder's model.safetensors, read from its header (nothing allocated), must be those of skeleton,
+    the model its config.json describes (built on the meta device). Raises ValueError naming what differs.
+    """
+    path = verified(folder, 'model.safetensors')
+    try:
+        with safe_open(path, 'pt') as f:
+            stored = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:
+        raise ValueError(f'{path} is truncated or corrupt ({str(e)[:200]})') from None
+    expected = {k: list(v.shape) for k, v in skeleton.state_dict().items()
+                if getattr(skeleton, 'saves_encoder', True) or not k.startswith('encoder.')}
+    wrong = [f'{k} {stored[k]} (config.json: {v})' for k, v in expected.items() if k in stored and stored[k] != v]
+    missing, unexpected = sorted(set(expected) - set(stored)), sorted(set(stored) - set(expected))
+    if wrong or missing or unexpected:
+        raise ValueError(f'{path} does not hold the model its config.json describes: {len(wrong)} tensors of another '
+                         f'shape {wrong[:3]}, missing {missing[:3]}, unexpected {unexpected[:3]}')
 
 
 def load_optimizer_state(raw_model, optimizer, optimizer_state, sharded=False):
@@ -196,11 +263,14 @@ def code_digest(path):
 _digests = {}
 
 
-def file_digest(path):
-    """sha256 of a file's bytes (first 16 hex digits), remembered per path, size and mtime within a process."""
+def file_digest(path, full=False):
+    """
+    sha256 of a file's bytes (its first 16 hex digits), remembered per path, size and mtime within a process; full:
+    read it again every time (a checksum must see the bytes on disk now).
+    """
     st = os.stat(path)
     key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
-    if key not in _digests:
+    if full or key not in _digests:
         h = hashlib.sha256()
         with open(path, 'rb') as f:
             for block in iter(lambda: f.read(1 << 24), b''):
@@ -236,3 +306,68 @@ def check_fingerprint(folder, expected, allow_stale=False, warn=print):
         return
     raise StaleCheckpoint(f'{message}. Run into another folder (out_dir, text_out_dir), delete it, or pass '
                           f'--allow_stale=True to reuse it knowingly')
+
+
+# -----------------------------------------------------------------------------
+# one writer per folder: a run locks the folders it writes, so two runs never overwrite each other's checkpoints
+
+class FolderLocked(RuntimeError):
+    """Another live run holds the lock of a folder this run would write: the message names it."""
+
+
+def acquire_lock(folder):
+    """
+    Lock folder for this process: {folder}/LOCK holds our pid, host and start time, created only if absent. A lock
+    whose process is gone (same host, pid not running) is stale, from a crash, and taken over. A live holder, or one
+    on another host, is FolderLocked. Returns the lock's path, for release_lock.
+    """
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, 'LOCK')
+    me = {'pid': os.getpid(), 'host': socket.gethostname(), 'started': time.strftime('%Y-%m-%d %H:%M:%S')}
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = lock_holder(path)
+            if holder == {}:
+                continue  # released in between
+            if holder is None or (holder.get('host') == me['host'] and not pid_running(holder.get('pid'))):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(path)  # stale (or unreadable): its run is gone
+                continue
+            raise FolderLocked(f'{folder} is being written by another run (pid {holder.get("pid")} on '
+                               f'{holder.get("host")}, since {holder.get("started")}): wait for it to finish, choose '
+                               f'another out_dir / text_out_dir, or delete {path} if that run is gone') from None
+        with os.fdopen(fd, 'w') as f:
+            json.dump(me, f)
+        return path
+    raise FolderLocked(f'{path}: could not take the lock (another run takes it at the same time)')
+
+
+def lock_holder(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return {}  # released in between: try again
+    except ValueError:
+        time.sleep(0.1)  # being written right now
+        with open(path) as f, contextlib.suppress(ValueError):
+            return json.load(f)
+        return None
+
+
+def pid_running(pid):
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, TypeError, ValueError):
+        return True  # alive under another user (or unreadable: assume alive, refuse rather than overwrite)
+    return True
+
+
+def release_lock(path):
+    """Remove a lock this process holds (one that another process took over is left alone)."""
+    if (lock_holder(path) or {}).get('pid') == os.getpid():
+        os.remove(path)

@@ -8,8 +8,9 @@ Reads .txt (a file is one document), .jsonl and .jsonl.gz (one JSON object a lin
 FineWeb layout), .jsonl.zst (with the optional package zstandard) and .parquet (with pyarrow, its `text` column).
 Documents are tokenized by a pool of processes and appended to train.bin / val.bin, each followed by <|endoftext|>;
 a document goes to val when a hash of its text falls under val_fraction, so the split does not depend on the order of
-the inputs. meta.json (tokenizer, vocabulary, dtype, token and document counts, skipped lines) is written last: its
-presence means the folder is complete.
+the inputs. meta.json (tokenizer, vocabulary, dtype, token and document counts, skipped lines) says the folder is
+complete; the folder is built beside --out and swapped in only then, so a failed run never damages a good dataset.
+A document over max_document_bytes is skipped and counted: memory stays bounded whatever a compressed file holds.
 """
 
 import glob
@@ -17,15 +18,19 @@ import gzip
 import hashlib
 import io
 import json
+import multiprocessing
 import os
+import shutil
 import sys
 import time
-from collections import Counter
-from multiprocessing import Pool
+from collections import Counter, deque
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
 
 import data
+from checkpoint import swap_in
 from configurator import configure, script_config
 
 # -----------------------------------------------------------------------------
@@ -35,6 +40,7 @@ out = ''  # the dataset folder to write: train.bin, val.bin, meta.json
 tokenizer = 'bytes'  # 'bytes' (256 byte tokens) or 'gpt2' (tiktoken's BPE, the paper's scale)
 val_fraction = 0.005  # share of documents that go to val.bin, chosen by a hash of their text
 workers = 0  # tokenizer processes; 0: one per core
+max_document_bytes = 4 * 2 ** 20  # a longer document (a .txt file, a JSON line) is skipped and counted, never read whole
 # -----------------------------------------------------------------------------
 
 FORMATS = ('.txt', '.jsonl', '.jsonl.gz', '.jsonl.zst', '.parquet')
@@ -75,11 +81,18 @@ def open_text_stream(path):
     return open(path, encoding='utf-8', errors='replace')
 
 
-def documents(path, skipped, text_key='text'):
-    """Yield the documents of one file; lines that are not JSON objects with a text field are counted in skipped."""
+def documents(path, skipped, text_key='text', max_bytes=4 * 2 ** 20):
+    """
+    Yield the documents of one file; lines that are not JSON objects with a text field, and documents over
+    max_bytes (a 1 MB .gz can hold a 1 GB line), are counted in skipped. At most max_bytes are held at a time.
+    """
     if path.endswith('.txt'):
         with open(path, encoding='utf-8', errors='replace') as f:
-            yield f.read()
+            text = f.read(max_bytes + 1)
+        if len(text) > max_bytes:
+            skipped['document too large'] += 1
+        elif text:
+            yield text
         return
     if path.endswith('.parquet'):
         try:
@@ -88,18 +101,25 @@ def documents(path, skipped, text_key='text'):
             raise ImportError(f'{path}: reading .parquet needs the optional package pyarrow (pip install pyarrow)')
         for batch in pq.ParquetFile(path).iter_batches(columns=[text_key], batch_size=1024):
             for text in batch.column(0).to_pylist():
-                if isinstance(text, str) and text:
+                if isinstance(text, str) and len(text) > max_bytes:
+                    skipped['document too large'] += 1
+                elif isinstance(text, str) and text:
                     yield text
                 else:
                     skipped['empty or missing text'] += 1
         return
     with open_text_stream(path) as f:
-        for line in f:
+        for line in iter(lambda: f.readline(max_bytes + 1), ''):
+            if len(line) > max_bytes and not line.endswith('\n'):  # too long: read past the rest, never hold it
+                while (rest := f.readline(max_bytes)) and not rest.endswith('\n'):
+                    pass
+                skipped['document too large'] += 1
+                continue
             if not line.strip():
                 continue
             try:
                 text = json.loads(line).get(text_key)
-            except (ValueError, AttributeError):
+            except (ValueError, AttributeError, RecursionError):
                 skipped['not a JSON object'] += 1
                 continue
             if isinstance(text, str) and text:
@@ -130,11 +150,11 @@ def _tokenize(args):
     return out[False], out[True]
 
 
-def chunks(files, skipped, chunk_bytes, on_file):
+def chunks(files, skipped, chunk_bytes, on_file, max_bytes):
     """Documents of all files in chunks of about chunk_bytes of text."""
     chunk, size = [], 0
     for path in files:
-        for doc in documents(path, skipped):
+        for doc in documents(path, skipped, max_bytes=max_bytes):
             chunk.append(doc)
             size += len(doc)
             if size >= chunk_bytes:
@@ -145,15 +165,40 @@ def chunks(files, skipped, chunk_bytes, on_file):
         yield chunk
 
 
-def prepare_text(inputs, out, tokenizer='bytes', val_fraction=0.005, workers=None, chunk_bytes=1 << 20, verbose=True):
-    """Tokenize the documents of inputs into {out}/train.bin, val.bin and meta.json; returns meta."""
+def tokenized(jobs, workers):
+    """
+    _tokenize over jobs in a pool of processes, in order, with at most 2 x workers chunks in flight (bounded memory).
+    A worker that dies (killed for memory) is an error that says so, never a hang.
+    """
+    pending = deque()
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context('fork')) as pool:
+        try:
+            for job in jobs:
+                pending.append(pool.submit(_tokenize, job))
+                if len(pending) >= 2 * workers:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        except BrokenProcessPool:
+            raise RuntimeError('a tokenizer process died (killed for memory?): lower max_document_bytes or workers, '
+                               'and check the inputs for enormous documents') from None
+
+
+def prepare_text(inputs, out, tokenizer='bytes', val_fraction=0.005, workers=None, chunk_bytes=1 << 20, verbose=True,
+                 max_document_bytes=4 * 2 ** 20):
+    """
+    Tokenize the documents of inputs into {out}/train.bin, val.bin and meta.json; returns meta. The dataset is built
+    in {out}.tmp and swapped in only when complete and not empty: a failed run leaves a good {out} as it was.
+    """
     files = expand_inputs(inputs)
+    if os.path.isdir(out) and os.listdir(out) and not os.path.exists(os.path.join(out, 'meta.json')):
+        raise ValueError(f'{out} exists and is not a dataset folder (no meta.json): the new dataset replaces the whole '
+                         f'folder, so choose a new or empty one')
     enc = data.get_tokenizer(tokenizer)  # fails here, before any work, when gpt2's merges cannot be fetched
     dtype = np.uint16 if enc.n_vocab <= 2 ** 16 else np.uint32
-    os.makedirs(out, exist_ok=True)
-    meta_path = os.path.join(out, 'meta.json')
-    if os.path.exists(meta_path):
-        os.remove(meta_path)  # the folder is incomplete until the new meta.json is written
+    tmp = out.rstrip('/') + '.tmp'
+    shutil.rmtree(tmp, ignore_errors=True)  # what an interrupted run left
+    os.makedirs(tmp)
     total_bytes = sum(os.path.getsize(f) for f in files)
     done_bytes, skipped, counts, t0 = 0, Counter(), {'train': 0, 'val': 0}, time.time()
 
@@ -164,36 +209,35 @@ def prepare_text(inputs, out, tokenizer='bytes', val_fraction=0.005, workers=Non
             last_report[0] = time.time()
             rate = done_bytes / max(time.time() - t0, 1e-9)
             eta = f'{(total_bytes - done_bytes) / rate:.0f}s' if rate else '?'
-            print(f'{done_bytes / total_bytes:6.1%} of {total_bytes / 1e6:,.1f} MB of files done | {counts["train"]:,} '
-                  f'train / {counts["val"]:,} val tokens | {rate / 1e6:.2f} MB/s | eta {eta}', flush=True)
+            print(f'{done_bytes / max(total_bytes, 1):6.1%} of {total_bytes / 1e6:,.1f} MB of files done | '
+                  f'{counts["train"]:,} train / {counts["val"]:,} val tokens | {rate / 1e6:.2f} MB/s | eta {eta}',
+                  flush=True)
 
     def on_file(path):
         nonlocal done_bytes
         done_bytes += os.path.getsize(path)
         report(force=True)
 
-    files_out = {split: open(os.path.join(out, f'{split}.bin.tmp'), 'wb') for split in ('train', 'val')}
     try:
-        jobs = ((c, tokenizer, val_fraction) for c in chunks(files, skipped, chunk_bytes, on_file))
-        with Pool(workers or os.cpu_count()) as pool:
-            for train_ids, val_ids in pool.imap(_tokenize, jobs):  # in order: the shards do not depend on timing
-                for split, ids in (('train', train_ids), ('val', val_ids)):
-                    files_out[split].write(np.asarray(ids, dtype=dtype).tobytes())
+        with open(os.path.join(tmp, 'train.bin'), 'wb') as train_f, open(os.path.join(tmp, 'val.bin'), 'wb') as val_f:
+            jobs = ((c, tokenizer, val_fraction) for c in chunks(files, skipped, chunk_bytes, on_file,
+                                                                 max_document_bytes))
+            for train_ids, val_ids in tokenized(jobs, workers or os.cpu_count()):  # in order: timing changes nothing
+                for f, split, ids in ((train_f, 'train', train_ids), (val_f, 'val', val_ids)):
+                    f.write(np.asarray(ids, dtype=dtype).tobytes())
                     counts[split] += len(ids)
                 report()
+        if counts['train'] == 0:
+            raise ValueError(f'{" ".join(inputs)}: no text found (skipped: {dict(skipped) or "nothing"}); an empty '
+                             f'dataset cannot be trained on{f", and {out} is left as it was" if os.path.exists(out) else ""}')
+        meta = {'tokenizer': tokenizer, 'vocab_size': enc.n_vocab, 'dtype': np.dtype(dtype).name, 'tokens': counts,
+                'files': len(files), 'input_bytes': total_bytes, 'skipped': dict(skipped),
+                'val_fraction': val_fraction}
+        with open(os.path.join(tmp, 'meta.json'), 'w') as f:
+            json.dump(meta, f, indent=1)
+        swap_in(tmp, out)  # meta.json in place means the folder is complete
     finally:
-        for f in files_out.values():
-            f.close()
-    for split in ('train', 'val'):
-        os.replace(os.path.join(out, f'{split}.bin.tmp'), os.path.join(out, f'{split}.bin'))
-    if counts['train'] == 0:
-        raise ValueError(f'{" ".join(inputs)}: no text found (skipped: {dict(skipped) or "nothing"}); an empty '
-                         f'dataset cannot be trained on')
-    meta = {'tokenizer': tokenizer, 'vocab_size': enc.n_vocab, 'dtype': np.dtype(dtype).name, 'tokens': counts,
-            'files': len(files), 'input_bytes': total_bytes, 'skipped': dict(skipped), 'val_fraction': val_fraction}
-    with open(meta_path + '.tmp', 'w') as f:
-        json.dump(meta, f, indent=1)
-    os.replace(meta_path + '.tmp', meta_path)
+        shutil.rmtree(tmp, ignore_errors=True)
     if verbose:
         print(f'{out}: {counts["train"]:,} train / {counts["val"]:,} val tokens ({tokenizer}, {meta["dtype"]}) from '
               f'{len(files)} files in {time.time() - t0:.0f}s' +
@@ -206,6 +250,7 @@ if __name__ == '__main__':
     if not cfg['input'] or not cfg['out']:
         sys.exit('usage: python corpora.py --input=PATH[,PATH...] --out=DIR [--tokenizer=gpt2] (--help lists the keys)')
     try:
-        prepare_text(cfg['input'].split(','), cfg['out'], cfg['tokenizer'], cfg['val_fraction'], cfg['workers'] or None)
-    except (ValueError, OSError) as e:
+        prepare_text(cfg['input'].split(','), cfg['out'], cfg['tokenizer'], cfg['val_fraction'], cfg['workers'] or None,
+                     max_document_bytes=cfg['max_document_bytes'])
+    except (ValueError, OSError, RuntimeError) as e:
         sys.exit(f'error: {e}')

@@ -126,6 +126,19 @@ def write_shard(path, tokens, dtype=np.uint16):
     return len(arr)
 
 
+def read_json(path):
+    """A JSON file's value; a file that is not JSON is a ValueError naming it and where it breaks (no traceback)."""
+    try:
+        with open(path, encoding='utf-8') as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f'{path} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}') from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f'{path} is not UTF-8 text (byte {e.start}): is it the right file?') from None
+    except RecursionError:
+        raise ValueError(f'{path} nests its JSON too deeply to be a data file of this kind') from None
+
+
 def load_meta(folder):
     path = os.path.join(folder, 'meta.json')
     if not os.path.exists(path):

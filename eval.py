@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 import data
 import shapes
-from checkpoint import file_digest, load_weights, read_checkpoint_info
+from checkpoint import check_shapes, file_digest, load_weights, read_checkpoint_info
 from configurator import configure, script_config
 from encoders import build_encoder
 from model import GPT, VLM, GPTConfig
@@ -41,28 +41,42 @@ limit = 0  # score at most this many items per benchmark (a seeded sample); 0: a
 # loading checkpoints
 
 
-def build_model(info):
-    """A GPT, or a VLM with its encoder, of the shape recorded in a checkpoint's config.json (weights: see below)."""
-    gpt = GPT(GPTConfig(**info['model_args']))
-    if 'encoder' not in info:
-        return gpt
-    e = info['encoder']
+def build_model(info, skeleton=False):
+    """
+    A GPT, or a VLM with its encoder, of the shape recorded in a checkpoint's config.json (weights: see below).
+    skeleton: every encoder random, nothing read from disk: for a model built on the meta device to compare shapes.
+    """
+    try:
+        gpt = GPT(GPTConfig(**info['model_args']))
+        if 'encoder' not in info:
+            return gpt
+        e = info['encoder']
+        name, scale, saved, frozen, img_size = e['name'], e['scale'], e['saved'], e['frozen'], e['img_size']
+        projector, image_token, inject_layer = e['projector'], e['image_token'], e['inject_layer']
+    except (TypeError, KeyError) as err:
+        raise ValueError(f'config.json does not describe a nanoVLP model ({type(err).__name__}: {err})') from None
     # an encoder whose weights the checkpoint holds starts random; a frozen one is rebuilt from its recorded source,
     # which must still be the file it was made with
-    weights = 'random' if e['saved'] else e['weights']
-    for name, digest in ({} if e['saved'] else e.get('weights_digest', {})).items():
-        path = weights[name] if isinstance(weights, dict) else weights
+    weights = 'random' if saved or skeleton else e['weights']
+    for name_, digest in ({} if saved or skeleton else e.get('weights_digest', {})).items():
+        path = weights[name_] if isinstance(weights, dict) else weights
         if not os.path.isfile(path) or file_digest(path) != digest:
             raise ValueError(f'the frozen encoder of this checkpoint is rebuilt from {path}, which is missing or '
                              f'is no longer the file it was trained with (pre-trained again?): restore that file, '
                              f'or train the image stage again')
-    encoder = build_encoder(e['name'], e['scale'], weights, e['img_size'], freeze=e['frozen'])
-    return VLM(gpt, encoder, e['image_token'], e['projector'], e['inject_layer'])
+    encoder = build_encoder(name, scale, weights, img_size, freeze=frozen)
+    return VLM(gpt, encoder, image_token, projector, inject_layer)
 
 
 def load_model(ckpt_dir, device='cpu'):
-    """Rebuild the model saved in ckpt_dir; returns (model in eval mode, the checkpoint's config.json)."""
+    """
+    Rebuild the model saved in ckpt_dir; returns (model in eval mode, the checkpoint's config.json). Its shape is
+    checked against model.safetensors' header on the meta device first: a config.json that claims a larger model
+    than its weights is an error before anything is allocated.
+    """
     info = read_checkpoint_info(ckpt_dir)
+    with torch.device('meta'):
+        check_shapes(build_model(info, skeleton=True), ckpt_dir)
     model = load_weights(build_model(info), ckpt_dir)
     return model.to(device).eval(), info
 
@@ -134,6 +148,10 @@ def interval(samples):
 
 
 def task_result(modality, scores, chance, rng, n_boot=1000, **extra):
+    """One task's accuracy, centered accuracy and interval; a task with no item left has none of them (not 0)."""
+    if not len(scores):
+        return dict(modality=modality, accuracy=None, chance=chance, centered=None, n=0, ci95=None, scores=[],
+                    **extra)
     acc = float(np.mean(scores))
     boots = centered(bootstrap_means(scores, n_boot, rng), chance)
     return dict(modality=modality, accuracy=acc, chance=chance, centered=centered(acc, chance), n=len(scores),
@@ -142,7 +160,7 @@ def task_result(modality, scores, chance, rng, n_boot=1000, **extra):
 
 def stable_score(tasks, modality, rng, n_boot=1000):
     """Mean centered accuracy over the tasks of one modality, with a bootstrap interval that resamples each task."""
-    chosen = [t for t in tasks.values() if t['modality'] == modality]
+    chosen = [t for t in tasks.values() if t['modality'] == modality and t['n']]
     if not chosen:
         return None, None
     boots = np.mean([centered(bootstrap_means(t['scores'], n_boot, rng), t['chance']) for t in chosen], axis=0)
@@ -304,6 +322,9 @@ def evaluate(model, enc, folder, device, world_args=(), seed=0):
 def format_table(results):
     lines = [f"{'task':<14}{'modality':<10}{'acc':>7}{'chance':>8}{'centered':>10}  {'95% CI':<16}{'n':>6}"]
     for name, t in results['tasks'].items():
+        if not t['n']:
+            lines.append(f"{name:<14}{t['modality']:<10}{'no item left to score (see skipped)':>31}{0:>22}")
+            continue
         lo, hi = t['ci95']
         lines.append(f"{name:<14}{t['modality']:<10}{t['accuracy']:>7.3f}{t['chance']:>8.3f}{t['centered']:>10.3f}  "
                      f"[{lo:+.3f}, {hi:+.3f}]{t['n']:>6}")
@@ -367,7 +388,7 @@ def evaluate_checkpoint(ckpt_dir, device='cpu', data_dir='data', verbose=True):
 def run_benchmarks(model, enc, tasks, bench_dir, device='cpu', limit=0, seed=0):
     """The named benchmarks as one results dict (the shape of eval.json), with the stable scores over them."""
     import benchmarks
-    from images import BadImage, decode_image
+    from images import BadImage, decode_image, read_image_file
 
     benchmarks.check_tasks(tasks)
     rng = np.random.default_rng(seed)
@@ -382,13 +403,13 @@ def run_benchmarks(model, enc, tasks, bench_dir, device='cpu', limit=0, seed=0):
         if not isinstance(model, VLM):
             raise ValueError(f'{task} needs a model with an image encoder; this checkpoint is text-only')
         kept, images = [], []
-        for it in items:
+        for it in items:  # an image path a benchmark file names is read only inside that benchmark's folder
             try:
-                with open(it['image'], 'rb') as f:
-                    images.append(decode_image(f.read(), model.encoder.img_size))
+                images.append(decode_image(read_image_file(it['image'], os.path.join(bench_dir, task)),
+                                           model.encoder.img_size))
                 kept.append(it)
-            except (OSError, BadImage) as e:
-                skipped[f'{task}: {e if isinstance(e, BadImage) else "image file missing or unreadable"}'] += 1
+            except BadImage as e:
+                skipped[f'{task}: {e}'] += 1
         prompts = [data.question_prompt(enc, it['question'], model.encoder.num_tokens) for it in kept]
         predictions = answer(model, enc, prompts, images, device)
         extra = {}

@@ -8,13 +8,17 @@ pairs.
     source = RealImages(384, image_data='datacomp/*.tar', instruct_data='llava/mix665k.json')  # what train.py reads
 
 What comes off the web is hostile: grayscale, CMYK, palette and 16-bit images are converted to 8-bit RGB, transparent
-ones composited on white; truncated, unreadable, tiny (a side under MIN_SIDE) and huge (decompression bombs, over
-MAX_PIXELS, refused before decoding) ones are skipped. A skip is never silent: every reader returns a Counter of
-reasons that the training log reports.
+ones composited on white; truncated, unreadable, tiny (a side under MIN_SIDE), huge (decompression bombs, over
+MAX_PIXELS, refused before decoding) and thin (a side over MAX_ASPECT times the other) ones are skipped. An image path
+that a record names is confined to its folder (symlinks resolved), read only when it is a regular file, and at most
+MAX_IMAGE_BYTES of it; a caption is at most MAX_CAPTION_BYTES. A skip is never silent: every reader returns a Counter
+of reasons that the training log reports. Memory stays bounded whatever a file claims.
 """
 
 import io
+import json
 import os
+import stat
 import tarfile
 from collections import Counter
 
@@ -24,9 +28,13 @@ import data
 
 MIN_SIDE = 8  # pixels: smaller images (tracking pixels, 1x1 spacers) carry nothing to caption
 MAX_PIXELS = 64 * 2 ** 20  # width x height above this is refused from the header alone, before any decoding
+MAX_ASPECT = 20  # a longer side over 20 times the shorter: a banner or a spacer, nothing left at the encoder's size
+MAX_IMAGE_BYTES = 64 * 2 ** 20  # an image file is read up to this many bytes; a larger one is refused
+MAX_CAPTION_BYTES = 64 * 2 ** 10  # a caption file over this is refused unread (a web caption is under 1 KB)
 IMAGE_EXTENSIONS = ('jpg', 'jpeg', 'png', 'webp')
-# why a sample drawn for a batch was left out: decode_image's reasons, a missing LLaVA image, a sample over block_size
-SKIP_REASONS = ('not an image', 'too large', 'too small', 'truncated or corrupt', 'missing file', 'unreadable file',
+# why a sample drawn for a batch was left out: decode_image's and read_image_file's reasons, a sample over block_size
+SKIP_REASONS = ('not an image', 'too large', 'too small', 'extreme aspect ratio', 'truncated or corrupt',
+                'missing file', 'unreadable file', 'outside its folder', 'not a regular file', 'file too large',
                 'longer than block_size')
 
 
@@ -36,8 +44,10 @@ class BadImage(ValueError):
 
 def decode_image(raw, size):
     """
-    Encoded image bytes -> uint8 [size, size, 3]: converted to 8-bit RGB, padded to a square with white (nothing
-    cropped away: a caption may mention anything in the picture), resized with antialiasing. Raises BadImage.
+    Encoded image bytes -> uint8 [size, size, 3]: converted to 8-bit RGB, resized with antialiasing so that its
+    longer side is `size`, then padded to a square with white (nothing cropped away: a caption may mention anything
+    in the picture). Resizing first bounds the memory: the padded canvas is never larger than size x size.
+    Raises BadImage.
     """
     from PIL import Image  # Pillow comes with timm's torchvision
 
@@ -50,15 +60,45 @@ def decode_image(raw, size):
         raise BadImage('too large')
     if min(w, h) < MIN_SIDE:
         raise BadImage('too small')
+    if max(w, h) > MAX_ASPECT * min(w, h):
+        raise BadImage('extreme aspect ratio')
     try:
         img.load()
     except Exception:  # truncated data, a broken stream
         raise BadImage('truncated or corrupt')
-    img = to_rgb(img)
-    side = max(w, h)
-    square = Image.new('RGB', (side, side), (255, 255, 255))
-    square.paste(img, ((side - w) // 2, (side - h) // 2))
-    return np.array(square.resize((size, size), Image.Resampling.BICUBIC, reducing_gap=3.0), dtype=np.uint8)
+    scale = size / max(w, h)
+    fit = (max(1, round(w * scale)), max(1, round(h * scale)))
+    img = to_rgb(img).resize(fit, Image.Resampling.BICUBIC, reducing_gap=3.0)
+    square = Image.new('RGB', (size, size), (255, 255, 255))
+    square.paste(img, ((size - fit[0]) // 2, (size - fit[1]) // 2))
+    return np.array(square, dtype=np.uint8)
+
+
+def read_image_file(path, folder, max_bytes=MAX_IMAGE_BYTES):
+    """
+    The bytes of an image file that a record names, confined to folder: resolved (symlinks included) it must lie
+    inside folder, be a regular file (not a FIFO, a device such as /dev/zero, or a folder) and hold at most max_bytes.
+    Raises BadImage with the reason, which the skip counters use.
+    """
+    real, root = os.path.realpath(path), os.path.realpath(folder)
+    if os.path.commonpath([real, root]) != root:
+        raise BadImage('outside its folder')
+    try:
+        fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO opened without O_NONBLOCK would wait for a writer
+    except FileNotFoundError:
+        raise BadImage('missing file')
+    except OSError:
+        raise BadImage('unreadable file')
+    with os.fdopen(fd, 'rb') as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise BadImage('not a regular file')
+        if st.st_size > max_bytes:
+            raise BadImage('file too large')
+        raw = f.read(max_bytes + 1)
+    if len(raw) > max_bytes:
+        raise BadImage('file too large')
+    return raw
 
 
 def to_rgb(img):
@@ -78,13 +118,17 @@ def to_rgb(img):
     return img.convert('RGB')
 
 
+TOO_LARGE = object()  # a caption left unread
+
+
 def index_shard(path, caption_key='txt'):
     """
     Where the samples of one WebDataset tar lie: files grouped by key (the name up to its first dot, as img2dataset
     writes 00000/000000012.jpg + .txt + .json). Returns the keys, an int64 array [n, 4] (image offset, image size,
     caption offset, caption size: byte ranges of the tar, read back by read_range) and a Counter of the samples
-    without an image or a caption. The caption is the .txt file, or the field caption_key of the .json when
-    caption_key is not 'txt'. Only the captions are read: the image bytes are skipped over.
+    without an image or a caption, or with a caption over MAX_CAPTION_BYTES. The caption is the .txt file, or the
+    field caption_key of the .json when caption_key is not 'txt'. Only the captions are read: the image bytes are
+    skipped over. A compressed tar is an error: its byte ranges could not be read back.
     """
     keys, rows, skipped = [], [], Counter()
     field = 'txt' if caption_key == 'txt' else 'json'
@@ -93,15 +137,23 @@ def index_shard(path, caption_key='txt'):
         image = next((files[e] for e in IMAGE_EXTENSIONS if e in files), None)
         if image is None:
             skipped['no image'] += 1
+        elif caption is TOO_LARGE:
+            skipped['caption too large'] += 1
         elif caption is None or not caption_text(caption, caption_key):
             skipped['no caption'] += 1
         else:
             keys.append(key)
             rows.append(image + files[field])
 
+    with open(path, 'rb') as f:
+        magic = f.read(4)
+    for prefix, kind in ((b'\x1f\x8b', 'gzip'), (b'BZh', 'bzip2'), (b'\xfd7zX', 'xz'), (b'\x28\xb5\x2f\xfd', 'zstd')):
+        if magic.startswith(prefix):
+            raise ValueError(f'{path} is {kind}-compressed: image shards are read by random access into a plain tar '
+                             f'(img2dataset writes them so); decompress it first')
     key, files, caption, n = None, {}, None, 0
     try:
-        with tarfile.open(path) as tar:
+        with tarfile.open(path, 'r:') as tar:
             for member in tar:
                 if not member.isfile():
                     continue
@@ -115,7 +167,7 @@ def index_shard(path, caption_key='txt'):
                 key, ext = k, ext.lower()
                 files[ext] = (member.offset_data, member.size)
                 if ext == field:  # read while the tar is open: the caption decides whether the sample is kept
-                    caption = tar.extractfile(member).read()
+                    caption = TOO_LARGE if member.size > MAX_CAPTION_BYTES else tar.extractfile(member).read()
     except tarfile.TarError as e:
         raise ValueError(f'{path} is not a readable tar shard ({e})') from e
     if key is not None:
@@ -134,13 +186,11 @@ def read_range(path, offset, size):
 
 def caption_text(raw, caption_key='txt'):
     """A caption file's bytes -> its text, or None when it has none (empty, or the .json lacks the field)."""
-    import json
-
     if caption_key == 'txt':
         return raw.decode('utf-8', errors='replace').strip() or None
     try:
         value = json.loads(raw).get(caption_key)
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):
         return None
     return value.strip() or None if isinstance(value, str) else None
 
@@ -167,18 +217,21 @@ def llava_conversations(path, images_dir):
     The records of a LLaVA instruction file (llava_v1_5_mix665k.json and its kind): a list of
     {"image": "coco/train2017/x.jpg", "conversations": [{"from": "human", "value": "<image>\\nWhat ..."},
     {"from": "gpt", "value": "..."}, ...]}. Returns [(image path or None, [(question, answer), ...])] and a Counter
-    of the records skipped, by reason: turns that do not alternate human / gpt, an image without its <image> mark or a
-    mark without an image. A text-only record (no "image") is kept: LLaVA mixes them in to keep the LM's text skills.
+    of the records skipped, by reason: a record of the wrong shape or types, turns that do not alternate human / gpt,
+    an image without its <image> mark or a mark without an image. A text-only record (no "image") is kept: LLaVA
+    mixes them in to keep the LM's text skills. The image paths are read later, confined to images_dir.
     """
-    import json
-
-    with open(path) as f:
-        records = json.load(f)
-    if not records:
-        raise ValueError(f'{path} holds no conversations')
+    records = data.read_json(path)
+    if not isinstance(records, list) or not records:
+        raise ValueError(f'{path}: expected a non-empty JSON list of conversation records, found '
+                         f'{type(records).__name__ if records else "an empty list"}')
     kept, skipped = [], Counter()
     for r in records:
-        turns = r.get('conversations') or []
+        turns = r.get('conversations') if isinstance(r, dict) else None
+        if not (isinstance(turns, list) and all(isinstance(t, dict) and isinstance(t.get('value'), str) for t in turns)
+                and isinstance(r.get('image', ''), str)):
+            skipped['malformed record'] += 1
+            continue
         roles = [t.get('from') for t in turns]
         if not turns or len(turns) % 2 or roles != ['human', 'gpt'] * (len(turns) // 2):
             skipped['turns not human / gpt pairs'] += 1
@@ -218,7 +271,6 @@ def shard_paths(pattern):
 def cached_index(path, caption_key, cache_dir):
     """index_shard's byte ranges and skip counts, kept in cache_dir under the shard's path, size and mtime."""
     import hashlib
-    import json
 
     st = os.stat(path)
     tag = hashlib.sha1(f'{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|{caption_key}'.encode()).hexdigest()
@@ -275,8 +327,8 @@ class RealImages:
         if instruct_data:
             if not os.path.exists(instruct_data):
                 raise ValueError(f'instruct_data={instruct_data!r} does not exist')
-            images_dir = instruct_images or os.path.dirname(os.path.abspath(instruct_data))
-            self.conversations, skipped = llava_conversations(instruct_data, images_dir)
+            self.images_dir = instruct_images or os.path.dirname(os.path.abspath(instruct_data))
+            self.conversations, skipped = llava_conversations(instruct_data, self.images_dir)
             self.indexing_skipped.update(skipped)
 
     def summary(self):
@@ -313,15 +365,10 @@ class RealImages:
     def raw_image(self, ref):
         if ref < self.n_captions:
             at, size, _, _ = self.ranges[ref].tolist()
+            if size > MAX_IMAGE_BYTES:
+                raise BadImage('file too large')
             return read_range(self.shard_of(ref), at, size)
-        path = self.conversations[ref - self.n_captions][0]
-        try:
-            with open(path, 'rb') as f:
-                return f.read()
-        except FileNotFoundError:
-            raise BadImage('missing file')
-        except OSError:  # a folder, no permission
-            raise BadImage('unreadable file')
+        return read_image_file(self.conversations[ref - self.n_captions][0], self.images_dir)
 
     def usable(self, ref):
         """Decode ref's image (kept for pixels()); False, and the reason counted, when it cannot be used."""

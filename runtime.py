@@ -259,7 +259,18 @@ def train_steps(rt, stage, model, raw_model, optimizer, batches, lr_at, first, l
 
 
 def save_stage_checkpoint(rt, folder, raw_model, optimizer, info):
-    """Every rank gathers (FSDP), rank 0 writes. The folder becomes the stage's last good checkpoint."""
+    """
+    Every rank gathers (FSDP), rank 0 writes. The folder becomes the stage's last good checkpoint, so weights that
+    are not finite (a step applied with a NaN update) stop the run instead: every rank checks its own.
+    """
+    finite = torch.tensor(float(all(bool(torch.isfinite(p.to_local() if hasattr(p, 'to_local') else p).all())
+                                    for p in raw_model.parameters())), device=rt.device)
+    if rt.ddp:
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    if not finite.item():
+        raise TrainingError(f'{info["stage"]} stage, step {info["step"]}: the weights hold NaN or inf, so {folder} was '
+                            f'not written. The last good checkpoint is {rt.last_checkpoint or "none"}; resume from it '
+                            f'with init_from=resume and a lower learning rate')
     weights, optimizer_state = full_state(raw_model, optimizer)
     if rt.master:
         save_checkpoint(folder, weights, optimizer_state, info)

@@ -28,8 +28,9 @@ import torch.distributed as dist
 
 import data
 import prepare
-from checkpoint import (StaleCheckpoint, check_fingerprint, finished_checkpoints, is_checkpoint, load_optimizer_state,
-                        load_state, load_weights, prune, read_checkpoint_info, set_rng_state)
+from checkpoint import (FolderLocked, StaleCheckpoint, acquire_lock, check_fingerprint, finished_checkpoints,
+                        is_checkpoint, load_optimizer_state, load_state, load_weights, prune, read_checkpoint_info,
+                        release_lock, set_rng_state)
 from configurator import ConfigError, check_ranges, configure, script_config
 from encoders import ENCODERS, build_encoder
 from eval import build_model, evaluate_checkpoint, stable_score_table, stable_scores_line
@@ -156,6 +157,10 @@ def get_config(args):
                               f'images can only be injected at a saved text checkpoint')
         enc_tokens = prepare.encoder_shape(cfg).num_tokens
         prepare.check_inputs(cfg)
+        before = {'image': 'text', 'finetune': 'image'}.get(stages[0])  # the first stage's input must exist already
+        if before and not is_checkpoint(stage_folder(cfg, before, cfg.image_inject_frac)):
+            raise ConfigError(f'{stage_folder(cfg, before, cfg.image_inject_frac)} does not exist: run the {before} '
+                              f'stage first (the default stages=text,image,finetune runs each in turn)')
         if enc_tokens + LONGEST_CAPTION + 1 > cfg.block_size:
             raise ConfigError(f'block_size={cfg.block_size} cannot hold one image ({enc_tokens} tokens) and a caption '
                               f'(up to {LONGEST_CAPTION} tokens): raise block_size to at least '
@@ -424,7 +429,10 @@ def resume_point(cfg, rt, stage, raw_model, made_by, also=()):
 def main(cfg):
     rt = setup_runtime(cfg)
     t0 = time.time()
+    locks = []
     try:
+        for folder in sorted({cfg.out_dir, cfg.text_out_dir}) if rt.master else ():
+            locks.append(acquire_lock(folder))  # one writer per folder: a second run stops here, naming this one
         prep = prepare.prepare(cfg, rt)
         stages = cfg.stages.split(',')
         for stage in stages:
@@ -435,6 +443,8 @@ def main(cfg):
             print(f'\nstable scores with 95% intervals ({cfg.out_dir}):\n{table}')
         log(rt, f'done in {format_time(time.time() - t0)}')
     finally:
+        for path in locks:
+            release_lock(path)
         if rt.ddp:
             dist.destroy_process_group()
 
@@ -446,5 +456,5 @@ if __name__ == '__main__':
         sys.exit(f'config error: {e}')
     try:
         main(config)
-    except (ConfigError, TrainingError, StaleCheckpoint) as e:
+    except (ConfigError, TrainingError, StaleCheckpoint, FolderLocked) as e:
         sys.exit(f'error: {e}')

@@ -110,3 +110,15 @@ def run_train(args, ranks=0):
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS='1'))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return proc.stdout
+
+
+def run_capped(code, cap_gib=1.5, timeout=120):
+    """
+    Python code in a subprocess whose private memory is capped (RLIMIT_DATA): a memory bomb that regresses fails
+    there as a MemoryError, not on the machine. torch's own import takes about 0.6 GiB of it.
+    """
+    import resource
+    cap = int(cap_gib * 2 ** 30)
+    return subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_DATA, (cap, cap)),
+                          env=dict(os.environ, OMP_NUM_THREADS='1'))

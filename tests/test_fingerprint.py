@@ -63,8 +63,7 @@ def test_a_stage_asks_for_its_input_and_does_not_run_it(tmp_path, shapes_dir):
     args = [f'--data_dir={shapes_dir}', f'--out_dir={tmp_path}/run', f'--text_out_dir={tmp_path}/text',
             '--stages=image', '--encoder_weights=random', '--device=cpu']
     with pytest.raises(ConfigError, match=r'ckpt_080 does not exist: run the text stage first'):
-        train.main(train.get_config(args))
-    assert not os.path.exists(tmp_path / 'text')
+        train.get_config(args)  # before any compute
 
 
 def test_a_frozen_encoder_rebuilt_from_a_changed_file_is_refused(tmp_path):
