@@ -148,14 +148,18 @@ def fmt(value, ci=None):
     return f'{value:.3f}' + (f' [{ci[0]:+.2f}, {ci[1]:+.2f}]' if ci else '')
 
 
-def results_table(results, baseline_name):
-    """results: {cell: [eval.json of each finished seed]} -> markdown rows, with differences to baseline_name."""
-    base = results.get(baseline_name)
-    header = ['cell', 'seeds', 'vision', 'blind vision', 'text', f'Δ vision vs {baseline_name} (p)', 'Δ text (p)']
+def results_table(results, baseline_name, times=None):
+    """
+    results: {cell: [eval.json of each finished seed]} -> markdown rows, with differences to baseline_name; times:
+    {cell: [times.json of each seed]}, each cell's wall time per seed (mean over its seeds).
+    """
+    base, times = results.get(baseline_name), times or {}
+    header = ['cell', 'seeds', 'vision', 'blind vision', 'text', f'Δ vision vs {baseline_name} (p)', 'Δ text (p)',
+              'time per seed']
     rows = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
     for cell, evals in results.items():
         if not evals:
-            rows.append(f'| {cell} | 0 | failed | | | | |')
+            rows.append(f'| {cell} | 0 | failed | | | | | |')
             continue
         shown = []
         for key in SCORES:
@@ -174,7 +178,9 @@ def results_table(results, baseline_name):
                 continue
             diff, p = paired_difference(pooled_tasks(evals), pooled_tasks(base), modality)
             deltas.append(f'{diff:+.3f} (p={p:.3f})' if p > 0 else f'{diff:+.3f} (p<0.001)')
-        rows.append(f'| {cell} | {len(evals)} | ' + ' | '.join(shown + deltas) + ' |')
+        spent = [sum(t.values()) for t in times.get(cell, [])]
+        rows.append(f'| {cell} | {len(evals)} | ' + ' | '.join(shown + deltas) + ' | ' +
+                    (train.format_time(np.mean(spent)) if spent else '') + ' |')
     return '\n'.join(rows)
 
 
@@ -211,7 +217,7 @@ def plot(results, path):
 
 
 def collect(cfg, runs, errors, skipped=()):
-    results, records = {}, []
+    results, times, records = {}, {}, []
     for i, r in enumerate(runs):
         evals = results.setdefault(r['cell'], [])
         record = dict(cell=r['cell'], seed=r['seed'], args=r['args'])
@@ -219,6 +225,11 @@ def collect(cfg, runs, errors, skipped=()):
             with open(eval_path(r)) as f:
                 record['eval'] = json.load(f)
             evals.append(record['eval'])
+            times_path = os.path.join(r['out_dir'], 'times.json')  # where the cell's run spent its time
+            if os.path.exists(times_path):
+                with open(times_path) as f:
+                    record['times'] = json.load(f)
+                times.setdefault(r['cell'], []).append(record['times'])
         else:
             record['error'] = errors.get(i, 'not run')
         records.append(record)
@@ -228,7 +239,7 @@ def collect(cfg, runs, errors, skipped=()):
     os.makedirs(cfg['out_dir'], exist_ok=True)
     with open(os.path.join(cfg['out_dir'], 'results.json'), 'w') as f:
         json.dump(records, f)
-    table = results_table(results, baseline_name)
+    table = results_table(results, baseline_name, times)
     failed = [f'- {rec["cell"]} seed {rec["seed"]}: {rec["error"]}' for rec in records if 'error' in rec]
     with open(os.path.join(cfg['out_dir'], 'results.md'), 'w') as f:
         f.write(table + '\n' + ('\nfailed or missing:\n' + '\n'.join(failed) + '\n' if failed else '') +

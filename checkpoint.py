@@ -212,6 +212,17 @@ def check_shapes(skeleton, folder):
                          f'shape {wrong[:3]}, missing {missing[:3]}, unexpected {unexpected[:3]}')
 
 
+def resume(found, made_by, model, allow_stale=False, warn=print):
+    """
+    The newest of the finished checkpoints found, [(step, folder)]: its fingerprint checked against made_by, its
+    weights loaded into model. Returns (step, folder, its state.pt).
+    """
+    step, folder = max(found)
+    check_fingerprint(folder, made_by, allow_stale, warn)
+    load_weights(model, folder)
+    return step, folder, load_state(folder)
+
+
 def load_optimizer_state(raw_model, optimizer, optimizer_state, sharded=False):
     """Load a checkpoint's optimizer state (keyed by parameter name) into this run's optimizer, sharded or not."""
     options = StateDictOptions(full_state_dict=True) if sharded else None

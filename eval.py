@@ -344,6 +344,17 @@ def stable_scores_line(r):
         ('text stable score', 'text_stable_score')) if r[key] is not None)
 
 
+def saved_scores(folder, dataset, device, data_dir):
+    """
+    What a training run logs for a checkpoint it just saved: its stable scores on its dataset's own tasks (writing
+    eval.json beside it), or, for a prepared corpus without tasks, how to score it on the paper's benchmarks.
+    """
+    if dataset != 'shapes':
+        return (f'no built-in tasks for dataset={dataset}: score it with python eval.py --ckpt={folder} --tasks=... '
+                f'--bench_dir=...')
+    return stable_scores_line(evaluate_checkpoint(folder, device, data_dir, verbose=False))
+
+
 def stable_score_table(rows):
     """[(name, checkpoint folder)] -> the stable scores of those with an eval.json, with their intervals."""
     fmt = lambda r, k: 'n/a' if r.get(k) is None else f"{r[k]:.3f} [{r[k + '_ci95'][0]:+.3f}, {r[k + '_ci95'][1]:+.3f}]"

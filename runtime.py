@@ -56,7 +56,7 @@ def setup_runtime(cfg):
     return SimpleNamespace(ddp=ddp, fsdp=cfg.fsdp, rank=rank, world_size=world_size, master=rank == 0, device=dev,
                            device_type=device_type, autocast=autocast, micro_batch=cfg.batch_size // per_step,
                            micro_steps=cfg.gradient_accumulation_steps, data_workers=workers,
-                           grad_checkpoint=cfg.grad_checkpoint, last_checkpoint=None,
+                           grad_checkpoint=cfg.grad_checkpoint, last_checkpoint=None, times={}, timing=[],
                            compile=cfg.compile if cfg.compile is not None else device_type == 'cuda')
 
 
@@ -76,6 +76,42 @@ def master_first(rt, make):
 def log(rt, *args):
     if rt.master:
         print(*args, flush=True)
+
+
+@contextmanager
+def timed(rt, part):
+    """
+    Add the wall time of the block to rt.times[part], less the time of the timed blocks inside it: the parts of a
+    run do not overlap, so they add up to its whole time.
+    """
+    start = time.time()
+    rt.timing.append(0.0)
+    try:
+        yield
+    finally:
+        inner, spent = rt.timing.pop(), time.time() - start
+        rt.times[part] = rt.times.get(part, 0.0) + spent - inner
+        if rt.timing:
+            rt.timing[-1] += spent
+
+
+def process_age():
+    """Seconds since this process started (Linux; 0 elsewhere): a run's start-up includes importing torch."""
+    try:
+        with open('/proc/self/stat') as f:
+            started = int(f.read().rsplit(')', 1)[1].split()[19])  # field 22: start time, in clock ticks since boot
+        with open('/proc/uptime') as f:
+            return max(0.0, float(f.read().split()[0]) - started / os.sysconf('SC_CLK_TCK'))
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def time_table(times):
+    """The parts of a run and their wall times, longest first, with their shares and the total."""
+    total = sum(times.values())
+    lines = [f'  {part:<24}{format_time(t):>8}{t / max(total, 1e-9):>7.0%}'
+             for part, t in sorted(times.items(), key=lambda kv: -kv[1])]
+    return '\n'.join(lines + [f'  {"total":<24}{format_time(total):>8}'])
 
 
 def format_time(seconds):

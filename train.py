@@ -14,10 +14,10 @@ A run prepares what it reads (prepare.py), then runs each stage of `stages` thro
 from the checkpoint the stage before wrote; a finished stage is reused only when its fingerprint matches.
 """
 
+import json
 import math
 import os
 import sys
-import time
 from collections import Counter
 from dataclasses import asdict
 from types import SimpleNamespace
@@ -29,14 +29,14 @@ import torch.distributed as dist
 import data
 import prepare
 from checkpoint import (FolderLocked, StaleCheckpoint, acquire_lock, check_fingerprint, finished_checkpoints,
-                        is_checkpoint, load_optimizer_state, load_state, load_weights, prune, read_checkpoint_info,
-                        release_lock, set_rng_state)
+                        is_checkpoint, load_optimizer_state, load_weights, prune, read_checkpoint_info, release_lock,
+                        resume, set_rng_state)
 from configurator import ConfigError, check_ranges, configure, script_config
 from encoders import ENCODERS, build_encoder
-from eval import build_model, evaluate_checkpoint, stable_score_table, stable_scores_line
+from eval import build_model, saved_scores, stable_score_table
 from model import GPT, PRESETS, VLM, GPTConfig
-from runtime import (TrainingError, barrier, batch_loader, check_ranks_agree, format_time, log, save_stage_checkpoint,
-                     setup_runtime, train_steps, wrap_model)
+from runtime import (TrainingError, barrier, batch_loader, check_ranks_agree, format_time, log, process_age,
+                     save_stage_checkpoint, setup_runtime, time_table, timed, train_steps, wrap_model)
 
 # -----------------------------------------------------------------------------
 # config
@@ -340,6 +340,39 @@ def steps_dir(cfg, stage):
 
 def run_stage(cfg, rt, prep, stage):
     """Reuse a finished, current stage; otherwise build it, resume or start it, train it, save and score it."""
+    with timed(rt, f'{stage} set-up'):
+        run = setup_stage(cfg, rt, prep, stage)
+    if run is None:
+        return
+    spec, saves = run.spec, run.saves
+
+    def on_step(done):
+        if done in saves:
+            if done == spec.iters:
+                check_ranks_agree(rt, spec.model)
+            with timed(rt, f'{stage} checkpoints'):
+                save_stage_checkpoint(rt, saves[done], spec.model, run.optimizer, run.info_at(done))
+            with timed(rt, f'{stage} evaluation'):  # rank 0 scores it (eval.json beside it), the others wait
+                if rt.master:
+                    log(rt, f'{stage} stage: saved {saves[done]} | '
+                            f'{saved_scores(saves[done], cfg.dataset, rt.device, cfg.data_dir)}')
+                barrier(rt)
+        elif cfg.ckpt_interval and done % cfg.ckpt_interval == 0:  # a checkpoint to resume from
+            folder = steps_dir(cfg, stage)
+            with timed(rt, f'{stage} checkpoints'):
+                save_stage_checkpoint(rt, os.path.join(folder, f'step_{done:06d}'), spec.model, run.optimizer,
+                                      run.info_at(done))
+                if rt.master:
+                    prune(folder, cfg.keep_last)
+                barrier(rt)
+
+    with timed(rt, f'{stage} steps'):
+        train_steps(rt, stage, run.model, spec.model, run.optimizer, batch_loader(rt, spec.make, run.first, spec.iters),
+                    spec.lr_at, run.first, spec.iters, on_step, spec.val_loss, cfg.batch_size * cfg.block_size, cfg)
+
+
+def setup_stage(cfg, rt, prep, stage):
+    """None when the stage is finished and current; else its pieces, built, wrapped and resumed where it stopped."""
     made_by = fingerprint(cfg, stage, prep)
     # {step: folder} of the checkpoints the stage is there to write (None: its last step)
     outputs = ({frac_step(f, cfg.text_iters): stage_folder(cfg, stage, f) for f in cfg.save_fracs} if stage == 'text'
@@ -349,36 +382,21 @@ def run_stage(cfg, rt, prep, stage):
         check_fingerprint(folder, made_by, cfg.allow_stale, warn=lambda m: log(rt, m))
     if len(finished) == len(outputs):
         log(rt, f'{stage} stage: already complete in {os.path.dirname(finished[0])}, reusing it')
-        return
+        return None
     spec = STAGE_BUILDERS[stage](cfg, rt, prep)
-    raw_model, last = spec.model, spec.iters
-    saves = {last if step is None else step: folder for step, folder in outputs.items()}
-    info_at = lambda done: {'stage': stage, 'step': done, 'iters': last, 'tokenizer': prep.enc.name.removeprefix(
-        'nanovlp_'), 'config': vars(cfg), 'fingerprint': made_by, **spec.info}
-    first, state = resume_point(cfg, rt, stage, raw_model, made_by, also=finished_checkpoints(cfg.text_out_dir)
+    info_at = lambda done: {'stage': stage, 'step': done, 'iters': spec.iters, 'config': vars(cfg),
+                            'tokenizer': prep.enc.name.removeprefix('nanovlp_'), 'fingerprint': made_by, **spec.info}
+    first, state = resume_point(cfg, rt, stage, spec.model, made_by, also=finished_checkpoints(cfg.text_out_dir)
                                 if stage == 'text' else ())
-    model = wrap_model(rt, raw_model)
-    optimizer = raw_model.configure_optimizers(cfg.weight_decay, spec.peak, (cfg.beta1, cfg.beta2), rt.device_type,
-                                               **({} if stage == 'text' else {'encoder_lr': encoder_peak_lr(cfg, spec.peak)}))
+    model = wrap_model(rt, spec.model)
+    extra = {} if stage == 'text' else {'encoder_lr': encoder_peak_lr(cfg, spec.peak)}
+    optimizer = spec.model.configure_optimizers(cfg.weight_decay, spec.peak, (cfg.beta1, cfg.beta2), rt.device_type,
+                                                **extra)
     if state is not None:
-        load_optimizer_state(raw_model, optimizer, state['optimizer'], sharded=rt.fsdp)
+        load_optimizer_state(spec.model, optimizer, state['optimizer'], sharded=rt.fsdp)
         set_rng_state(state['rng'])
-
-    def on_step(done):
-        if done in saves:
-            if done == last:
-                check_ranks_agree(rt, raw_model)
-            save_stage_checkpoint(rt, saves[done], raw_model, optimizer, info_at(done))
-            evaluate_saved(cfg, rt, stage, saves[done])
-        elif cfg.ckpt_interval and done % cfg.ckpt_interval == 0:  # a checkpoint to resume from
-            folder = steps_dir(cfg, stage)
-            save_stage_checkpoint(rt, os.path.join(folder, f'step_{done:06d}'), raw_model, optimizer, info_at(done))
-            if rt.master:
-                prune(folder, cfg.keep_last)
-            barrier(rt)
-
-    train_steps(rt, stage, model, raw_model, optimizer, batch_loader(rt, spec.make, first, last), spec.lr_at, first,
-                last, on_step, spec.val_loss, cfg.batch_size * cfg.block_size, cfg)
+    return SimpleNamespace(spec=spec, model=model, optimizer=optimizer, first=first, info_at=info_at,
+                           saves={spec.iters if step is None else step: f for step, f in outputs.items()})
 
 
 def encoder_peak_lr(cfg, peak):
@@ -390,25 +408,10 @@ def encoder_peak_lr(cfg, peak):
 # -----------------------------------------------------------------------------
 # checkpoints of a stage: scored when saved, resumed from (their format and crash safety: checkpoint.py)
 
-def evaluate_saved(cfg, rt, stage, folder):
-    """
-    Rank 0 scores a checkpoint just saved on the dataset's own tasks (eval.json beside it) and logs its stable
-    scores. A prepared corpus has none: the paper's benchmarks are a separate command (eval.py --tasks).
-    """
-    if rt.master and cfg.dataset != 'shapes':
-        log(rt, f'{stage} stage: saved {folder} (no built-in tasks for dataset={cfg.dataset}: score it with '
-                f'python eval.py --ckpt={folder} --tasks=... --bench_dir=...)')
-    elif rt.master:
-        scores = evaluate_checkpoint(folder, rt.device, cfg.data_dir, verbose=False)
-        log(rt, f'{stage} stage: saved {folder} | {stable_scores_line(scores)}')
-    barrier(rt)
-
-
 def resume_point(cfg, rt, stage, raw_model, made_by, also=()):
     """
-    With init_from='resume', the newest of the stage's periodic checkpoints and the (step, path) pairs in `also`:
-    its weights are loaded into raw_model (before wrap_model), its fingerprint checked. Returns the step to start
-    from and the checkpoint's state.pt (None when starting at 0).
+    With init_from='resume', the newest of the stage's periodic checkpoints and the (step, path) pairs in `also`,
+    loaded into raw_model (checkpoint.resume). Returns the step to start from and its state.pt (None: step 0).
     """
     if cfg.init_from != 'resume':
         return 0, None
@@ -416,24 +419,22 @@ def resume_point(cfg, rt, stage, raw_model, made_by, also=()):
     if not found:
         log(rt, f'{stage} stage: no checkpoint to resume from, starting at step 0')
         return 0, None
-    step, path = max(found)
-    check_fingerprint(path, made_by, cfg.allow_stale, warn=lambda m: log(rt, m))
-    load_weights(raw_model, path)
-    rt.last_checkpoint = path
-    log(rt, f'{stage} stage: resuming from {path} at step {step}')
-    return step, load_state(path)
+    step, rt.last_checkpoint, state = resume(found, made_by, raw_model, cfg.allow_stale, warn=lambda m: log(rt, m))
+    log(rt, f'{stage} stage: resuming from {rt.last_checkpoint} at step {step}')
+    return step, state
 
 
 # -----------------------------------------------------------------------------
 
 def main(cfg):
     rt = setup_runtime(cfg)
-    t0 = time.time()
+    rt.times['start-up'] = process_age()  # the interpreter, torch's import, the config
     locks = []
     try:
         for folder in sorted({cfg.out_dir, cfg.text_out_dir}) if rt.master else ():
             locks.append(acquire_lock(folder))  # one writer per folder: a second run stops here, naming this one
-        prep = prepare.prepare(cfg, rt)
+        with timed(rt, 'preparation'):
+            prep = prepare.prepare(cfg, rt)
         stages = cfg.stages.split(',')
         for stage in stages:
             run_stage(cfg, rt, prep, stage)
@@ -441,7 +442,10 @@ def main(cfg):
                                      stage_folder(cfg, s, cfg.image_inject_frac)) for s in STAGES])
         if rt.master and stages != ['text'] and table.count('\n'):  # a row below the header: a stage was scored
             print(f'\nstable scores with 95% intervals ({cfg.out_dir}):\n{table}')
-        log(rt, f'done in {format_time(time.time() - t0)}')
+        log(rt, f'done in {format_time(sum(rt.times.values()))}; where the time went:\n{time_table(rt.times)}')
+        if rt.master:  # for ablate.py's table
+            with open(os.path.join(cfg.out_dir, 'times.json'), 'w') as f:
+                json.dump(rt.times, f)
     finally:
         for path in locks:
             release_lock(path)
