@@ -12,17 +12,22 @@ The paper's benchmarks, read from the files exactly as their publishers distribu
 
     python eval.py --ckpt=out/finetune --tasks=vqav2,pope,arc_easy --bench_dir=BENCH --limit=500
 
-Text tasks are multiple choice by log-likelihood (eval.multiple_choice), with the per-byte normalized variant and
-the chance of each item's choice count. Vision tasks are answered by greedy generation and scored with the VQA
-metric (vqav2, textvqa, vizwiz), exact match (gqa), or accuracy and F1 of yes / no (pope). --limit takes the same
-seeded subset every time.
+Every task is read and scored as its reference does, so the numbers compare with published ones. Text tasks are
+built as lm-evaluation-harness builds them and scored by log-likelihood (eval.multiple_choice): acc, and acc_norm
+(divided by the choice's length in characters). Vision tasks are answered by greedy generation and scored as
+TRI-ML vlm-evaluation scores them (VQAv2, TextVQA, GQA; TextVQA with LLaVA-1.5's OCR prompt when its file is there),
+VizWiz as its official evaluation does; POPE is the likelier of 'Yes' and 'No' (TRI-ML), with accuracy, precision,
+recall, F1 and yes-ratio per split and the files' version. A malformed record is an error that names the file, the
+record and the field. --limit takes the same seeded subset every time.
 """
 
 import json
 import os
 import random
 import re
-from collections import Counter
+import string
+
+import data
 
 TEXT_TASKS = ('arc_easy', 'arc_challenge', 'hellaswag', 'piqa', 'winogrande', 'openbookqa')
 VISION_TASKS = ('vqav2', 'gqa', 'textvqa', 'pope', 'vizwiz')
@@ -40,99 +45,187 @@ def path_in(folder, name):
 
 
 def read_jsonl(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The records of a JSON-lines file; a line that is not JSON is an error naming the file and the line."""
+    records = []
+    with open(path, encoding='utf-8') as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except (ValueError, RecursionError) as e:
+                    raise ValueError(f'{path}, line {n}: not a JSON record ({str(e)[:100]})') from None
+    return records
 
 
 def read_json(path):
-    with open(path) as f:
-        return json.load(f)
+    return data.read_json(path)
+
+
+def items_of(path, records, make):
+    """make(record) for each record; a record without a field, or with a wrong type or value, is an error that names
+    the file, the record and what is wrong (a malformed download must never be scored, least of all as 0)."""
+    items = []
+    for n, record in enumerate(records, 1):
+        try:
+            items.append(make(record))
+        except KeyError as e:
+            raise ValueError(f'{path}, record {n}: missing field {e}') from None
+        except (TypeError, ValueError, IndexError, AttributeError) as e:
+            raise ValueError(f'{path}, record {n}: {e}') from None
+    return items
+
+
+def choice(index, n, what):
+    if not isinstance(index, int) or not 0 <= index < n:
+        raise ValueError(f'{what} {index!r} is not one of the {n} choices')
+    return index
 
 
 # -----------------------------------------------------------------------------
-# text: items {'prompt' (or one per choice), 'choices', 'answer'}
+# text: items {'prompt' (or one per choice), 'choices', 'answer'}, built as lm-evaluation-harness's task files build
+# them: a choice is scored as a continuation that starts with the harness's target delimiter, a space
 
-def question_choices(record):
-    """ARC and OpenBookQA: a stem, lettered (or numbered) choices, an answer key."""
-    labels = [c['label'] for c in record['question']['choices']]
-    return {'prompt': f"Question: {record['question']['stem']}\nAnswer:",
-            'choices': [' ' + c['text'] for c in record['question']['choices']],
-            'answer': labels.index(record['answerKey'])}
+def question_choices(record, stem_only=False):
+    """ARC and OpenBookQA: a stem, lettered (or numbered) choices, an answer key. OpenBookQA's context is the bare
+    stem; ARC's is "Question: ... Answer:"."""
+    stem, options = record['question']['stem'], record['question']['choices']
+    labels = [c['label'] for c in options]
+    key = record['answerKey'].strip() if stem_only else record['answerKey']  # the harness strips OpenBookQA's key
+    if key not in labels:
+        raise ValueError(f'answerKey {key!r} is not among the choice labels {labels}')
+    return {'prompt': stem if stem_only else f'Question: {stem}\nAnswer:', 'choices': [' ' + c['text'] for c in options],
+            'answer': labels.index(key)}
 
 
 def hellaswag_text(text):
-    """HellaSwag's WikiHow contexts carry bracketed section tags ([title], [step]) and double spaces."""
-    text = re.sub(r'\[[^\]]*\]', '', text.strip().replace(' [title]', '. '))
-    return re.sub(' {2,}', ' ', text)
+    """The harness's HellaSwag preprocessing: WikiHow's [title] becomes a period, other [tags] go, and one pass
+    turns double spaces into single ones."""
+    text = text.strip().replace(' [title]', '. ')
+    return re.sub('\\[.*?\\]', '', text).replace('  ', ' ')
 
 
 def hellaswag_item(r):
-    ctx = r['ctx_a'] + ' ' + r['ctx_b'].capitalize() if 'ctx_a' in r else r['ctx']
+    ctx = r['ctx_a'] + ' ' + r['ctx_b'].capitalize()
     return {'prompt': hellaswag_text(f"{r['activity_label']}: {ctx}"),
-            'choices': [' ' + hellaswag_text(e) for e in r['endings']], 'answer': int(r['label'])}
+            'choices': [' ' + hellaswag_text(e) for e in r['endings']],
+            'answer': choice(int(r['label']), len(r['endings']), 'label')}
 
 
 def winogrande_item(r):
     """The option fills the blank in the prompt; the choice scored is the rest of the sentence (partial scoring)."""
-    before, _, after = r['sentence'].partition('_')
+    before, blank, after = r['sentence'].partition('_')
+    if not blank:
+        raise ValueError('its sentence has no _ for the option to fill')
     rest = ' ' + after.strip()
     return {'prompt': [before + r['option1'], before + r['option2']], 'choices': [rest, rest],
-            'answer': int(r['answer']) - 1}
+            'answer': choice({'1': 0, '2': 1}.get(r['answer']), 2, 'answer')}
 
 
 def read_text_task(task, folder):
     if task in ('arc_easy', 'arc_challenge'):
-        name = 'ARC-Easy-Test.jsonl' if task == 'arc_easy' else 'ARC-Challenge-Test.jsonl'
-        return [question_choices(r) for r in read_jsonl(path_in(folder, name))]
+        path = path_in(folder, 'ARC-Easy-Test.jsonl' if task == 'arc_easy' else 'ARC-Challenge-Test.jsonl')
+        return items_of(path, read_jsonl(path), question_choices)
     if task == 'openbookqa':
-        return [question_choices(r) for r in read_jsonl(path_in(folder, 'test.jsonl'))]
+        path = path_in(folder, 'test.jsonl')
+        return items_of(path, read_jsonl(path), lambda r: question_choices(r, stem_only=True))
     if task == 'hellaswag':
-        return [hellaswag_item(r) for r in read_jsonl(path_in(folder, 'hellaswag_val.jsonl'))]
+        path = path_in(folder, 'hellaswag_val.jsonl')
+        return items_of(path, read_jsonl(path), hellaswag_item)
     if task == 'piqa':
-        records = read_jsonl(path_in(folder, 'valid.jsonl'))
-        with open(path_in(folder, 'valid-labels.lst')) as f:
-            labels = [int(line) for line in f if line.strip()]
+        path, labels_path = path_in(folder, 'valid.jsonl'), path_in(folder, 'valid-labels.lst')
+        records = read_jsonl(path)
+        with open(labels_path) as f:
+            labels = [line.strip() for line in f if line.strip()]
         if len(labels) != len(records):
-            raise ValueError(f'{folder}: {len(records)} questions but {len(labels)} labels')
-        return [{'prompt': f"Question: {r['goal']}\nAnswer:", 'choices': [' ' + r['sol1'], ' ' + r['sol2']],
-                 'answer': y} for r, y in zip(records, labels)]
+            raise ValueError(f'{folder}: {len(records)} questions in valid.jsonl but {len(labels)} labels in '
+                             f'valid-labels.lst')
+        return items_of(path, zip(records, labels), lambda rl: {
+            'prompt': f"Question: {rl[0]['goal']}\nAnswer:", 'choices': [' ' + rl[0]['sol1'], ' ' + rl[0]['sol2']],
+            'answer': choice({'0': 0, '1': 1}.get(rl[1]), 2, 'label')})
     if task == 'winogrande':
-        return [winogrande_item(r) for r in read_jsonl(path_in(folder, 'dev.jsonl'))]
+        path = path_in(folder, 'dev.jsonl')
+        return items_of(path, read_jsonl(path), winogrande_item)
     raise ValueError(f'unknown text benchmark {task!r}: {", ".join(TEXT_TASKS)}')
 
 
 # -----------------------------------------------------------------------------
-# vision: items {'image' (a path), 'question', 'answers' (all the human answers) , 'split' (pope)}
+# vision: items {'image' (a path), 'question', 'answers' (all the human answers), 'split' (pope)}
+
+def answer_list(answers):
+    if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
+        raise ValueError(f'answers must be a non-empty list of strings, not {str(answers)[:80]}')
+    return answers
+
 
 def read_vision_task(task, folder):
+    """A vision benchmark's items, and what the run should record about how they were read (version, prompt)."""
     if task == 'vqav2':
-        questions = read_json(path_in(folder, 'v2_OpenEnded_mscoco_val2014_questions.json'))['questions']
-        annotations = {a['question_id']: a for a in
-                       read_json(path_in(folder, 'v2_mscoco_val2014_annotations.json'))['annotations']}
-        return [{'image': os.path.join(folder, 'val2014', f"COCO_val2014_{q['image_id']:012d}.jpg"),
-                 'question': q['question'] + SHORT_ANSWER,
-                 'answers': [a['answer'] for a in annotations[q['question_id']]['answers']]} for q in questions]
+        qpath = path_in(folder, 'v2_OpenEnded_mscoco_val2014_questions.json')
+        apath = path_in(folder, 'v2_mscoco_val2014_annotations.json')
+        annotations = {a['question_id']: a for a in items_of(apath, read_json(apath)['annotations'], dict)}
+        return items_of(qpath, read_json(qpath)['questions'], lambda q: {
+            'image': os.path.join(folder, 'val2014', f"COCO_val2014_{int(q['image_id']):012d}.jpg"),
+            'question': q['question'] + SHORT_ANSWER,
+            'answers': answer_list([a['answer'] for a in annotations[q['question_id']]['answers']])}), {}
     if task == 'gqa':
-        questions = read_json(path_in(folder, 'testdev_balanced_questions.json'))
-        return [{'image': os.path.join(folder, 'images', f"{q['imageId']}.jpg"), 'question': q['question'] +
-                 SHORT_ANSWER, 'answers': [q['answer']]} for _, q in sorted(questions.items())]
+        path = path_in(folder, 'testdev_balanced_questions.json')
+        return items_of(path, [q for _, q in sorted(read_json(path).items())], lambda q: {
+            'image': os.path.join(folder, 'images', f"{q['imageId']}.jpg"), 'question': q['question'] + SHORT_ANSWER,
+            'answers': answer_list([q['answer']])}), {}
     if task == 'textvqa':
-        records = read_json(path_in(folder, 'TextVQA_0.5.1_val.json'))['data']
-        return [{'image': os.path.join(folder, 'train_images', f"{r['image_id']}.jpg"),
-                 'question': r['question'] + SHORT_ANSWER, 'answers': r['answers']} for r in records]
+        path = path_in(folder, 'TextVQA_0.5.1_val.json')
+        prompts, how = textvqa_prompts(folder)
+        return items_of(path, read_json(path)['data'], lambda r: {
+            'image': os.path.join(folder, 'train_images', f"{r['image_id']}.jpg"),
+            'question': prompts.get((r['image_id'], r['question'].lower()))
+            or ocr_prompt(r['question'], r.get('ocr_tokens')), 'answers': answer_list(r['answers'])}), {'prompt': how}
     if task == 'vizwiz':
-        records = read_json(path_in(folder, 'val.json'))
+        path = path_in(folder, 'val.json')
         prompt = "\nWhen the provided information is insufficient, respond with 'Unanswerable'." + SHORT_ANSWER
-        return [{'image': os.path.join(folder, 'val', r['image']), 'question': r['question'] + prompt,
-                 'answers': [a['answer'] for a in r['answers']]} for r in records]
+        return items_of(path, read_json(path), lambda r: {
+            'image': os.path.join(folder, 'val', r['image']), 'question': r['question'] + prompt,
+            'answers': answer_list([a['answer'] for a in r['answers']])}), {}
     if task == 'pope':
-        items = []
+        items, counts = [], []
         for split in POPE_SPLITS:
-            for r in read_jsonl(path_in(folder, f'coco_pope_{split}.json')):
-                items.append({'image': os.path.join(folder, 'val2014', r['image']), 'question': r['text'] +
-                              SHORT_ANSWER, 'answers': [r['label']], 'split': split})
-        return items
+            path = path_in(folder, f'coco_pope_{split}.json')
+            records = read_jsonl(path)
+            counts.append(len(records))
+            items += items_of(path, records, lambda r: pope_item(r, folder, split))
+        version = POPE_VERSIONS.get(tuple(counts), f'unknown: {dict(zip(POPE_SPLITS, counts))} questions')
+        return items, {'version': version, 'questions': dict(zip(POPE_SPLITS, counts)),
+                       'protocol': "the likelier of 'Yes' and 'No' as the answer (TRI-ML vlm-evaluation); "
+                                   "accuracy is the mean of the three splits'"}
     raise ValueError(f'unknown vision benchmark {task!r}: {", ".join(VISION_TASKS)}')
+
+
+def pope_item(r, folder, split):
+    if r['label'] not in ('yes', 'no'):
+        raise ValueError(f"label {r['label']!r} is neither 'yes' nor 'no'")
+    return {'image': os.path.join(folder, 'val2014', r['image']), 'question': r['text'] + SHORT_ANSWER,
+            'answers': [r['label']], 'split': split}
+
+
+OCR_FILE = 'textvqa_val_v051_ocr.jsonl'  # LLaVA-1.5's TextVQA questions with their OCR tokens
+
+
+def ocr_prompt(question, tokens):
+    """LLaVA-1.5's TextVQA prompt: with OCR tokens, a 'Reference OCR token:' line between question and instruction."""
+    if not tokens:
+        return question + SHORT_ANSWER
+    return f"{question[:1].upper()}{question[1:]}\nReference OCR token: {', '.join(tokens)}{SHORT_ANSWER}"
+
+
+def textvqa_prompts(folder):
+    """{(image_id, question in lower case): prompt} from LLaVA-1.5's OCR file when it is there, and which prompt the
+    run uses: its, the annotation file's own ocr_tokens, or none."""
+    path = os.path.join(folder, OCR_FILE)
+    if not os.path.exists(path):
+        return {}, 'LLaVA-1.5 short answer; OCR tokens where the annotation file has ocr_tokens, else none'
+    prompts = {}
+    for r in items_of(path, read_jsonl(path), lambda r: (r['question_id'], r['text'])):
+        prompts[(r[0], r[1].split('\n')[0].lower())] = r[1]  # its question_id is the image's id
+    return prompts, f'LLaVA-1.5 with OCR tokens ({OCR_FILE})'
 
 
 def check_tasks(tasks):
@@ -144,33 +237,142 @@ def check_tasks(tasks):
 
 
 def read_task(task, bench_dir, limit=0, seed=0):
-    """A benchmark's items; with limit, a fixed seeded subset of that many (the same on every call)."""
+    """
+    A benchmark's items, with limit a fixed seeded subset of that many (the same on every call), and what to record
+    of how they were read (the files' version, the prompt).
+    """
     folder = os.path.join(bench_dir, task)
-    items = read_text_task(task, folder) if task in TEXT_TASKS else read_vision_task(task, folder)
+    items, how = (read_text_task(task, folder), {}) if task in TEXT_TASKS else read_vision_task(task, folder)
     if not items:
         raise ValueError(f'{folder} holds no {task} items')
     if limit and limit < len(items):
         keep = sorted(random.Random(seed).sample(range(len(items)), limit))
         items = [items[i] for i in keep]
-    return items
+    return items, how
 
 
-def yes_no(prediction):
-    """POPE's reading of a free answer: 'no' when it says no or not, else 'yes'."""
-    words = re.findall(r'[a-z]+', prediction.lower())
-    return 'no' if 'no' in words or 'not' in words else 'yes'
+# -----------------------------------------------------------------------------
+# the reference scorers, each as its published evaluation code computes it (read, then written here anew):
+# the official VQA evaluation (GT-Vision-Lab/VQA, vqaEval.py), TRI-ML/vlm-evaluation's VQAv2, TextVQA (mmf's m4c
+# EvalAIAnswerProcessor), GQA and POPE harnesses, and the VizWiz-VQA evaluation API
+
+VQA_PUNCTUATION = ';/[]"{}()=+\\_-><@`,?!'  # the official list: not ' (don't), not : and not . (handled below)
+VQA_COMMA = re.compile(r'\d,\d')  # a digit-comma-digit anywhere (1,000): every punctuation mark is then deleted
+VQA_PERIOD = re.compile(r'\.(?!\d)')  # a period not followed by a digit (3.5 keeps its point)
+VQA_NUMBERS = {w: str(i) for i, w in enumerate('zero one two three four five six seven eight nine ten'.split())}
+VQA_NUMBERS['none'] = '0'
+VQA_ARTICLES = ('a', 'an', 'the')
+# the contractions the official code restores, written in full: a word spelled without apostrophes becomes the
+# contraction (dont -> don't); with two or more apostrophes, each spelling that lacks one of them does
+VQA_CONTRACTED = (
+    "ain't aren't can't could've couldn't couldn't've didn't doesn't don't hadn't hadn't've hasn't haven't he'd he'd've "
+    "he's how'd how'll how's I'd've I'm I've isn't it'd it'd've it'll ma'am mightn't mightn't've might've mustn't "
+    "must've needn't not've o'clock oughtn't 'ow's'at shan't she'd've should've shouldn't shouldn't've somebody'd've "
+    "somebody'll somebody's someone'd someone'd've someone'll someone's something'd something'd've something'll "
+    "that's there'd there'd've there're there's they'd they'd've they'll they're they've 'twas wasn't we'd've we've "
+    "weren't what'll what're what's what've when's where'd where's where've who'd who'd've who'll who's who've why'll "
+    "why're why's won't would've wouldn't wouldn't've y'all y'all'll y'all'd've you'd you'd've you'll you're you've")
+# three entries of the official table break that rule, and are kept as they are: let's and she's map to themselves,
+# somebody'd to somebodyd. (Its I'm, I've, I'd've keep their capital I, so they never match a lowercased word.)
+VQA_QUIRKS = {"let's": "let's", "she's": "she's", "somebody'd": "somebodyd"}
 
 
-def pope_scores(predictions, items):
-    """Accuracy and F1 (yes as the positive class) per POPE split."""
+def contraction_table(apostrophe="'"):
+    """The official table of restored contractions, its apostrophes written as `apostrophe`."""
+    table = {}
+    for word in VQA_CONTRACTED.split():
+        marks = [i for i, c in enumerate(word) if c == "'"]
+        spellings = [word.replace("'", '')] if len(marks) == 1 else [word[:i] + word[i + 1:] for i in marks]
+        table.update({s: word for s in spellings})
+    table.update(VQA_QUIRKS)
+    return {k.replace("'", apostrophe): v.replace("'", apostrophe) for k, v in table.items()}
+
+
+VQA_CONTRACTIONS = contraction_table()
+VIZWIZ_CONTRACTIONS = contraction_table('\u2019')  # the VizWiz API's table writes them with a typographic apostrophe
+
+
+def vqa_punctuation(text):
+    """
+    The official processPunctuation: a mark next to a space (or anywhere, in a text holding digit-comma-digit) is
+    deleted, elsewhere it becomes a space; then periods not followed by a digit go. Every test looks at the text as
+    it came in. The official code passes re.UNICODE (32) where re.sub takes its count: at most 32 periods go.
+    """
+    out, delete_all = text, VQA_COMMA.search(text) is not None
+    for p in VQA_PUNCTUATION:
+        out = out.replace(p, '' if delete_all or p + ' ' in text or ' ' + p in text else ' ')
+    return VQA_PERIOD.sub('', out, count=32)
+
+
+def vqa_digits_articles(text, contractions=VQA_CONTRACTIONS):
+    """The official processDigitArticle: lower case, number words to digits, no articles, contractions restored."""
+    words = [VQA_NUMBERS.get(w, w) for w in text.lower().split()]
+    return ' '.join(contractions.get(w, w) for w in words if w not in VQA_ARTICLES)
+
+
+def leave_one_out(prediction, answers):
+    """VQA accuracy: over each annotator left out, min(1, matching others / 3), averaged (4+ of 10 agreeing: 1)."""
+    return sum(min(1.0, sum(a == prediction for j, a in enumerate(answers) if j != i) / 3)
+               for i in range(len(answers))) / len(answers)
+
+
+def vqa_prediction(prediction, contractions=VQA_CONTRACTIONS):
+    text = prediction.replace('\n', ' ').replace('\t', ' ').strip()
+    return vqa_digits_articles(vqa_punctuation(text), contractions)
+
+
+def vqav2_accuracy(prediction, answers):
+    """VQAv2 as TRI-ML vlm-evaluation scores it: the prediction fully normalized, the human answers stripped of
+    punctuation only (always: the official script does so only when they disagree), compared exactly."""
+    return leave_one_out(vqa_prediction(prediction), [vqa_punctuation(a) for a in answers])
+
+
+def vizwiz_accuracy(prediction, answers):
+    """VizWiz as its official evaluation scores it: the prediction normalized, the human answers as written."""
+    return leave_one_out(vqa_prediction(prediction, VIZWIZ_CONTRACTIONS), answers)
+
+
+def textvqa_answer(text):
+    """mmf's EvalAIAnswerProcessor (TextVQA's official one): lower, no commas or question marks, 's apart, then the
+    VQA punctuation and digit-article steps. It is applied to the prediction and to every human answer alike."""
+    text = text.lower().replace(',', '').replace('?', '').replace("'s", " 's").strip()
+    text = text.replace('\n', ' ').replace('\t', ' ').strip()
+    return vqa_digits_articles(vqa_punctuation(text))
+
+
+def textvqa_accuracy(prediction, answers):
+    return leave_one_out(textvqa_answer(prediction), [textvqa_answer(a) for a in answers])
+
+
+def gqa_accuracy(prediction, answer):
+    """GQA as TRI-ML vlm-evaluation scores it: every ASCII punctuation mark deleted, lower case (nothing stripped),
+    then exact match with the answer as published."""
+    return float(prediction.translate(str.maketrans('', '', string.punctuation)).lower() == answer)
+
+
+POPE_VERSIONS = {(2910, 3000, 3000): 'AoiDragon/POPE@e3e39262 (2,910 random questions): the files TRI-ML '
+                                     'vlm-evaluation and LLaVA-1.5 pin',
+                 (3000, 3000, 3000): 'AoiDragon/POPE after e3e39262 (3,000 questions in every split)'}
+
+
+def pope_splits(said_yes, items):
+    """
+    POPE's metrics per split, from which of 'Yes' and 'No' the model found likelier (said_yes, per item): accuracy,
+    precision, recall and F1 with yes as the positive class, the share of yes answers, and chance, the accuracy of
+    always giving the split's more frequent label.
+    """
     out = {}
     for split in POPE_SPLITS:
-        pairs = [(yes_no(p), it['answers'][0]) for p, it in zip(predictions, items) if it['split'] == split]
+        pairs = [(y, it['answers'][0] == 'yes') for y, it in zip(said_yes, items) if it['split'] == split]
         if not pairs:
             continue
-        c = Counter(pairs)
-        tp, fp, fn = c[('yes', 'yes')], c[('yes', 'no')], c[('no', 'yes')]
+        tp = sum(p and t for p, t in pairs)
+        fp = sum(p and not t for p, t in pairs)
+        fn = sum(t and not p for p, t in pairs)
         precision, recall = tp / max(tp + fp, 1), tp / max(tp + fn, 1)
-        out[split] = {'accuracy': sum(p == y for p, y in pairs) / len(pairs), 'n': len(pairs),
-                      'f1': 2 * precision * recall / max(precision + recall, 1e-12)}
+        share_yes = sum(t for _, t in pairs) / len(pairs)
+        out[split] = {'accuracy': sum(p == t for p, t in pairs) / len(pairs), 'precision': precision,
+                      'recall': recall, 'f1': 2 * precision * recall / max(precision + recall, 1e-12),
+                      'yes_ratio': sum(p for p, _ in pairs) / len(pairs), 'chance': max(share_yes, 1 - share_yes),
+                      'n': len(pairs)}
     return out

@@ -11,7 +11,6 @@ choices average fairly.
 
 import json
 import os
-import re
 import string
 import sys
 from collections import Counter
@@ -84,49 +83,71 @@ def load_model(ckpt_dir, device='cpu'):
 # -----------------------------------------------------------------------------
 # multiple choice by log-likelihood
 
+def harness_tokens(enc, context, continuation):
+    """
+    Context and continuation tokens as lm-evaluation-harness makes them: trailing spaces of the context move to the
+    continuation, the continuation is what the joined text adds after the context's tokens, and an empty context is
+    <|endoftext|>.
+    """
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+    if not context:
+        return [data.special_id(enc, '<|endoftext|>')], enc.encode_ordinary(continuation)
+    ctx = enc.encode_ordinary(context)
+    return ctx, enc.encode_ordinary(context + continuation)[len(ctx):]
+
+
 @torch.no_grad()
-def score_choices(model, enc, items, device, max_elements=2 ** 25):
+def continuation_logprobs(model, seqs, device, images=None, max_elements=2 ** 25):
     """
-    Log-likelihood of each item's choices as continuations of its prompt. Returns per item a list of
-    (sum of log-probabilities, number of bytes) for its choices. Sequences are batched longest-first, with as many
-    rows as keep the logits under max_elements floats.
+    For each (context tokens, continuation tokens) in seqs: the summed log-probability of the continuation after the
+    context, and whether each of its tokens is the most likely one (lm-evaluation-harness's is_greedy). Joined, a
+    sequence keeps its last block_size + 1 tokens (the harness cuts the context from the left the same way).
+    Batched longest-first, as many rows as keep the logits under max_elements floats; images (a VLM's, one per
+    sequence) go with their rows.
     """
-    block = model.config.block_size
-    seqs = []  # (item index, choice index, prompt tokens, choice tokens)
-    for i, item in enumerate(items):
-        # one prompt for all choices, or one per choice (Winogrande: the option fills a blank in the prompt)
-        prompts = item['prompt'] if isinstance(item['prompt'], list) else [item['prompt']] * len(item['choices'])
-        for j, choice in enumerate(item['choices']):
-            prompt = enc.encode_ordinary(prompts[j])
-            cont = enc.encode_ordinary(choice)
-            ctx = prompt[-(block - len(cont)):]  # keep the end of an over-long prompt
-            seqs.append((i, j, ctx, cont))
-    seqs.sort(key=lambda s: -(len(s[2]) + len(s[3])))
-    scores = [[None] * len(item['choices']) for item in items]
-    vocab = model.config.vocab_size
+    block, vocab = model.config.block_size, model.config.vocab_size
+    order = sorted(range(len(seqs)), key=lambda i: -min(len(seqs[i][0]) + len(seqs[i][1]), block + 1))
+    out = [0.0] * len(seqs)
     start = 0
-    while start < len(seqs):
-        T = len(seqs[start][2]) + len(seqs[start][3]) - 1
-        rows = max(1, max_elements // (T * vocab))
-        batch = seqs[start:start + rows]
-        start += rows
-        x = torch.zeros(len(batch), T, dtype=torch.long)
-        for r, (_, _, ctx, cont) in enumerate(batch):
-            full = ctx + cont
+    while start < len(order):
+        T = min(len(seqs[order[start]][0]) + len(seqs[order[start]][1]), block + 1) - 1
+        chunk = order[start:start + max(1, max_elements // (T * vocab))]
+        start += len(chunk)
+        x = torch.zeros(len(chunk), T, dtype=torch.long)
+        for r, i in enumerate(chunk):
+            full = (seqs[i][0] + seqs[i][1])[-(block + 1):]
             x[r, :len(full) - 1] = torch.tensor(full[:-1])
-        logprobs = F.log_softmax(model(x.to(device))[0].float(), dim=-1).cpu()
-        for r, (i, j, ctx, cont) in enumerate(batch):
-            pos = torch.arange(len(ctx) - 1, len(ctx) - 1 + len(cont))
-            lp = logprobs[r, pos, torch.tensor(cont)].sum().item()
-            scores[i][j] = (lp, len(items[i]['choices'][j].encode()))
-    return scores
+        kwargs = {} if images is None else {'images': torch.from_numpy(np.stack([images[i] for i in chunk])).to(device)}
+        logprobs = F.log_softmax(model(x.to(device), **kwargs)[0].float(), dim=-1).cpu()
+        for r, i in enumerate(chunk):
+            ctx, cont = seqs[i]
+            end = min(len(ctx) + len(cont), block + 1) - 1  # the last input position
+            pos, target = torch.arange(end - len(cont), end), torch.tensor(cont)
+            out[i] = (logprobs[r, pos, target].sum().item(), bool((logprobs[r, pos].argmax(-1) == target).all()))
+    return out
 
 
 def multiple_choice(model, enc, items, device):
-    """Per item: 1.0 when the highest-likelihood choice is the answer; also the per-byte normalized variant."""
-    scores = score_choices(model, enc, items, device)
-    raw = [float(np.argmax([lp for lp, _ in s]) == it['answer']) for s, it in zip(scores, items)]
-    norm = [float(np.argmax([lp / n for lp, n in s]) == it['answer']) for s, it in zip(scores, items)]
+    """
+    Per item: 1.0 when the choice of highest log-likelihood is the answer (acc), and the same with each choice's
+    log-likelihood divided by its length in characters, the leading space (the harness's target delimiter) not
+    counted (acc_norm). An item gives its prompt, or one prompt per choice (Winogrande's partial scoring).
+    """
+    seqs, where = [], []
+    for i, item in enumerate(items):
+        prompts = item['prompt'] if isinstance(item['prompt'], list) else [item['prompt']] * len(item['choices'])
+        for prompt, choice in zip(prompts, item['choices']):
+            seqs.append(harness_tokens(enc, prompt, choice))
+            where.append(i)
+    logprobs = [lp for lp, _ in continuation_logprobs(model, seqs, device)]
+    raw, norm = [], []
+    for i, item in enumerate(items):
+        lps = [lp for lp, j in zip(logprobs, where) if j == i]
+        lengths = [len(c.removeprefix(' ')) or 1 for c in item['choices']]
+        raw.append(float(np.argmax(lps) == item['answer']))
+        norm.append(float(np.argmax(np.array(lps) / lengths) == item['answer']))
     return raw, norm
 
 
@@ -208,52 +229,6 @@ def normalize_answer(text):
     """Lower case, no punctuation, no articles, single spaces: 'The Red.' and 'red' are the same answer."""
     text = text.lower().translate(str.maketrans('', '', string.punctuation))
     return ' '.join(w for w in text.split() if w not in ('a', 'an', 'the'))
-
-
-# The VQA metric's answer normalization (Antol et al. 2015; the evaluation code of visualqa.org), written from its
-# description: punctuation, number words, articles, contractions written without their apostrophe.
-VQA_NUMBERS = {w: str(i) for i, w in enumerate(
-    'zero one two three four five six seven eight nine ten'.split())} | {'none': '0'}
-VQA_ARTICLES = ('a', 'an', 'the')
-VQA_CONTRACTIONS = {c.replace("'", ''): c for c in (
-    "ain't aren't can't could've couldn't couldn't've didn't doesn't don't hadn't hadn't've hasn't haven't he'd "
-    "he'd've he's how'd how'll how's i'd i'd've i'm i've isn't it'd it'd've it'll it's let's ma'am mightn't "
-    "mightn't've might've mustn't must've needn't not've o'clock oughtn't shan't she'd she'd've she'll she's "
-    "should've shouldn't shouldn't've somebody'd somebody'd've somebody'll somebody's someone'd someone'd've "
-    "someone'll someone's something'd something'd've something'll that's there'd there'd've there're there's "
-    "they'd they'd've they'll they're they've twas wasn't we'd we'd've we'll we're we've weren't what'll what're "
-    "what's what've when's where'd where's where've who'd who'd've who'll who's who've why'll why're why's won't "
-    "would've wouldn't wouldn't've y'all y'all'll y'all'd've you'd you'd've you'll you're you've").split()}
-VQA_PUNCTUATION = ';/[]"{}()=+\\_-><@`,?!'  # the marks the official code treats: not ' (don't), not : or .
-
-
-def vqa_normalize(text):
-    """
-    The official VQA normalization: strip and lower; a punctuation mark next to a space, or anywhere in an answer
-    with a digit-comma-digit (1,000), is dropped, elsewhere it becomes a space; a period is dropped unless a digit
-    follows it (3.5); number words become digits; articles go; 'dont' becomes "don't".
-    """
-    text = ' '.join(text.replace('\n', ' ').replace('\t', ' ').strip().lower().split())
-    digit_comma = re.search(r'\d,\d', text) is not None
-    for p in VQA_PUNCTUATION:
-        if p in text:
-            text = text.replace(p, '' if digit_comma or (p + ' ') in text or (' ' + p) in text else ' ')
-    text = re.sub(r'\.(?!\d)', '', text)
-    words = [VQA_NUMBERS.get(w, w) for w in text.split()]
-    return ' '.join(VQA_CONTRACTIONS.get(w, w) for w in words if w not in VQA_ARTICLES)
-
-
-def vqa_accuracy(prediction, answers):
-    """
-    The VQA accuracy of one prediction against the human answers (ten in VQAv2): min(#matches / 3, 1) over each
-    leave-one-out subset of the answers, averaged. 4 of 10 annotators agreeing gives 1.0, 3 gives 0.9, 2 gives 0.6,
-    1 gives 0.3.
-    """
-    prediction = vqa_normalize(prediction)
-    answers = [vqa_normalize(a) for a in answers]
-    matches = [a == prediction for a in answers]
-    total = sum(matches)
-    return sum(min(1.0, (total - m) / 3) for m in matches) / len(answers)
 
 
 @torch.no_grad()
@@ -398,18 +373,18 @@ def evaluate_checkpoint(ckpt_dir, device='cpu', data_dir='data', verbose=True):
 
 def run_benchmarks(model, enc, tasks, bench_dir, device='cpu', limit=0, seed=0):
     """The named benchmarks as one results dict (the shape of eval.json), with the stable scores over them."""
-    import benchmarks
+    import benchmarks as bm
     from images import BadImage, decode_image, read_image_file
 
-    benchmarks.check_tasks(tasks)
+    bm.check_tasks(tasks)
     rng = np.random.default_rng(seed)
     results, skipped = {}, Counter()
     for task in tasks:
-        items = benchmarks.read_task(task, bench_dir, limit, seed)
-        if task in benchmarks.TEXT_TASKS:
+        items, how = bm.read_task(task, bench_dir, limit, seed)
+        if task in bm.TEXT_TASKS:
             raw, norm = multiple_choice(model, enc, items, device)
             chance = float(np.mean([1 / len(it['choices']) for it in items]))
-            results[task] = task_result('text', raw, chance, rng, accuracy_norm=float(np.mean(norm)))
+            results[task] = task_result('text', raw, chance, rng, accuracy_norm=float(np.mean(norm)) if norm else None)
             continue
         if not isinstance(model, VLM):
             raise ValueError(f'{task} needs a model with an image encoder; this checkpoint is text-only')
@@ -422,23 +397,42 @@ def run_benchmarks(model, enc, tasks, bench_dir, device='cpu', limit=0, seed=0):
             except BadImage as e:
                 skipped[f'{task}: {e}'] += 1
         prompts = [data.question_prompt(enc, it['question'], model.encoder.num_tokens) for it in kept]
-        predictions = answer(model, enc, prompts, images, device)
-        extra = {}
         if task == 'pope':
-            scores = [float(benchmarks.yes_no(p) == it['answers'][0]) for p, it in zip(predictions, kept)]
-            chance, extra = 0.5, {'splits': benchmarks.pope_scores(predictions, kept)}
-        elif task == 'gqa':
-            scores = [float(normalize_answer(p) == normalize_answer(it['answers'][0])) for p, it in zip(predictions, kept)]
-            chance = 0.0
-        else:
-            scores = [vqa_accuracy(p, it['answers']) for p, it in zip(predictions, kept)]
-            chance = 0.0
-        results[task] = task_result('vision', scores, chance, rng, predictions=predictions, **extra)
+            results[task] = pope_result(model, enc, prompts, images, kept, device, rng, **how)
+            continue
+        predictions = answer(model, enc, prompts, images, device)
+        score = {'vqav2': bm.vqav2_accuracy, 'textvqa': bm.textvqa_accuracy, 'vizwiz': bm.vizwiz_accuracy,
+                 'gqa': lambda p, answers: bm.gqa_accuracy(p, answers[0])}[task]
+        scores = [score(p, it['answers']) for p, it in zip(predictions, kept)]
+        results[task] = task_result('vision', scores, 0.0, rng, predictions=predictions, **how)
     out = {'tasks': results, 'skipped': dict(skipped)}
     for modality in ('vision', 'text'):
         score, ci = stable_score(results, modality, rng)
         out[f'{modality}_stable_score'], out[f'{modality}_stable_score_ci95'] = score, ci
     return out
+
+
+def pope_result(model, enc, prompts, images, items, device, rng, n_boot=1000, **how):
+    """
+    POPE by TRI-ML vlm-evaluation's protocol: the answer is the likelier of 'Yes' and 'No' after the prompt (no
+    free-text parse). Its accuracy is the mean of the three splits' (as published), its chance the mean of theirs.
+    """
+    import benchmarks as bm
+    yes_no = [enc.encode_ordinary(w) for w in ('Yes', 'No')]
+    logprobs = [lp for lp, _ in continuation_logprobs(model, [(p, w) for p in prompts for w in yes_no], device,
+                                                      images=[im for im in images for _ in yes_no])]
+    said_yes = [y >= n for y, n in zip(logprobs[::2], logprobs[1::2])]
+    splits = bm.pope_splits(said_yes, items)
+    scores = [float(y == (it['answers'][0] == 'yes')) for y, it in zip(said_yes, items)]
+    result = task_result('vision', scores, 0.0, rng, splits=splits, predictions=['yes' if y else 'no' for y in said_yes],
+                         **how)
+    if splits:
+        accuracy, chance = (float(np.mean([s[k] for s in splits.values()])) for k in ('accuracy', 'chance'))
+        by_split = [np.array([sc for sc, it in zip(scores, items) if it['split'] == s]) for s in splits]
+        boots = np.mean([bootstrap_means(s, n_boot, rng) for s in by_split], axis=0)
+        result.update(accuracy=accuracy, chance=chance, centered=centered(accuracy, chance),
+                      ci95=interval(centered(boots, chance)))
+    return result
 
 
 def benchmark_checkpoint(ckpt_dir, tasks, bench_dir, device='cpu', limit=0):
@@ -457,7 +451,12 @@ def benchmark_checkpoint(ckpt_dir, tasks, bench_dir, device='cpu', limit=0):
         if 'accuracy_norm' in r:
             print(f'{task}: length-normalized accuracy {r["accuracy_norm"]:.3f}')
         for split, v in r.get('splits', {}).items():
-            print(f'pope {split}: accuracy {v["accuracy"]:.3f}, F1 {v["f1"]:.3f} ({v["n"]} questions)')
+            print(f'pope {split}: accuracy {v["accuracy"]:.3f} (chance {v["chance"]:.3f}), precision '
+                  f'{v["precision"]:.3f}, recall {v["recall"]:.3f}, F1 {v["f1"]:.3f}, yes {v["yes_ratio"]:.1%} '
+                  f'({v["n"]} questions)')
+        for key in ('version', 'protocol', 'prompt'):  # how the files were read and asked
+            if key in r:
+                print(f'{task} {key}: {r[key]}')
     if results['skipped']:
         print(f'skipped: {results["skipped"]}')
     return results

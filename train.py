@@ -46,6 +46,7 @@ text_out_dir = 'out/text'  # the text stage's checkpoints; ablation cells that s
 stages = 'text,image,finetune'  # comma-separated stages to run, in order; each starts from the one before it
 init_from = 'scratch'  # 'scratch', or 'resume': continue an interrupted stage from its newest checkpoint
 allow_stale = False  # reuse a finished stage although its fingerprint differs (other code, data or settings)
+evaluate = True  # score each checkpoint a stage saves on the dataset's tasks (eval.json); False: later, with eval.py
 eval_interval = 100  # steps between validation-loss estimates
 eval_iters = 10  # batches per validation-loss estimate
 log_interval = 25  # steps between log lines
@@ -119,9 +120,10 @@ RANGES.update(save_fracs='(0, 1]', image_inject_frac='(0, 1]', image_ratio='[0, 
 # The keys that define a stage are every key but these: a key not listed defines every stage, so a new key can only
 # make a stage be trained again, never reused stale. RUN_KEYS change how or where a run is carried out, not what a
 # checkpoint holds; IMAGE_KEYS are read by the image and finetune stages only, FINETUNE_KEYS by fine-tuning only.
-RUN_KEYS = ('out_dir', 'text_out_dir', 'data_dir', 'stages', 'init_from', 'allow_stale', 'eval_interval', 'eval_iters',
-            'log_interval', 'ckpt_interval', 'keep_last', 'max_bad_steps', 'save_fracs', 'gradient_accumulation_steps',
-            'device', 'dtype', 'compile', 'fsdp', 'grad_checkpoint', 'data_workers', 'peak_flops')
+RUN_KEYS = ('out_dir', 'text_out_dir', 'data_dir', 'stages', 'init_from', 'allow_stale', 'evaluate', 'eval_interval',
+            'eval_iters', 'log_interval', 'ckpt_interval', 'keep_last', 'max_bad_steps', 'save_fracs',
+            'gradient_accumulation_steps', 'device', 'dtype', 'compile', 'fsdp', 'grad_checkpoint', 'data_workers',
+            'peak_flops')
 IMAGE_KEYS = ('image_inject_frac', 'image_iters', 'image_ratio', 'instruct_ratio', 'image_lr', 'rewarm_iters',
               'encoder', 'encoder_scale', 'encoder_weights', 'freeze_encoder', 'encoder_lr', 'projector',
               'image_inject_layer', 'cache_features', 'image_data', 'caption_key', 'instruct_data', 'instruct_images',
@@ -353,9 +355,9 @@ def run_stage(cfg, rt, prep, stage):
             with timed(rt, f'{stage} checkpoints'):
                 save_stage_checkpoint(rt, saves[done], spec.model, run.optimizer, run.info_at(done))
             with timed(rt, f'{stage} evaluation'):  # rank 0 scores it (eval.json beside it), the others wait
-                if rt.master:
-                    log(rt, f'{stage} stage: saved {saves[done]} | '
-                            f'{saved_scores(saves[done], cfg.dataset, rt.device, cfg.data_dir)}')
+                scores = saved_scores(saves[done], cfg.dataset, rt.device, cfg.data_dir) if cfg.evaluate and rt.master \
+                    else 'not scored (evaluate=False): python eval.py --ckpt=FOLDER'
+                log(rt, f'{stage} stage: saved {saves[done]} | {scores}')
                 barrier(rt)
         elif cfg.ckpt_interval and done % cfg.ckpt_interval == 0:  # a checkpoint to resume from
             folder = steps_dir(cfg, stage)

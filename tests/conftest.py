@@ -14,6 +14,9 @@ sys.path.insert(0, ROOT)
 
 import shapes  # noqa: E402
 
+with open(os.path.join(ROOT, 'tests', 'reference_records.json')) as _f:
+    REFERENCE = json.load(_f)  # genuine published records, and what the reference scorers make of them
+
 
 @pytest.fixture(scope='session')
 def shapes_dir(tmp_path_factory):
@@ -68,7 +71,7 @@ def bench(tmp_path):
                                             'option1': 'the cup', 'option2': 'the table', 'answer': '2'}])
     image = Image.new('RGB', (32, 32), (200, 30, 30))
     for folder, name in (('vqav2/val2014', 'COCO_val2014_000000000042.jpg'), ('gqa/images', 'n123.jpg'),
-                         ('textvqa/train_images', 'abc.jpg'), ('pope/val2014', 'COCO_val2014_000000000042.jpg'),
+                         ('textvqa/train_images', 'abc.jpg'), ('pope/val2014', 'COCO_val2014_000000310196.jpg'),
                          ('vizwiz/val', 'VizWiz_val_00000001.jpg')):
         (b / folder).mkdir(parents=True)
         image.save(b / folder / name, 'JPEG')
@@ -83,9 +86,8 @@ def bench(tmp_path):
         '201': {'imageId': 'n123', 'question': 'What color is the square?', 'answer': 'red'}}))
     (b / 'textvqa' / 'TextVQA_0.5.1_val.json').write_text(json.dumps({'dataset_name': 'textvqa', 'data': [
         {'question': 'What does it say?', 'image_id': 'abc', 'question_id': 1, 'answers': ['stop'] * 10}]}))
-    for split, label in (('random', 'yes'), ('popular', 'no'), ('adversarial', 'no')):
-        jsonl(b / 'pope' / f'coco_pope_{split}.json', [{'question_id': 1, 'image': 'COCO_val2014_000000000042.jpg',
-                                                         'text': 'Is there a dog in the image?', 'label': label}])
+    for split, records in REFERENCE['pope']['splits'].items():  # genuine: the first two questions of each split
+        jsonl(b / 'pope' / f'coco_pope_{split}.json', records['first'])
     (b / 'vizwiz' / 'val.json').write_text(json.dumps([{
         'image': 'VizWiz_val_00000001.jpg', 'question': 'What is this?', 'answerable': 0, 'answer_type': 'unanswerable',
         'answers': [{'answer': 'unanswerable', 'answer_confidence': 'yes'}] * 10}]))

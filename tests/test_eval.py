@@ -69,21 +69,3 @@ def test_bootstrap_interval_narrows_with_more_items():
 def test_missing_checkpoint_names_path_and_command(tmp_path):
     with pytest.raises(FileNotFoundError, match=r'no checkpoint at .*nowhere.*python train.py --stages=text'):
         ev.load_model(str(tmp_path / 'nowhere'))
-
-
-@pytest.mark.parametrize('agree,expected', [(4, 1.0), (3, 0.9), (2, 0.6), (1, 0.3), (0, 0.0), (10, 1.0)])
-def test_vqa_accuracy_leave_one_out(agree, expected):
-    answers = ['dog'] * agree + ['cat'] * (10 - agree)
-    assert ev.vqa_accuracy('dog', answers) == pytest.approx(expected)
-
-
-@pytest.mark.parametrize('prediction,answer', [('Two', '2'), ('a dog', 'dog'), ('yes.', 'yes'), ('The  Cat ', 'cat'),
-                                               ('dont', "don't"), ('1,000', '1000'), ('none', '0'),
-                                               ('black/white', 'black white')])
-def test_vqa_normalization_matches(prediction, answer):
-    assert ev.vqa_accuracy(prediction, [answer] * 10) == 1.0
-
-
-@pytest.mark.parametrize('prediction,answer', [('3.5', '35'), ('two dogs', '2'), ('dog', 'dogs'), ('10:30', '1030')])
-def test_vqa_normalization_keeps_what_differs(prediction, answer):
-    assert ev.vqa_accuracy(prediction, [answer] * 10) == 0.0

@@ -10,7 +10,6 @@ import socket
 import subprocess
 import tarfile
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
