@@ -96,11 +96,11 @@ def fsync_path(path):
         os.close(fd)
 
 
-def save_checkpoint(folder, weights, optimizer_state, info):
+def save_checkpoint(folder, weights, optimizer_state, info, files=()):
     """
     Write a checkpoint atomically: a crash leaves the old one or the new one, never half of one. Weights that are
     not finite are refused (a NaN checkpoint must never become "the last good one"); config.json records a checksum
-    of each file, which loading verifies.
+    of the weights and the state, which loading verifies. files: copies to put beside them.
     """
     bad = [k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
@@ -116,6 +116,8 @@ def save_checkpoint(folder, weights, optimizer_state, info):
                                  for name in ('model.safetensors', 'state.pt')})
     with open(os.path.join(tmp, 'config.json'), 'w') as f:
         json.dump(info, f, indent=1)
+    for path in files:  # copies that travel with the checkpoint (a stage's metrics.jsonl)
+        shutil.copy(path, tmp)
     swap_in(tmp, folder)
 
 
@@ -192,10 +194,11 @@ def load_weights(model, folder):
     return model
 
 
-def check_shapes(skeleton, folder):
+def check_shapes(skeleton, folder, encoder_saved=True):
     """
     The tensors of folder's model.safetensors, read from its header (nothing allocated), must be those of skeleton,
-    the model its config.json describes (built on the meta device). Raises ValueError naming what differs.
+    the model its config.json describes (built on the meta device; its encoder's tensors are expected only when the
+    checkpoint saved them). Raises ValueError naming what differs.
     """
     path = verified(folder, 'model.safetensors')
     try:
@@ -204,7 +207,7 @@ def check_shapes(skeleton, folder):
     except Exception as e:
         raise ValueError(f'{path} is truncated or corrupt ({str(e)[:200]})') from None
     expected = {k: list(v.shape) for k, v in skeleton.state_dict().items()
-                if getattr(skeleton, 'saves_encoder', True) or not k.startswith('encoder.')}
+                if encoder_saved or not k.startswith('encoder.')}
     wrong = [f'{k} {stored[k]} (config.json: {v})' for k, v in expected.items() if k in stored and stored[k] != v]
     missing, unexpected = sorted(set(expected) - set(stored)), sorted(set(stored) - set(expected))
     if wrong or missing or unexpected:

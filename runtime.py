@@ -5,6 +5,7 @@ loss, the non-finite guard every rank agrees on, the log lines) and rank-0-only 
 these; none of them knows about stages.
 """
 
+import json
 import math
 import os
 import time
@@ -53,11 +54,23 @@ def setup_runtime(cfg):
                           f'{cfg.gradient_accumulation_steps} gradient_accumulation_steps; make it a multiple of '
                           f'{per_step}')
     workers = cfg.data_workers if cfg.data_workers is not None else (4 if device_type == 'cuda' else 0)
-    return SimpleNamespace(ddp=ddp, fsdp=cfg.fsdp, rank=rank, world_size=world_size, master=rank == 0, device=dev,
+    rt = SimpleNamespace(ddp=ddp, fsdp=cfg.fsdp, rank=rank, world_size=world_size, master=rank == 0, device=dev,
                            device_type=device_type, autocast=autocast, micro_batch=cfg.batch_size // per_step,
                            micro_steps=cfg.gradient_accumulation_steps, data_workers=workers,
                            grad_checkpoint=cfg.grad_checkpoint, last_checkpoint=None, times={}, timing=[],
+                           metrics_path=None, wandb=None, global_step=0,
                            compile=cfg.compile if cfg.compile is not None else device_type == 'cuda')
+    if cfg.wandb_log and rt.master:
+        import wandb  # optional: imported only when switched on
+        rt.wandb = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or cfg.out_dir, config=vars(cfg))
+    return rt
+
+
+def close_runtime(rt):
+    if rt.wandb is not None:
+        rt.wandb.finish()
+    if rt.ddp:
+        dist.destroy_process_group()
 
 
 def barrier(rt):
@@ -120,15 +133,44 @@ def format_time(seconds):
 
 
 def skip_counts(rt, skipped):
-    """' | skipped so far: reason n, ...' summed over the ranks (each rank builds its own rows), or '' when nothing was."""
+    """{reason: n} of the samples skipped so far, summed over the ranks (each rank builds its own rows)."""
     unknown = set(skipped) - set(SKIP_REASONS)
     if unknown:
         raise ValueError(f'skip reasons {unknown} are not in images.SKIP_REASONS')
     counts = torch.tensor([float(skipped[r]) for r in SKIP_REASONS], device=rt.device)
     if rt.ddp:
         dist.all_reduce(counts)
-    found = [f'{r} {int(n):,}' for r, n in zip(SKIP_REASONS, counts.tolist()) if n]
-    return ' | skipped so far: ' + ', '.join(found) if found else ''
+    return {r: int(n) for r, n in zip(SKIP_REASONS, counts.tolist()) if n}
+
+
+def start_metrics(rt, path, first):
+    """Where a stage's log lines go: a fresh file for a stage that starts at step 0, and for a resumed one the lines
+    up to the step it resumes from (the lines after it are logged again)."""
+    rt.metrics_path = path
+    if not rt.master:
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    kept = []
+    if first and os.path.exists(path):
+        with open(path) as f:
+            kept = [line for line in f if json.loads(line)['step'] <= first]
+    with open(path, 'w') as f:
+        f.writelines(kept)
+
+
+def record(rt, **values):
+    """
+    One log line's values, appended as a JSON object to the stage's metrics.jsonl (rt.metrics_path) and, with
+    wandb_log, sent to Weights & Biases: the curves of a run, for ablate.py's plots and for anyone's.
+    """
+    if not rt.master:
+        return
+    if rt.metrics_path:
+        with open(rt.metrics_path, 'a') as f:
+            f.write(json.dumps(values) + '\n')
+    if rt.wandb is not None:
+        rt.wandb.log({f"{values['stage']}/{k}": v for k, v in values.items() if k not in ('stage', 'step')
+                      and isinstance(v, (int, float))}, step=values['global_step'])
 
 
 def batch_loader(rt, make, first, last):
@@ -282,22 +324,30 @@ def train_steps(rt, stage, model, raw_model, optimizer, batches, lr_at, first, l
             tok_s = tokens_per_step / dt
             mfu = raw_model.estimate_mfu(tok_s, cfg.peak_flops or None)
             mean_loss = torch.stack(losses).mean().item() if losses else float('nan')  # nan: every step was bad
-            log(rt, f'{stage} step {done}/{last} | loss {mean_loss:.4f} | lr {optimizer.param_groups[0]["lr"]:.2e} | '
+            skips, lr = skip_counts(rt, skipped), optimizer.param_groups[0]['lr']
+            log(rt, f'{stage} step {done}/{last} | loss {mean_loss:.4f} | lr {lr:.2e} | '
                     f'{tok_s:,.0f} tok/s | mfu {"n/a" if mfu is None else f"{mfu:.1%}"} | '
                     f'data wait {waited / (now - t_last):.0%} | '
-                    f'eta {format_time((last - done) * (now - t_start) / (done - first))}' + skip_counts(rt, skipped))
+                    f'eta {format_time((last - done) * (now - t_start) / (done - first))}' +
+                    (' | skipped so far: ' + ', '.join(f'{k} {n:,}' for k, n in skips.items()) if skips else ''))
+            record(rt, stage=stage, step=done, global_step=rt.global_step + done, loss=mean_loss, lr=lr,
+                   tokens_per_s=tok_s, mfu=mfu, data_wait=waited / (now - t_last), skipped=skips)
             t_last, step_last, losses, waited = now, done, [], 0.0
         if val_loss is not None and cfg.eval_interval and (done % cfg.eval_interval == 0 or done == last):
-            log(rt, f'{stage} step {done}: val loss {val_loss():.4f}')
+            loss_val = val_loss()
+            log(rt, f'{stage} step {done}: val loss {loss_val:.4f}')
+            record(rt, stage=stage, step=done, global_step=rt.global_step + done, val_loss=loss_val)
         on_step(done)
+    rt.global_step += last  # wandb wants one step axis over all stages
     if rt.compile:
         log(rt, f'{stage} stage: torch.compile made {compile_count() - compiles} new graph(s)')
 
 
-def save_stage_checkpoint(rt, folder, raw_model, optimizer, info):
+def save_stage_checkpoint(rt, folder, raw_model, optimizer, info, files=()):
     """
-    Every rank gathers (FSDP), rank 0 writes. The folder becomes the stage's last good checkpoint, so weights that
-    are not finite (a step applied with a NaN update) stop the run instead: every rank checks its own.
+    Every rank gathers (FSDP), rank 0 writes (with copies of files, such as the stage's metrics.jsonl). The folder
+    becomes the stage's last good checkpoint, so weights that are not finite (a step applied with a NaN update) stop
+    the run instead: every rank checks its own.
     """
     finite = torch.tensor(float(all(bool(torch.isfinite(p.to_local() if hasattr(p, 'to_local') else p).all())
                                     for p in raw_model.parameters())), device=rt.device)
@@ -309,5 +359,5 @@ def save_stage_checkpoint(rt, folder, raw_model, optimizer, info):
                             f'with init_from=resume and a lower learning rate')
     weights, optimizer_state = full_state(raw_model, optimizer)
     if rt.master:
-        save_checkpoint(folder, weights, optimizer_state, info)
+        save_checkpoint(folder, weights, optimizer_state, info, files)
     rt.last_checkpoint = folder

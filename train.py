@@ -24,7 +24,6 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 import data
 import prepare
@@ -35,8 +34,9 @@ from configurator import ConfigError, check_ranges, configure, script_config
 from encoders import ENCODERS, build_encoder
 from eval import build_model, saved_scores, stable_score_table
 from model import GPT, PRESETS, VLM, GPTConfig
-from runtime import (TrainingError, barrier, batch_loader, check_ranks_agree, format_time, log, process_age,
-                     save_stage_checkpoint, setup_runtime, time_table, timed, train_steps, wrap_model)
+from runtime import (TrainingError, barrier, batch_loader, check_ranks_agree, close_runtime, format_time, log,
+                     process_age,
+                     save_stage_checkpoint, setup_runtime, start_metrics, time_table, timed, train_steps, wrap_model)
 
 # -----------------------------------------------------------------------------
 # config
@@ -53,6 +53,9 @@ log_interval = 25  # steps between log lines
 ckpt_interval = 100  # steps between a stage's periodic checkpoints, which init_from='resume' continues from; 0: none
 keep_last = 2  # periodic checkpoints kept per stage, the newest; the text stage's save_fracs ones are never deleted
 max_bad_steps = 0  # steps with a non-finite loss or gradient to skip (batch dropped) before the run stops
+wandb_log = False  # also send the log lines to Weights & Biases (pip install wandb; WANDB_MODE=offline works)
+wandb_project = 'nanovlp'  # its project
+wandb_run_name = ''  # its run name; '': out_dir
 # data
 dataset = 'shapes'  # 'shapes' (the embedded world, written under data_dir first) or a folder from corpora.py
 data_dir = 'data'  # where the shapes world, its renders, the shapes encoders and every cache are kept
@@ -121,7 +124,8 @@ RANGES.update(save_fracs='(0, 1]', image_inject_frac='(0, 1]', image_ratio='[0, 
 # make a stage be trained again, never reused stale. RUN_KEYS change how or where a run is carried out, not what a
 # checkpoint holds; IMAGE_KEYS are read by the image and finetune stages only, FINETUNE_KEYS by fine-tuning only.
 RUN_KEYS = ('out_dir', 'text_out_dir', 'data_dir', 'stages', 'init_from', 'allow_stale', 'evaluate', 'eval_interval',
-            'eval_iters', 'log_interval', 'ckpt_interval', 'keep_last', 'max_bad_steps', 'save_fracs',
+            'eval_iters', 'log_interval', 'ckpt_interval', 'keep_last', 'max_bad_steps', 'wandb_log', 'wandb_project',
+            'wandb_run_name', 'save_fracs',
             'gradient_accumulation_steps', 'device', 'dtype', 'compile', 'fsdp', 'grad_checkpoint', 'data_workers',
             'peak_flops')
 IMAGE_KEYS = ('image_inject_frac', 'image_iters', 'image_ratio', 'instruct_ratio', 'image_lr', 'rewarm_iters',
@@ -352,8 +356,9 @@ def run_stage(cfg, rt, prep, stage):
         if done in saves:
             if done == spec.iters:
                 check_ranks_agree(rt, spec.model)
-            with timed(rt, f'{stage} checkpoints'):
-                save_stage_checkpoint(rt, saves[done], spec.model, run.optimizer, run.info_at(done))
+            with timed(rt, f'{stage} checkpoints'):  # a stage's own folder carries its curves
+                save_stage_checkpoint(rt, saves[done], spec.model, run.optimizer, run.info_at(done),
+                                      files=[rt.metrics_path] if stage != 'text' and rt.master else [])
             with timed(rt, f'{stage} evaluation'):  # rank 0 scores it (eval.json beside it), the others wait
                 scores = saved_scores(saves[done], cfg.dataset, rt.device, cfg.data_dir) if cfg.evaluate and rt.master \
                     else 'not scored (evaluate=False): python eval.py --ckpt=FOLDER'
@@ -368,6 +373,9 @@ def run_stage(cfg, rt, prep, stage):
                     prune(folder, cfg.keep_last)
                 barrier(rt)
 
+    # log lines as JSON: {text_out_dir}/metrics.jsonl; an image or finetune stage's go into its checkpoint at the end
+    start_metrics(rt, os.path.join(cfg.text_out_dir if stage == 'text' else steps_dir(cfg, stage), 'metrics.jsonl'),
+                  run.first)
     with timed(rt, f'{stage} steps'):
         train_steps(rt, stage, run.model, spec.model, run.optimizer, batch_loader(rt, spec.make, run.first, spec.iters),
                     spec.lr_at, run.first, spec.iters, on_step, spec.val_loss, cfg.batch_size * cfg.block_size, cfg)
@@ -451,8 +459,7 @@ def main(cfg):
     finally:
         for path in locks:
             release_lock(path)
-        if rt.ddp:
-            dist.destroy_process_group()
+        close_runtime(rt)
 
 
 if __name__ == '__main__':

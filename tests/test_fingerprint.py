@@ -77,3 +77,23 @@ def test_a_frozen_encoder_rebuilt_from_a_changed_file_is_refused(tmp_path):
     os.utime(path, ns=(os.stat(path).st_atime_ns, os.stat(path).st_mtime_ns + 10 ** 9))
     with pytest.raises(ValueError, match='no longer the file it was trained with'):
         ev.build_model(info)
+
+
+def test_a_checkpoint_without_its_frozen_encoder_loads_it_from_the_recorded_file(tmp_path):
+    import encoders
+    from types import SimpleNamespace
+    from model import VLM, GPT, GPTConfig
+    path = str(tmp_path / 'siglip.safetensors')
+    timm_model = encoders.create_timm_model('siglip', 'tiny', 'random', 48)
+    save_file({k: v.contiguous() for k, v in timm_model.state_dict().items()}, path)
+    gpt = GPT(GPTConfig(block_size=64, vocab_size=320, n_layer=1, n_head=1, n_embd=16))
+    vlm = VLM(gpt, encoders.build_encoder('siglip', weights=path, freeze=True), 257)
+    assert not vlm.saves_encoder
+    info = {'stage': 'image', 'step': 1, 'iters': 1, 'tokenizer': 'bytes', 'config': {},
+            **train.vlm_info(SimpleNamespace(projector='mlp'), vlm, None)}
+    weights, state = checkpoint.full_state(vlm, vlm.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 'cpu'))
+    assert not any(k.startswith('encoder.') for k in weights)  # the file holds the rest only
+    checkpoint.save_checkpoint(str(tmp_path / 'ck'), weights, state, info)
+    loaded, _ = ev.load_model(str(tmp_path / 'ck'))
+    for (k, a), (_, b) in zip(vlm.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), k

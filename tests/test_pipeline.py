@@ -199,6 +199,11 @@ def test_all_stages_end_to_end(tmp_path, shapes_dir, encoder, freeze, capsys):
         assert result['tasks']['position']['chance'] == pytest.approx(1 / 9)
     model, info = ev.load_model(os.path.join(out, 'finetune'))
     assert info['encoder']['name'] == encoder and model.encoder.frozen == freeze
+    for folder, stage, steps in (('text', 'text', 10), ('image', 'image', 4), ('finetune', 'finetune', None)):
+        with open(os.path.join(out, folder, 'metrics.jsonl')) as f:  # a stage's log lines, one JSON object each
+            lines = [json.loads(line) for line in f]
+        assert lines and all(r['stage'] == stage and 'loss' in r or 'val_loss' in r for r in lines)
+        assert steps is None or lines[-1]['step'] == steps
 
 
 CONFIGS = sorted(os.listdir(os.path.join(os.path.dirname(__file__), '..', 'config')))

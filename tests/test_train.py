@@ -1,4 +1,6 @@
+import json
 import os
+import sys
 
 import pytest
 import torch
@@ -29,7 +31,7 @@ def weights(folder):
 @pytest.mark.slow
 def test_text_stage_writes_checkpoints_in_design_format(tmp_path, shapes_dir, capsys):
     out = run(tmp_path, shapes_dir)
-    assert sorted(os.listdir(out)) == ['ckpt_050', 'ckpt_100']  # nothing .tmp or .old left behind
+    assert sorted(os.listdir(out)) == ['ckpt_050', 'ckpt_100', 'metrics.jsonl']  # nothing .tmp or .old left behind
     for name in ('ckpt_050', 'ckpt_100'):
         assert sorted(os.listdir(os.path.join(out, name))) == ['config.json', 'eval.json', 'model.safetensors',
                                                                 'state.pt']
@@ -111,3 +113,24 @@ def test_cosine_schedule():
     assert lr(10) == pytest.approx(1.0) and lr(60) == pytest.approx(0.55) and lr(110) == pytest.approx(0.1)
     # continuing from a reached LR: no warmup, from start down to the floor
     assert lr(0, start=0.4) == pytest.approx(0.4) and lr(110, start=0.4) == pytest.approx(0.1)
+
+
+def test_log_lines_go_to_metrics_jsonl_and_to_wandb_when_switched_on(tmp_path, shapes_dir, monkeypatch):
+    logged = []
+
+    class Run:
+        def log(self, values, step):
+            logged.append((step, values))
+
+        def finish(self):
+            logged.append('finished')
+
+    fake = type(sys)('wandb')  # the package itself is optional: this stands in for it
+    fake.init = lambda project, name, config: Run()
+    monkeypatch.setitem(sys.modules, 'wandb', fake)
+    out = run(tmp_path, shapes_dir, '--wandb_log=True')
+    with open(os.path.join(out, 'metrics.jsonl')) as f:
+        lines = [json.loads(line) for line in f]
+    assert [r['step'] for r in lines if 'loss' in r] == [4, 8, 12] and [r['step'] for r in lines if 'val_loss' in r] == [6, 12]
+    assert [step for step, _ in logged[:-1]] == [r['global_step'] for r in lines] and logged[-1] == 'finished'
+    assert logged[0][1]['text/loss'] == lines[0]['loss']
