@@ -5,6 +5,7 @@ Benchmark the training step: tokens/s, MFU and peak memory, eager and torch.comp
     python bench.py --encoder=siglip                 # the demo VLM: encoder unfrozen, frozen, frozen + cached features
     python bench.py --model=79m --block_size=2048 --batch_size=16 --vocab_size=50304 --device=cuda
     python bench.py --model=1b --block_size=2048 --batch_size=4 --vocab_size=50304 --modes=compiled
+    python bench.py --nanogpt=../nanoGPT/model.py          # our LM beside nanoGPT's at the same shapes, eager, CPU
 
 MFU is measured against a peak: on CUDA the datasheet's dense bf16 figure (model.PEAK_FLOPS), and in every case the
 matmul throughput this device really reaches, measured here first, so a CPU gets an MFU too. On CUDA the step runs
@@ -41,6 +42,7 @@ encoder_scale = 'tiny'  # 'tiny' or 'paper'
 images_per_row = 2  # images at the start of every row of the VLM's batch
 grad_checkpoint = False  # recompute each block's activations in the backward pass
 seed = 0  # of the random weights and batches
+nanogpt = ''  # path to nanoGPT's model.py: time its GPT beside ours, same shapes, steps interleaved (eager)
 # -----------------------------------------------------------------------------
 IMAGE_TOKEN = 257
 
@@ -76,7 +78,46 @@ def bench_step(model, optimizer, x, autocast, steps, warmup, sync, **inputs):
     return (time.perf_counter() - t) / steps
 
 
+def matmul_flops_per_token(model, block_size, n_layer, n_embd):
+    """6 FLOPs per weight of every matmul (the input embedding is a lookup) plus attention's 12 * L * d * T."""
+    names = dict(model.named_parameters())
+    weights = sum(p.numel() for n, p in names.items() if p.dim() == 2 and not n.endswith(('wte.weight', 'wpe.weight')))
+    if 'lm_head.weight' not in names:  # tied to the input embedding: it is a matmul all the same
+        weights += names['transformer.wte.weight'].numel()
+    return 6 * weights + 12 * n_layer * n_embd * block_size
+
+
+def against_nanogpt(cfg, path, rounds=20):
+    """Our GPT and nanoGPT's at the same shapes on the CPU, eager, one step of each in turn (machine noise hits
+    both alike); prints the medians, the FLOPs per token of each and the ratio of their FLOP/s."""
+    import importlib.util
+    import statistics
+    spec = importlib.util.spec_from_file_location('nanogpt_model', path)
+    theirs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(theirs)
+    torch.manual_seed(cfg['seed'])
+    shape = dict(block_size=cfg['block_size'], vocab_size=cfg['vocab_size'], **PRESETS[cfg['model']])
+    models = {'nanoVLP': GPT(GPTConfig(**shape)), 'nanoGPT': theirs.GPT(theirs.GPTConfig(**shape, dropout=0.0, bias=False))}
+    x = torch.randint(0, min(256, cfg['vocab_size']), (cfg['batch_size'], cfg['block_size']))
+    times = {name: [] for name in models}
+    optimizers = {name: torch.optim.AdamW(m.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
+                  for name, m in models.items()}
+    for i in range(cfg['warmup'] + rounds):
+        for name, m in models.items():
+            times[name].append(bench_step(m, optimizers[name], x, nullcontext(), 1, 0, lambda: None))
+    flop_s = {}
+    for name, m in models.items():
+        dt = statistics.median(times[name][cfg['warmup']:])
+        flops = matmul_flops_per_token(m, cfg['block_size'], shape['n_layer'], shape['n_embd'])
+        flop_s[name] = flops * cfg['batch_size'] * cfg['block_size'] / dt
+        print(f'{name}: {dt * 1000:.1f} ms/step, {flops / 1e6:.2f} MFLOP/token, {flop_s[name] / 1e9:.1f} GFLOP/s')
+    print(f'nanoVLP reaches {flop_s["nanoVLP"] / flop_s["nanoGPT"]:.2f}x nanoGPT\'s FLOP/s '
+          f'({torch.get_num_threads()} threads, eager, median of {rounds} interleaved steps)')
+
+
 def main(cfg):
+    if cfg['nanogpt']:
+        return against_nanogpt(cfg, cfg['nanogpt'])
     dev = torch.device(cfg['device'] if cfg['device'] != 'auto' else ('cuda' if torch.cuda.is_available() else 'cpu'))
     dtype = cfg['dtype'] if cfg['dtype'] != 'auto' else ('bfloat16' if dev.type == 'cuda' else 'float32')
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if dtype == 'bfloat16' else nullcontext()

@@ -119,4 +119,4 @@ def test_train_reads_a_prepared_corpus(tmp_path, capsys):
                                  '--eval_iters=1', '--device=cpu']))
     printed = capsys.readouterr().out
     assert 'no built-in tasks for dataset=' in printed and 'text step 4/4' in printed
-    assert sorted(os.listdir(ckpts)) == ['ckpt_050', 'ckpt_100']
+    assert sorted(os.listdir(ckpts)) == ['ckpt_050', 'ckpt_100', 'metrics.jsonl']
