@@ -28,7 +28,7 @@ import train
 
 # -----------------------------------------------------------------------------
 # config: ablate.py's own keys; every other --key=value is a train.py key applied to every cell
-out_dir = 'out/ablate'
+out_dir = 'out/ablate'  # each cell runs in {out_dir}/<cell>/seed<seed>; results.json, .md, .png here
 # the grid: every combination of these train.py values is a cell. Default: the paper's encoder ablation, all injected
 # at image_inject_frac. Combinations train.py rejects (patch has nothing to freeze) are skipped and reported.
 grid = {'encoder': ['siglip', 'dino_siglip', 'vit', 'resnet', 'patch'], 'freeze_encoder': [True, False]}

@@ -82,18 +82,27 @@ def unknown_key_error(key, known):
 
 
 def key_comments(source):
-    """{key: comment} for the lines `key = value  # comment` of a script's source file: the keys' documentation."""
-    comments = {}
+    """
+    {key: its documentation} for the lines `key = value  # comment` of a script's source file: the comment beside a
+    key, or else the comment lines right above it.
+    """
+    comments, above, pending, previous = {}, [], None, None
     with open(source) as f:
-        lines = f.read()
-    pending = None
-    for tok in tokenize.generate_tokens(io.StringIO(lines).readline):
-        if tok.type == tokenize.NAME and tok.start[1] == 0:
-            pending = tok.string
-        elif tok.type == tokenize.COMMENT and pending and tok.start[1] > 0:
+        text = f.read()
+    for tok in tokenize.generate_tokens(io.StringIO(text).readline):
+        if tok.type == tokenize.COMMENT and tok.start[1] == 0:
+            above.append(tok.string.lstrip('# '))
+        elif tok.type == tokenize.NAME and tok.start[1] == 0 and pending is None:
+            pending, block, above = tok.string, ' '.join(above), []
+        elif tok.type == tokenize.COMMENT and pending:
             comments.setdefault(pending, tok.string.lstrip('# '))
         elif tok.type == tokenize.NEWLINE:
+            if pending and pending not in comments and block:
+                comments[pending] = block
             pending = None
+        elif tok.type == tokenize.NL and previous in (tokenize.NL, tokenize.NEWLINE):
+            above = []  # a blank line: the comments above it are not about the next key
+        previous = tok.type
     return comments
 
 

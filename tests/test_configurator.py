@@ -76,3 +76,16 @@ def test_config_file_typo_and_type(tmp_path):
 def test_missing_config_file():
     with pytest.raises(ConfigError, match='config file nope.py not found'):
         configure(['nope.py'], defaults())
+
+
+def test_help_prints_each_key_with_the_comment_that_documents_it(tmp_path, capsys):
+    script = tmp_path / 'script.py'
+    script.write_text("# a section\n\n# the learning rate,\n# at its peak\nlr = 3e-3\nsteps = 10  # how many ('#' kept)\n"
+                      "name = 'a # b'\n")
+    config = {'lr': 3e-3, 'steps': 10, 'name': 'a # b'}
+    with pytest.raises(SystemExit) as exit_:
+        configure(['--help'], config, source=str(script))
+    printed = capsys.readouterr().out
+    assert exit_.value.code == 0
+    assert "lr = 0.003" in printed and '# the learning rate, at its peak' in printed and 'section' not in printed
+    assert "# how many ('#' kept)" in printed and "name = 'a # b'" in printed
