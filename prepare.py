@@ -64,7 +64,6 @@ def check_inputs(cfg):
         raise ConfigError(f'instruct_images={cfg.instruct_images!r}: no such folder')
 
 
-
 def real_image_data(cfg):
     return bool(cfg.image_data or cfg.instruct_data)
 
