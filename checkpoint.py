@@ -175,12 +175,13 @@ def verified(folder, name):
     return path
 
 
-def load_weights(model, folder):
+def load_weights(model, folder, verify=True):
     """
     A checkpoint's model.safetensors into model, strictly, but for an encoder the model does not save (it was
-    rebuilt from its recorded source). A mismatch names the file and the keys.
+    rebuilt from its recorded source). A mismatch names the file and the keys. verify=False: the caller has just
+    checked the file against its checksum (check_shapes does), so it is not read twice.
     """
-    path = verified(folder, 'model.safetensors')
+    path = verified(folder, 'model.safetensors') if verify else os.path.join(folder, 'model.safetensors')
     try:
         state = load_file(path)
     except Exception as e:  # safetensors' error names neither the file nor what to do

@@ -28,11 +28,10 @@ import torch
 import data
 import prepare
 from checkpoint import (FolderLocked, StaleCheckpoint, acquire_lock, check_fingerprint, finished_checkpoints,
-                        is_checkpoint, load_optimizer_state, load_weights, prune, read_checkpoint_info, release_lock,
-                        resume, set_rng_state)
+                        is_checkpoint, load_optimizer_state, prune, release_lock, resume, set_rng_state)
 from configurator import ConfigError, check_ranges, configure, script_config
 from encoders import ENCODERS, build_encoder
-from eval import build_model, saved_scores, stable_score_table
+from eval import load_model, saved_scores, stable_score_table
 from model import GPT, PRESETS, VLM, GPTConfig
 from runtime import (TrainingError, barrier, batch_loader, check_ranks_agree, close_runtime, format_time, log,
                      process_age,
@@ -253,7 +252,7 @@ def image_schedule(cfg):
 
 def image_stage(cfg, rt, prep):
     text_ckpt = stage_input(cfg, rt, prep, 'text')
-    gpt = load_weights(build_model(read_checkpoint_info(text_ckpt)), text_ckpt)
+    gpt = load_model(text_ckpt, rt.device)[0]  # shapes checked against the file, then its verified weights
     torch.manual_seed(cfg.seed)
     encoder = build_encoder(cfg.encoder, cfg.encoder_scale, prep.weights, freeze=cfg.freeze_encoder)
     raw_model = VLM(gpt, encoder, data.special_id(prep.enc, '<|image|>'), cfg.projector, cfg.image_inject_layer)
@@ -277,7 +276,7 @@ def image_stage(cfg, rt, prep):
 def finetune_stage(cfg, rt, prep):
     image_ckpt = stage_input(cfg, rt, prep, 'image')
     torch.manual_seed(cfg.seed)
-    raw_model = load_weights(build_model(read_checkpoint_info(image_ckpt)), image_ckpt).to(rt.device).train()
+    raw_model = load_model(image_ckpt, rt.device)[0].train()
     n_image_tokens, source, enc = raw_model.encoder.num_tokens, prep.source, prep.enc
     features = prepare.feature_cache(cfg, prep, raw_model.encoder)
     text_tokens = data.open_shard(prep.folder, 'train')
