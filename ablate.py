@@ -9,7 +9,8 @@ against a baseline cell, and a plot of vision vs text stable score.
 Every cell is one `python train.py` run in its own process (one cell's crash cannot take down the others), writing
 to {out_dir}/<cell>/seed<seed>; cells with the same text settings share one text stage. Finished cells (their
 finetune/eval.json exists) are skipped on rerun, so an interrupted plan resumes where it stopped. Outputs in out_dir:
-results.json (every cell's config and eval.json), results.md (the table) and results.png (needs matplotlib).
+results.json (every cell's config and eval.json), results.md (the table), results.png (vision against text) and
+curves.png (every cell's loss curves; the plots need matplotlib).
 """
 
 import itertools
@@ -23,16 +24,20 @@ import time
 import numpy as np
 
 from configurator import ConfigError, configure, script_config
-from eval import paired_difference
+from eval import seed_bootstrap
 import train
 
 # -----------------------------------------------------------------------------
 # config: ablate.py's own keys; every other --key=value is a train.py key applied to every cell
-out_dir = 'out/ablate'  # each cell runs in {out_dir}/<cell>/seed<seed>; results.json, .md, .png here
-# the grid: every combination of these train.py values is a cell. Default: the paper's encoder ablation, all injected
-# at image_inject_frac. Combinations train.py rejects (patch has nothing to freeze) are skipped and reported.
-grid = {'encoder': ['siglip', 'dino_siglip', 'vit', 'resnet', 'patch'], 'freeze_encoder': [True, False]}
-baseline = ''  # the cell the others are compared with, by name ('encoder=siglip freeze_encoder=True'); '' = first
+out_dir = 'out/ablate'  # each cell runs in {out_dir}/<cell>/seed<seed>; results.json, .md, .png, curves.png here
+# the grid: every combination of its values is a cell; a list of such dicts is the union of their products. The key
+# 'config' takes train.py config files: the cell is that file, exactly what `python train.py FILE` runs (a test
+# checks it), and is named by it; every other key is a train.py key. Combinations train.py rejects are skipped and
+# reported. Default: the paper's encoder ablation, one config file per cell (config/ablate_encoder_lr.py: its curve)
+grid = [{'config': ['config/siglip_frozen.py', 'config/siglip_unfrozen.py', 'config/dino_siglip_frozen.py',
+                    'config/dino_siglip_unfrozen.py', 'config/vit_frozen.py', 'config/vit_unfrozen.py',
+                    'config/resnet_frozen.py', 'config/resnet_unfrozen.py', 'config/patch.py']}]
+baseline = ''  # the cell the others are compared with, by name ('siglip_frozen'); '' = the first
 seeds = [1337]  # every cell runs once per seed; several seeds add mean +- std over seeds to the table
 # -----------------------------------------------------------------------------
 ABLATE_KEYS = ('out_dir', 'grid', 'baseline', 'seeds')
@@ -40,7 +45,31 @@ SCORES = ('vision_stable_score', 'vision_blind_stable_score', 'text_stable_score
 
 
 def cell_name(cell):
-    return ' '.join(f'{k}={v}' for k, v in cell.items()) or 'default'
+    return ' '.join(os.path.splitext(os.path.basename(v))[0] if k == 'config' else f'{k}={v}'
+                    for k, v in cell.items()) or 'default'
+
+
+def cell_args(cell):
+    """A cell's train.py arguments: its config file first (found beside ablate.py too), then its --key=value flags."""
+    args = [f'--{k}={v}' for k, v in cell.items() if k != 'config']
+    if 'config' in cell:
+        path = cell['config']
+        args.insert(0, path if os.path.exists(path) else os.path.join(os.path.dirname(os.path.abspath(__file__)), path))
+    return args
+
+
+def grid_cells(grid):
+    """The cells of a grid (a dict of value lists, or a list of them: the union of their products), in order."""
+    grids = grid if isinstance(grid, list) else [grid]
+    if not grids or any(not isinstance(g, dict) or not g or any(not isinstance(v, (list, tuple)) or not v
+                                                                 for v in g.values()) for g in grids):
+        raise ConfigError(f'grid={grid!r}: it maps keys to non-empty lists of values (or is a list of such dicts)')
+    cells = [dict(zip(g, values)) for g in grids for values in itertools.product(*g.values())]
+    names = [cell_name(c) for c in cells]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ConfigError(f'grid={grid!r}: the cells {", ".join(twice)} occur more than once')
+    return cells
 
 
 def folder_name(text):
@@ -59,28 +88,26 @@ def split_args(args):
 def expand(cfg, passed):
     """The runs of the plan, one per valid cell of the grid and seed, with their train.py arguments and folders;
     and the cells skipped because train.py rejects them, with the reason."""
-    grid = cfg['grid']
-    if not grid or any(not isinstance(v, (list, tuple)) or not v for v in grid.values()):
-        raise ConfigError(f'grid={grid!r}: it maps train.py keys to non-empty lists of values')
     runs, skipped = [], []
-    for values in itertools.product(*grid.values()):
-        cell = dict(zip(grid, values))
-        name = cell_name(cell)
-        cell_args = [f'--{k}={v}' for k, v in cell.items()]
+    base = vars(train.get_config(passed))
+    for cell in grid_cells(cfg['grid']):
+        name, args = cell_name(cell), cell_args(cell)
+        # the cell's config file first, then the plan's flags (passed to every cell), then the cell's own flags
+        args = args[:1] + passed + args[1:] if 'config' in cell else passed + args
         try:
-            cell_cfg = train.get_config(passed + cell_args)  # a bad key or value fails here, before anything runs
+            cell_cfg = train.get_config(args)
         except ConfigError as e:
             if any(str(e).startswith(p) for p in ('unknown config key', '--')):
                 raise  # a typo in the grid is an error, not a skip
             skipped.append(f'{name}: {e}')
             continue
         # cells that differ only in keys the text stage does not read share one text stage (train.fingerprint)
-        text_tag = '-'.join(f'{k}={getattr(cell_cfg, k)}' for k in cell
-                            if k not in train.RUN_KEYS + train.IMAGE_KEYS + train.FINETUNE_KEYS + ('seed',))
+        text_tag = '-'.join(f'{k}={v}' for k, v in vars(cell_cfg).items() if v != base[k] and k not in
+                            train.RUN_KEYS + train.IMAGE_KEYS + train.FINETUNE_KEYS + ('seed',))
         for seed in cfg['seeds']:
             out = os.path.join(cfg['out_dir'], folder_name(name), f'seed{seed}')
             text_out = os.path.join(cfg['out_dir'], 'text', folder_name(text_tag or 'shared'), f'seed{seed}')
-            runs.append(dict(cell=name, seed=seed, out_dir=out, args=passed + cell_args + [
+            runs.append(dict(cell=name, seed=seed, out_dir=out, args=args + [
                 f'--seed={seed}', f'--out_dir={out}', f'--text_out_dir={text_out}']))
     if not runs:
         raise ConfigError('no valid cell in the grid:\n' + '\n'.join(skipped))
@@ -132,26 +159,34 @@ def run_plan(runs):
 # the table
 
 
-def pooled_tasks(evals, blind=False):
-    """The task results of one cell, items of all its seeds pooled (seed by seed, so two cells pair up)."""
-    pooled = {}
-    for e in evals:
-        for name, t in (e['blind_tasks'] if blind else e['tasks']).items():
-            p = pooled.setdefault(name, dict(modality=t['modality'], chance=t['chance'], scores=[]))
-            p['scores'] = p['scores'] + t['scores']
-    return pooled
-
-
-def fmt(value, ci=None):
-    if value is None:
-        return 'n/a'
-    return f'{value:.3f}' + (f' [{ci[0]:+.2f}, {ci[1]:+.2f}]' if ci else '')
+def score_columns(evals, base):
+    """A cell's three scores (mean over its seeds [95% interval]) and its vision and text differences from the
+    baseline cell (p), all by the hierarchical bootstrap over seeds and items (eval.seed_bootstrap)."""
+    shown, deltas = [], []
+    for key, tasks, modality in (('vision_stable_score', 'tasks', 'vision'),
+                                 ('vision_blind_stable_score', 'blind_tasks', 'vision'),
+                                 ('text_stable_score', 'tasks', 'text')):
+        if evals[0][key] is None:
+            shown.append('n/a')
+            continue
+        runs = [{'tasks': e[tasks]} for e in evals]
+        mean, ci, _ = seed_bootstrap(runs, modality)
+        shown.append(f'{mean:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]')
+        if tasks == 'tasks':
+            if base is None or base is evals or base[0][key] is None or len(base) != len(evals):
+                deltas.append('')
+                continue
+            diff, _, p = seed_bootstrap(runs, modality, baseline=[{'tasks': e['tasks']} for e in base])
+            deltas.append(f'{diff:+.3f} (p={p:.3f})' if p > 0 else f'{diff:+.3f} (p<0.001)')
+    return shown + deltas
 
 
 def results_table(results, baseline_name, times=None):
     """
-    results: {cell: [eval.json of each finished seed]} -> markdown rows, with differences to baseline_name; times:
-    {cell: [times.json of each seed]}, each cell's wall time per seed (mean over its seeds).
+    results: {cell: [eval.json of each finished seed]} -> markdown rows: each score's mean over seeds with a 95%
+    interval, and the differences to baseline_name with p, both by a hierarchical bootstrap (seeds, then items), so
+    they include the spread between seeds (a cell with one seed: items only); times: {cell: [times.json of each
+    seed]}, each cell's wall time per seed (mean over its seeds).
     """
     base, times = results.get(baseline_name), times or {}
     header = ['cell', 'seeds', 'vision', 'blind vision', 'text', f'Δ vision vs {baseline_name} (p)', 'Δ text (p)',
@@ -161,50 +196,70 @@ def results_table(results, baseline_name, times=None):
         if not evals:
             rows.append(f'| {cell} | 0 | failed | | | | | |')
             continue
-        shown = []
-        for key in SCORES:
-            values = [e[key] for e in evals]
-            if values[0] is None:
-                shown.append('n/a')
-            elif len(values) == 1:
-                shown.append(fmt(values[0], evals[0][key + '_ci95']))
-            else:
-                shown.append(f'{np.mean(values):.3f} ± {np.std(values, ddof=1):.3f}')
-        deltas = []
-        for modality in ('vision', 'text'):
-            if not base or cell == baseline_name or evals[0][f'{modality}_stable_score'] is None \
-                    or base[0][f'{modality}_stable_score'] is None or len(base) != len(evals):
-                deltas.append('')
-                continue
-            diff, p = paired_difference(pooled_tasks(evals), pooled_tasks(base), modality)
-            deltas.append(f'{diff:+.3f} (p={p:.3f})' if p > 0 else f'{diff:+.3f} (p<0.001)')
         spent = [sum(t.values()) for t in times.get(cell, [])]
-        rows.append(f'| {cell} | {len(evals)} | ' + ' | '.join(shown + deltas) + ' | ' +
+        rows.append(f'| {cell} | {len(evals)} | ' + ' | '.join(score_columns(evals, base)) + ' | ' +
                     (train.format_time(np.mean(spent)) if spent else '') + ' |')
     return '\n'.join(rows)
 
 
-def plot(results, path):
+def pyplot(path):
+    """matplotlib's pyplot, or None (it is optional: the tables are written without it)."""
     try:
         import matplotlib
         matplotlib.use('Agg')
         import matplotlib.pyplot as plt
+        return plt
     except ImportError:
-        print('matplotlib is not installed: no results.png (pip install matplotlib); the table is written anyway')
+        print(f'matplotlib is not installed: no {os.path.basename(path)} (pip install matplotlib)')
+        return None
+
+
+def read_curve(path):
+    """(steps, losses) of a stage's metrics.jsonl; empty when the file is missing."""
+    if not os.path.exists(path):
+        return [], []
+    with open(path) as f:
+        lines = [json.loads(line) for line in f if line.strip()]
+    points = [(v['step'], v['loss']) for v in lines if 'loss' in v]
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def plot_curves(runs, path):
+    """The training loss of every cell's image and finetune stages (mean over its seeds), one panel per stage."""
+    plt = pyplot(path)
+    if plt is None:
+        return False
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, stage in zip(axes, ('image', 'finetune')):
+        for cell in dict.fromkeys(r['cell'] for r in runs):
+            curves = [read_curve(os.path.join(r['out_dir'], stage, 'metrics.jsonl')) for r in runs if r['cell'] == cell]
+            curves = [c for c in curves if c[0]]
+            if curves:
+                n = min(len(c[0]) for c in curves)  # seeds of a cell log at the same steps
+                ax.plot(curves[0][0][:n], np.mean([c[1][:n] for c in curves], axis=0), label=cell, lw=1.2)
+        ax.set_title(f'{stage} stage')
+        ax.set_xlabel('step')
+        ax.set_ylabel('training loss (mean over seeds)')
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7, loc='upper left', bbox_to_anchor=(1.02, 1.0), frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def plot(results, path):
+    plt = pyplot(path)
+    if plt is None:
         return False
     fig, ax = plt.subplots(figsize=(9, 5))
     for cell, evals in results.items():
         if not evals or evals[0]['vision_stable_score'] is None:
             continue
-        e = evals[0] if len(evals) == 1 else None
-        x = np.mean([v['vision_stable_score'] for v in evals])
-        y = np.mean([v['text_stable_score'] for v in evals])
-        if e:  # one seed: the bootstrap interval; several: the spread over seeds
-            xerr = [[x - e['vision_stable_score_ci95'][0]], [e['vision_stable_score_ci95'][1] - x]]
-            yerr = [[y - e['text_stable_score_ci95'][0]], [e['text_stable_score_ci95'][1] - y]]
-        else:
-            xerr = np.std([v['vision_stable_score'] for v in evals], ddof=1)
-            yerr = np.std([v['text_stable_score'] for v in evals], ddof=1)
+        # the mean over seeds and its 95% interval over seeds and items, as in the table
+        (x, (x0, x1), _), (y, (y0, y1), _) = (seed_bootstrap([{'tasks': e['tasks']} for e in evals], m)
+                                              for m in ('vision', 'text'))
+        xerr, yerr = [[x - x0], [x1 - x]], [[y - y0], [y1 - y]]
         ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt='o', capsize=3, label=cell)
     ax.legend(fontsize=7, loc='upper left', bbox_to_anchor=(1.02, 1.0), frameon=False)  # labels never overlap
     ax.set_xlabel('vision stable score')
@@ -246,6 +301,7 @@ def collect(cfg, runs, errors, skipped=()):
                 ('\nskipped (train.py rejects the combination):\n' + '\n'.join(f'- {s}' for s in skipped) + '\n'
                  if skipped else ''))
     plot(results, os.path.join(cfg['out_dir'], 'results.png'))
+    plot_curves(runs, os.path.join(cfg['out_dir'], 'curves.png'))
     return table, failed
 
 

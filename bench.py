@@ -1,25 +1,33 @@
 """
-Benchmark the training step: tokens/s, MFU and peak memory, eager and torch.compiled, on random tokens.
+Benchmark what a training run spends its time on: the LM's step, the VLM's image-stage step with its encoder, and
+the image data pipeline that feeds it.
 
     python bench.py                                  # the demo LM on this machine, eager and compiled
-    python bench.py --encoder=siglip                 # the demo VLM: encoder unfrozen, frozen, frozen + cached features
-    python bench.py --model=79m --block_size=2048 --batch_size=16 --vocab_size=50304 --device=cuda
+    python bench.py --encoder=siglip                 # the demo image stage: encoder unfrozen, frozen, frozen + cached
+    python bench.py --encoder=siglip --encoder_scale=paper --model=79m --block_size=2048 --vocab_size=50304 \
+        --batch_size=10 --device=cuda                # the paper's image stage (on a CPU: --batch_size=2, slowly)
     python bench.py --model=1b --block_size=2048 --batch_size=4 --vocab_size=50304 --modes=compiled
-    python bench.py --nanogpt=../nanoGPT/model.py          # our LM beside nanoGPT's at the same shapes, eager, CPU
+    python bench.py --data='shards/*.tar'            # images/s per DataLoader worker against PIL's own ceiling
+    python bench.py --nanogpt=../nanoGPT/model.py    # our LM beside nanoGPT's at the same shapes, eager, CPU
 
 MFU is measured against a peak: on CUDA the datasheet's dense bf16 figure (model.PEAK_FLOPS), and in every case the
-matmul throughput this device really reaches, measured here first, so a CPU gets an MFU too. On CUDA the step runs
-in bf16 autocast with fused AdamW, and attention is held to the flash kernel of SDPA (an error if it cannot be used).
+matmul throughput this device really reaches, measured here first, so a CPU gets an MFU too. It counts the
+encoder's FLOPs where the step runs it (forward; forward and backward when it trains). On CUDA the step runs in
+bf16 autocast with fused AdamW, and attention is held to the flash kernel of SDPA (an error if it cannot be used).
 Each mode reports the graphs torch.compile made during it: 1 for a compiled mode (no recompiles, no graph breaks).
 """
 
+import io
+import math
 import resource
 import sys
 import time
 from contextlib import nullcontext
+from types import SimpleNamespace
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 from configurator import configure, script_config
 from encoders import build_encoder
@@ -37,12 +45,20 @@ dtype = 'auto'  # 'auto' (bfloat16 on CUDA, float32 on CPU), 'bfloat16', 'float3
 steps = 10  # timed steps per mode
 warmup = 3  # untimed steps first (compilation, allocator)
 modes = ''  # comma-separated: eager, compiled (LM); unfrozen, frozen, cached (VLM); '': all of the model's
-encoder = ''  # an encoder of encoders.ENCODERS: time the VLM step with images; '': the LM alone
-encoder_scale = 'tiny'  # 'tiny' or 'paper'
-images_per_row = 2  # images at the start of every row of the VLM's batch
+encoder = ''  # an encoder of encoders.ENCODERS: time the image stage's step; '': the LM alone
+encoder_scale = 'tiny'  # 'tiny' or 'paper' (random weights: the timing is the same)
+image_ratio = 0.1  # share of a step's rows that are image-caption rows, as train.py's image_ratio (at least one)
+images_per_row = 2  # images in each image-caption row: 2 of SigLIP's 729 tokens and their captions fill 2,048
 grad_checkpoint = False  # recompute each block's activations in the backward pass
 seed = 0  # of the random weights and batches
 nanogpt = ''  # path to nanoGPT's model.py: time its GPT beside ours, same shapes, steps interleaved (eager)
+# the data pipeline (--data): what one DataLoader worker builds per second, and how many a step needs
+data = ''  # img2dataset .tar shards (a folder, a glob or one file): time decoding their images at the encoder's size
+instruct_data = ''  # a LLaVA json: time building its conversations' rows too
+instruct_images = ''  # the folder its image paths start from; '': the json's own folder
+tokenizer = 'gpt2'  # of the captions and conversations: 'gpt2' (real data) or 'bytes'
+samples = 200  # images (and conversations) timed
+step_tokens_per_s = 0.0  # tokens/s per GPU of the training step the workers feed; 0: time the model's LM step here
 # -----------------------------------------------------------------------------
 IMAGE_TOKEN = 257
 
@@ -76,6 +92,31 @@ def bench_step(model, optimizer, x, autocast, steps, warmup, sync, **inputs):
         optimizer.zero_grad(set_to_none=True)
     sync()
     return (time.perf_counter() - t) / steps
+
+
+def encoder_step(encoder, images, autocast, steps, sync):
+    """Seconds the encoder's share of a step takes: its forward, and its backward when it trains."""
+    for i in range(steps + 1):
+        if i == 1:
+            sync()
+            t = time.perf_counter()
+        with autocast:
+            out = encoder.encode(images)
+        if not encoder.frozen:
+            out.float().sum().backward()
+    sync()
+    encoder.zero_grad(set_to_none=True)
+    return (time.perf_counter() - t) / steps
+
+
+def encoder_flops(name, scale, n_images):
+    """Forward FLOPs of the encoder on n_images, counted on the meta device (no weights, no compute)."""
+    with torch.device('meta'):
+        enc = build_encoder(name, scale, 'random', freeze=True)
+        pixels = enc.preprocess(torch.zeros(n_images, enc.img_size, enc.img_size, 3, dtype=torch.uint8))
+        with FlopCounterMode(display=False) as counter:
+            enc(pixels)
+    return counter.get_total_flops()
 
 
 def matmul_flops_per_token(model, block_size, n_layer, n_embd):
@@ -115,61 +156,166 @@ def against_nanogpt(cfg, path, rounds=20):
           f'({torch.get_num_threads()} threads, eager, median of {rounds} interleaved steps)')
 
 
-def main(cfg):
-    if cfg['nanogpt']:
-        return against_nanogpt(cfg, cfg['nanogpt'])
+# -----------------------------------------------------------------------------
+# the training step: the LM alone, or the image stage's VLM
+
+def setup_device(cfg):
     dev = torch.device(cfg['device'] if cfg['device'] != 'auto' else ('cuda' if torch.cuda.is_available() else 'cpu'))
     dtype = cfg['dtype'] if cfg['dtype'] != 'auto' else ('bfloat16' if dev.type == 'cuda' else 'float32')
-    autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if dtype == 'bfloat16' else nullcontext()
-    flash = lambda: sdpa_kernel(SDPBackend.FLASH_ATTENTION) if dev.type == 'cuda' and dtype == 'bfloat16' else nullcontext()
-    sync = torch.cuda.synchronize if dev.type == 'cuda' else (lambda: None)
-    peak = measured_peak_flops(dev, getattr(torch, dtype))
-    sheet = device_peak_flops(dev)
-    print(f'device {dev} ({torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"{torch.get_num_threads()} threads"}), '
-          f'{dtype}: measured matmul peak {peak / 1e12:.3f} TFLOP/s'
+    return SimpleNamespace(
+        device=dev, dtype=dtype, sync=torch.cuda.synchronize if dev.type == 'cuda' else (lambda: None),
+        autocast=torch.autocast(dev.type, dtype=torch.bfloat16) if dtype == 'bfloat16' else nullcontext(),
+        flash=lambda: sdpa_kernel(SDPBackend.FLASH_ATTENTION) if dev.type == 'cuda' and dtype == 'bfloat16'
+        else nullcontext())
+
+
+def time_mode(cfg, d, mode):
+    """One mode's training step: seconds per step, the images it encodes, the model, and the encoder's seconds."""
+    torch.manual_seed(cfg['seed'])
+    gpt = GPT(GPTConfig(block_size=cfg['block_size'], vocab_size=cfg['vocab_size'], **PRESETS[cfg['model']]))
+    x = torch.randint(0, 256, (cfg['batch_size'], cfg['block_size']), device=d.device)
+    inputs, images, enc = {}, None, None
+    if cfg['encoder']:
+        enc = build_encoder(cfg['encoder'], cfg['encoder_scale'], freeze=mode != 'unfrozen')
+        gpt = VLM(gpt, enc, IMAGE_TOKEN)
+        image_rows = max(1, round(cfg['batch_size'] * cfg['image_ratio']))
+        if cfg['images_per_row'] * enc.num_tokens > cfg['block_size']:
+            raise SystemExit(f'{cfg["images_per_row"]} images of {enc.num_tokens} tokens do not fit block_size='
+                             f'{cfg["block_size"]}')
+        x[:image_rows, :cfg['images_per_row'] * enc.num_tokens] = IMAGE_TOKEN  # an image row starts with its images
+        images = torch.randint(0, 256, (image_rows * cfg['images_per_row'], enc.img_size, enc.img_size, 3),
+                               dtype=torch.uint8, device=d.device)
+        if mode == 'cached':  # what a feature cache hands the step: float16 features, no encoder call
+            with torch.no_grad():
+                inputs['features'] = enc.to(d.device).encode(images).half()
+        else:
+            inputs['images'] = images
+    gpt = gpt.to(d.device)
+    lm = gpt.gpt if isinstance(gpt, VLM) else gpt
+    lm.grad_checkpoint = cfg['grad_checkpoint']
+    extra = {'encoder_lr': 1e-4} if cfg['encoder'] else {}
+    optimizer = gpt.configure_optimizers(0.1, 1e-4, (0.9, 0.95), d.device.type, **extra)
+    if mode == 'compiled':
+        lm.compile()  # as train.py does: the LM in place, an encoder eager
+    if d.device.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats(d.device)
+    compiles = compile_count()
+    with d.flash():
+        dt = bench_step(gpt, optimizer, x, d.autocast, cfg['steps'], cfg['warmup'], d.sync, **inputs)
+        enc_dt = encoder_step(enc, images, d.autocast, cfg['steps'], d.sync) if enc and mode != 'cached' else 0.0
+    n_images = 0 if images is None else len(images)
+    return SimpleNamespace(dt=dt, enc_dt=enc_dt, n_images=n_images, model=gpt, compiles=compile_count() - compiles)
+
+
+def bench_model(cfg):
+    d = setup_device(cfg)
+    peak = measured_peak_flops(d.device, getattr(torch, d.dtype))
+    sheet = device_peak_flops(d.device)
+    print(f'device {d.device} ({torch.cuda.get_device_name(d.device) if d.device.type == "cuda" else f"{torch.get_num_threads()} threads"}), '
+          f'{d.dtype}: measured matmul peak {peak / 1e12:.3f} TFLOP/s'
           + (f', datasheet {sheet / 1e12:.0f} TFLOP/s' if sheet else '')
-          + (', fused AdamW, flash attention' if dev.type == 'cuda' else ''))
+          + (', fused AdamW, flash attention' if d.device.type == 'cuda' else ''))
     modes = cfg['modes'] or ('unfrozen,frozen,cached' if cfg['encoder'] else 'eager,compiled')
     for mode in modes.split(','):
-        torch.manual_seed(cfg['seed'])
-        gpt = GPT(GPTConfig(block_size=cfg['block_size'], vocab_size=cfg['vocab_size'], **PRESETS[cfg['model']]))
-        x = torch.randint(0, 256, (cfg['batch_size'], cfg['block_size']), device=dev)
-        inputs, n_images = {}, 0
-        if cfg['encoder']:
-            enc = build_encoder(cfg['encoder'], cfg['encoder_scale'], freeze=mode != 'unfrozen')
-            gpt = VLM(gpt, enc, IMAGE_TOKEN)
-            n_images = cfg['batch_size'] * cfg['images_per_row']
-            x[:, :cfg['images_per_row'] * enc.num_tokens] = IMAGE_TOKEN  # each row starts with its images
-            images = torch.randint(0, 256, (n_images, enc.img_size, enc.img_size, 3), dtype=torch.uint8, device=dev)
-            if mode == 'cached':  # what a feature cache hands the step: float16 features, no encoder call
-                inputs['features'] = enc.to(dev).encode(images).half()
-            else:
-                inputs['images'] = images
-        gpt = gpt.to(dev)
-        lm = gpt.gpt if isinstance(gpt, VLM) else gpt
-        lm.grad_checkpoint = cfg['grad_checkpoint']
-        extra = {'encoder_lr': 1e-4} if cfg['encoder'] else {}
-        optimizer = gpt.configure_optimizers(0.1, 1e-4, (0.9, 0.95), dev.type, **extra)
-        if mode == 'compiled':
-            lm.compile()  # as train.py does: the LM in place, an encoder eager
-        if dev.type == 'cuda':
-            torch.cuda.reset_peak_memory_stats(dev)
-        compiles = compile_count()
-        with flash():
-            dt = bench_step(gpt, optimizer, x, autocast, cfg['steps'], cfg['warmup'], sync, **inputs)
-        compiles = compile_count() - compiles
-        tok_s = cfg['batch_size'] * cfg['block_size'] / dt
-        if dev.type == 'cuda':
-            mem = f'peak memory {torch.cuda.max_memory_allocated(dev) / 2 ** 30:.2f} GiB'
+        r = time_mode(cfg, d, mode)
+        tokens = cfg['batch_size'] * cfg['block_size']
+        # FLOPs of a step: the LM's (6 per weight per token, attention), the encoder's forward where it runs, and
+        # twice that again for its backward when it trains (the projector's are a rounding error)
+        flops = r.model.flops_per_token() * tokens
+        if r.n_images and mode != 'cached':
+            flops += encoder_flops(cfg['encoder'], cfg['encoder_scale'], r.n_images) * (3 if mode == 'unfrozen' else 1)
+        mfu = lambda p: f'{flops / r.dt / p:.1%}'
+        if d.device.type == 'cuda':
+            mem = f'peak memory {torch.cuda.max_memory_allocated(d.device) / 2 ** 30:.2f} GiB'
         else:  # the process's high-water mark so far: an upper bound for this mode
             mem = f'peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.2f} GiB'
         name = cfg['model'] + (f' + {cfg["encoder"]}' if cfg['encoder'] else '')
-        line = (f'{name} {mode:>8}: {gpt.num_params() / 1e6:.2f}M params | {dt * 1000:.1f} ms/step | '
-                f'{tok_s:,.0f} tok/s' + (f' | {n_images / dt:,.0f} images/s' if n_images else '') +
-                f' | LM MFU {gpt.estimate_mfu(tok_s, peak):.1%} of measured peak')
-        if sheet:
-            line += f', {gpt.estimate_mfu(tok_s, sheet):.1%} of datasheet'
-        print(line + f' | {mem} | graphs compiled {compiles}')
+        line = (f'{name} {mode:>8}: {r.model.num_params() / 1e6:.2f}M params | {r.dt * 1000:.1f} ms/step | '
+                f'{tokens / r.dt:,.0f} tok/s')
+        if r.n_images:
+            line += f' | {r.n_images / r.dt:,.1f} images/s | encoder {r.enc_dt / r.dt:.0%} of the step'
+        line += f' | MFU {mfu(peak)} of measured peak' + (f', {mfu(sheet)} of datasheet' if sheet else '')
+        print(line + f' | {mem} | graphs compiled {r.compiles}')
+
+
+# -----------------------------------------------------------------------------
+# the data pipeline: images/s per DataLoader worker, against PIL alone on the same bytes
+
+def pil_ceiling(raw, size):
+    """PIL's own decode and resize of one image, nothing else: the most a worker could do per image."""
+    from PIL import Image
+    img = Image.open(io.BytesIO(raw))
+    img.draft('RGB', img.size)  # decode as RGB directly where the format can (JPEG)
+    img = img.convert('RGB')
+    scale = size / max(img.size)
+    return img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))),
+                      Image.Resampling.BICUBIC, reducing_gap=3.0)
+
+
+def rate(fn, items):
+    t = time.perf_counter()
+    for item in items:
+        fn(item)
+    return len(items) / (time.perf_counter() - t)
+
+
+def bench_data(cfg):
+    import data as data_lib
+    import images
+    from prepare import encoder_shape
+    torch.set_num_threads(1)  # a DataLoader worker is one process on one core
+    shape = encoder_shape(SimpleNamespace(encoder=cfg['encoder'] or 'siglip', encoder_scale=cfg['encoder_scale'],
+                                          freeze_encoder=True))
+    size, n_tokens = shape.img_size, shape.num_tokens
+    source = images.RealImages(size, cfg['data'], instruct_data=cfg['instruct_data'] or None,
+                               instruct_images=cfg['instruct_images'] or None)
+    print(f'{source.summary()}; decoding at {size} px ({cfg["encoder"] or "siglip"}, {cfg["encoder_scale"]})')
+    refs = torch.randperm(source.n_captions, generator=torch.Generator().manual_seed(cfg['seed']))[:cfg['samples']]
+    # both timings over the images that decode (a broken one fails fast and would flatter either rate); reading
+    # them once first puts the shards in the page cache for both
+    refs = [r for r in refs.tolist() if source.usable(r)]
+    if not refs:
+        raise SystemExit(f'data={cfg["data"]!r}: none of the images drawn decodes ({dict(source.skipped)})')
+    raws = [source.raw_image(r) for r in refs]
+    source.decoded = {}  # what usable() kept: each image is decoded anew in the timing
+    ceiling = rate(lambda raw: pil_ceiling(raw, size), raws)
+
+    def worker_images(ref):  # what a worker does per image of a batch: read, check, decode, resize, pad, hand over
+        source.usable(ref)
+        source.pixels([ref])
+    ours = rate(worker_images, refs)
+    print(f'images/s per worker: {ours:,.1f} (read from the shard, decoded, resized, padded to {size}x{size}); '
+          f'PIL decode and resize alone: {ceiling:,.1f}; {ours / ceiling:.0%} of that ceiling'
+          + (f'; skipped {dict(source.skipped)}' if source.skipped else ''))
+    enc = data_lib.get_tokenizer(cfg['tokenizer'])
+    if source.n_conversations:
+        convs = list(range(min(cfg['samples'], source.n_conversations)))
+        conv_rate = rate(lambda i: data_lib.finetune_row(source, enc, [i], cfg['block_size'], n_tokens), convs)
+        print(f'conversations/s per worker: {conv_rate:,.1f} (tokenized, image decoded, one packed row each)')
+    # a step's images: its caption rows, each packed with as many samples as fit, as the image stage builds them
+    gen = torch.Generator().manual_seed(cfg['seed'])
+    rows = [data_lib.fill_row(lambda: data_lib.draw_sample(source, enc, 'caption', gen, n_tokens, cfg['block_size']),
+                              cfg['block_size'])[0] for _ in range(20)]
+    per_row = sum(len(s[2]) for row in rows for s in row) / len(rows)
+    per_step = cfg['batch_size'] * cfg['image_ratio'] * per_row
+    tokens_s = cfg['step_tokens_per_s']
+    if not tokens_s:
+        d = setup_device(cfg)
+        tokens_s = cfg['batch_size'] * cfg['block_size'] / time_mode(cfg | {'encoder': ''}, d, 'compiled'
+                                                                      if d.device.type == 'cuda' else 'eager').dt
+        print(f'the {cfg["model"]} LM step on {d.device}: {tokens_s:,.0f} tokens/s')
+    need = per_step * tokens_s / (cfg['batch_size'] * cfg['block_size'])
+    print(f'{per_row:.2f} images per caption row of {cfg["block_size"]} tokens; at image_ratio={cfg["image_ratio"]} and '
+          f'{tokens_s:,.0f} tokens/s per GPU a step consumes {need:,.1f} images/s: {math.ceil(need / ours)} worker(s) '
+          f'per GPU decode that fast (data_workers; data wait then stays near 0, under 5 %)')
+
+
+def main(cfg):
+    if cfg['nanogpt']:
+        return against_nanogpt(cfg, cfg['nanogpt'])
+    if cfg['data']:
+        return bench_data(cfg)
+    return bench_model(cfg)
 
 
 if __name__ == '__main__':

@@ -249,6 +249,35 @@ def mixture_batch(source, enc, text_tokens, batch_size, block_size, n_image_toke
     return torch.stack(xs), torch.stack(ys), image_refs
 
 
+def caption_row_fill(source, enc, block_size, n_image_tokens, seed, rows=100):
+    """The mean share of a packed image-caption row that its samples fill (the rest is padding), over `rows` rows."""
+    gen, eot = seeded_generator(seed, 0, 1), special_id(enc, '<|endoftext|>')  # apart from (seed, step)
+    used = 0
+    for _ in range(rows):
+        samples, _ = fill_row(lambda: draw_sample(source, enc, 'caption', gen, n_image_tokens, block_size), block_size)
+        scored = (pack_row(samples, block_size, eot)[1] != -1).sum().item()
+        used += scored + n_image_tokens * sum(len(s[2]) for s in samples)
+    return used / (rows * block_size)
+
+
+TOKEN_KINDS = ('image', 'caption', 'instruction', 'text', 'unscored')
+
+
+def token_kinds(x, y, enc):
+    """
+    A mixture batch's input tokens by kind (a Counter over TOKEN_KINDS): the <|image|> placeholders; the scored
+    tokens of image-caption, instruction and text rows; and the rest (padding, separators, questions), 'unscored'.
+    A row's kind is read off its tokens: a chat turn makes an instruction row, an image a caption row.
+    """
+    image, user = special_id(enc, '<|image|>'), special_id(enc, '<|user|>')
+    counts = Counter(image=int((x == image).sum()))
+    for row_x, row_y in zip(x, y):
+        kind = 'instruction' if (row_x == user).any() else 'caption' if (row_x == image).any() else 'text'
+        counts[kind] += int((row_y != -1).sum())
+    counts['unscored'] = x.numel() - sum(counts.values())
+    return counts
+
+
 def finetune_plan(source, enc, block_size, n_image_tokens, epochs, seed, verbose=False):
     """
     The fine-tuning epochs as rows of conversation indices: each epoch a shuffle of the conversations, packed greedily
@@ -327,11 +356,12 @@ def batch_inputs(source, features, refs):
 
 def counting_skips(source, make):
     """
-    A batch builder (step, rows) -> (x, y, refs) made into one for runtime.batch_loader: the refs become model
-    inputs and the batch carries the samples its building skipped (a DataLoader worker counts in its own copy).
+    A batch builder (step, rows) -> (x, y, inputs[, tally]) made into one for runtime.batch_loader: the batch
+    carries a tally (a Counter), the samples its building skipped by reason (a DataLoader worker counts in its own
+    copy) added to the tally make returned, if any (the image stage's token_kinds).
     """
     def build(step, rows):
         before = Counter(source.skipped)
-        x, y, inputs = make(step, rows)
-        return x, y, inputs, source.skipped - before
+        x, y, inputs, *tally = make(step, rows)
+        return x, y, inputs, (tally[0] if tally else Counter()) + (source.skipped - before)
     return build

@@ -170,6 +170,16 @@ class ResNetFeatures(Encoder):
         model.prune_intermediate_layers([tap], prune_head=True)  # later stages become empty, the head goes
         self.resnet, self.stage = model, stage
 
+    def train(self, mode=True):
+        # trained the way detection and segmentation fine-tune such backbones: BatchNorm keeps the running statistics
+        # it was pre-trained with (its scale and shift still train). A step's few images, and the blank image of a
+        # step without any, would otherwise pull those statistics away from what the weights expect
+        super().train(mode)
+        for module in self.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
+        return self
+
     def features(self, x):
         return self.resnet.forward_features(x).flatten(2).transpose(1, 2)  # [B, C, H, W] -> [B, H*W, C]
 

@@ -188,26 +188,34 @@ def stable_score(tasks, modality, rng, n_boot=1000):
     return float(np.mean([t['centered'] for t in chosen])), interval(boots)
 
 
-def paired_difference(tasks_a, tasks_b, modality, n_boot=2000, seed=0):
-    """Stable score of a minus that of b, with a paired bootstrap p-value: both are scored on the same items, so
-    each resample draws the same item indices for both (per task). p is two-sided: twice the share of resampled
-    differences on the other side of zero; identical predictions give p = 1."""
+def seed_bootstrap(runs, modality, baseline=None, n_boot=2000, seed=0):
+    """
+    The stable score of a cell over its seeds (runs: the eval.json of each seed), or its difference from a
+    baseline cell's (the same seeds, in the same order: seed s of both shares its text stage), with a hierarchical
+    bootstrap that samples both sources of spread: each resample draws seeds with replacement, then each task's
+    items with replacement (the same items for every drawn seed and for both cells: they answer the same questions).
+    Returns (observed mean over seeds, its 95% interval, two-sided p of no difference or None without a baseline).
+    """
     rng = np.random.default_rng(seed)
-    names = sorted(k for k, t in tasks_a.items() if t['modality'] == modality)
-    if not names or names != sorted(k for k, t in tasks_b.items() if t['modality'] == modality):
-        raise ValueError(f'the two results do not hold the same {modality} tasks')
-    diffs = np.zeros(n_boot)
+    names = sorted(k for k, t in runs[0]['tasks'].items() if t['modality'] == modality and t['n'])
+    if baseline is not None and len(baseline) != len(runs):
+        raise ValueError(f'{len(runs)} seeds against {len(baseline)}: a paired comparison needs the same seeds')
+    seeds = rng.integers(0, len(runs), size=(n_boot, len(runs)))
+    boots, observed = np.zeros(n_boot), 0.0
     for name in names:
-        a, b = np.asarray(tasks_a[name]['scores']), np.asarray(tasks_b[name]['scores'])
-        if a.shape != b.shape:
-            raise ValueError(f'task {name}: {len(a)} vs {len(b)} items, so they cannot be paired')
-        idx = rng.integers(0, len(a), size=(n_boot, len(a)))
-        diffs += (a[idx].mean(1) - b[idx].mean(1)) / (1 - tasks_a[name]['chance'])  # centered: chance cancels
-    diffs /= len(names)
-    observed = float(np.mean([centered(np.mean(tasks_a[n]['scores']), tasks_a[n]['chance']) -
-                              centered(np.mean(tasks_b[n]['scores']), tasks_b[n]['chance']) for n in names]))
-    p = min(1.0, 2 * min(np.mean(diffs <= 0), np.mean(diffs >= 0)))
-    return observed, float(p)
+        chance = runs[0]['tasks'][name]['chance']
+        scores = np.array([r['tasks'][name]['scores'] for r in runs], dtype=np.float64)  # [seeds, items]
+        offset = chance
+        if baseline is not None:  # centered(a) - centered(b) = (a - b) / (1 - chance): chance cancels
+            scores = scores - np.array([r['tasks'][name]['scores'] for r in baseline], dtype=np.float64)
+            offset = 0.0
+        items = rng.integers(0, scores.shape[1], size=(n_boot, scores.shape[1]))
+        means = scores[seeds[:, :, None], items[:, None, :]].mean(axis=(1, 2))
+        boots += (means - offset) / (1.0 - chance)
+        observed += (scores.mean() - offset) / (1.0 - chance)
+    boots, observed = boots / len(names), observed / len(names)
+    p = None if baseline is None else float(min(1.0, 2 * min(np.mean(boots <= 0), np.mean(boots >= 0))))
+    return float(observed), interval(boots), p
 
 
 def text_tasks(model, enc, items, device, rng):

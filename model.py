@@ -190,8 +190,9 @@ class GPT(nn.Module):
         """AdamW with weight decay on matrices only (not on norms' gains)."""
         params = [p for p in self.parameters() if p.requires_grad]
         groups = [
-            {'params': [p for p in params if p.dim() >= 2], 'weight_decay': weight_decay, 'peak_lr': learning_rate},
-            {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0, 'peak_lr': learning_rate},
+            {'params': [p for p in params if p.dim() >= 2], 'weight_decay': weight_decay, 'peak_lr': learning_rate,
+             'schedule': 'lm'},
+            {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0, 'peak_lr': learning_rate, 'schedule': 'lm'},
         ]
         return make_adamw(groups, learning_rate, betas, device_type)
 
@@ -334,14 +335,18 @@ class VLM(nn.Module):
             sum(p.numel() for p in self.encoder.parameters())
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, encoder_lr=None):
-        """Param groups: the LM and the projector at learning_rate; a trainable encoder at its own encoder_lr."""
+        """Param groups: the LM and the projector at learning_rate; a trainable encoder at its own encoder_lr, with
+        its own LR schedule (the groups' 'schedule': 'lm' or 'encoder')."""
         if encoder_lr is None and any(p.requires_grad for p in self.encoder.parameters()):
             raise ValueError('a trainable encoder needs its own learning rate: pass encoder_lr')
         groups = []
-        for module, lr in ((self.gpt, learning_rate), (self.projector, learning_rate), (self.encoder, encoder_lr)):
+        for module, lr, schedule in ((self.gpt, learning_rate, 'lm'), (self.projector, learning_rate, 'lm'),
+                                     (self.encoder, encoder_lr, 'encoder')):
             params = [p for p in module.parameters() if p.requires_grad]
-            groups.append({'params': [p for p in params if p.dim() >= 2], 'weight_decay': weight_decay, 'peak_lr': lr})
-            groups.append({'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0, 'peak_lr': lr})
+            groups.append({'params': [p for p in params if p.dim() >= 2], 'weight_decay': weight_decay, 'peak_lr': lr,
+                           'schedule': schedule})
+            groups.append({'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0, 'peak_lr': lr,
+                           'schedule': schedule})
         return make_adamw(groups, learning_rate, betas, device_type)
 
     def flops_per_token(self):

@@ -88,7 +88,7 @@ def prepare_run(cfg, verbose=True):
                            weights=None, source=None)
     if not {'image', 'finetune'} & set(cfg.stages.split(',')):
         return prep
-    prep.weights = (pretrain_encoders.shapes_weights(cfg.encoder, cfg.data_dir, verbose)
+    prep.weights = (pretrain_encoders.shapes_weights(cfg.encoder, cfg.data_dir, cfg.seed, verbose)
                     if cfg.encoder_weights == 'shapes' else cfg.encoder_weights)
     img_size = encoder_shape(cfg).img_size
     if real_image_data(cfg):

@@ -17,7 +17,7 @@ Objectives, one per family (dino_siglip is the two pre-trained halves; patch has
                 (24 labels, multi-label) and how many objects (4 classes), predicted by the model's own timm head;
                 the ResNet also has deep supervision on the stage the VLM reads (what each 3x3 grid cell holds).
 The weights are the full timm model's state dict (timm's key layout, heads included) in
-{data_dir}/shapes/encoders/<family>.safetensors, and load through encoders.build_encoder(weights=PATH). train.py
+{data_dir}/shapes/encoders/<family>-seed<seed>.safetensors, and load through encoders.build_encoder(weights=PATH). train.py
 resolves encoder_weights='shapes' to these paths (shapes_weights) when it prepares a run.
 """
 
@@ -44,7 +44,8 @@ from encoders import SHAPES_CLASSES, PAPER_MODELS, RESNET_STAGES, TINY_MODELS, b
 families = 'siglip,dinov2,vit,resnet'  # comma-separated families to pre-train when their weights are missing
 force = False  # pre-train them again even when their weights exist
 probe = False  # instead of pre-training: print the linear-probe table (random init vs pre-trained) of every family
-data_dir = 'data'  # weights go to {data_dir}/shapes/encoders/<family>.safetensors
+data_dir = 'data'  # weights go to {data_dir}/shapes/encoders/<family>-seed<seed>.safetensors
+seed = 1337  # of the pre-training run (initial weights, batches); train.py uses the weights of its own seed
 # -----------------------------------------------------------------------------
 
 FAMILIES = ('siglip', 'dinov2', 'vit', 'resnet')
@@ -272,14 +273,16 @@ class DINOObjective(nn.Module):
 # -----------------------------------------------------------------------------
 
 
-def weights_path(family, data_dir):
-    return os.path.join(data_dir, 'shapes', 'encoders', f'{family}.safetensors')
+def weights_path(family, data_dir, seed):
+    """Where a family's shapes weights pre-trained with `seed` are cached: each seed of a study trains its own, so
+    the spread over seeds includes the encoder's pre-training run."""
+    return os.path.join(data_dir, 'shapes', 'encoders', f'{family}-seed{seed}.safetensors')
 
 
-def pretrain(family, path, steps=None, batch_size=None, lr=None, n_scenes=20000, seed=0,
-             verbose=True):
+def pretrain(family, path, seed, steps=None, batch_size=None, lr=None, n_scenes=20000, verbose=True):
     """Pre-train one family on the shapes world and save its timm state dict to path (a .safetensors); returns the
-    path. Runs under its own RNG, so the caller's random state is left as it was."""
+    path. seed draws the initial weights and the batches (the scenes are the same for every seed). Runs under its
+    own RNG, so the caller's random state is left as it was."""
     if family not in FAMILIES:
         raise ValueError(f'nothing to pre-train for {family!r}: the pre-trained families are {", ".join(FAMILIES)}'
                          f' (dino_siglip is dinov2 + siglip; patch is learned from scratch)')
@@ -333,17 +336,18 @@ def pretrain(family, path, steps=None, batch_size=None, lr=None, n_scenes=20000,
     return path
 
 
-def ensure_pretrained(family, data_dir, verbose=True):
-    """The path of a family's shapes weights, pre-training them first if they are missing."""
-    path = weights_path(family, data_dir)
+def ensure_pretrained(family, data_dir, seed, verbose=True):
+    """The path of a family's shapes weights for seed, pre-training them first if they are missing."""
+    path = weights_path(family, data_dir, seed)
     if not os.path.isfile(path):
         if verbose:
-            print(f'{path} is missing: pre-training the tiny {family} on the shapes world (once; cached afterwards)')
-        pretrain(family, path, verbose=verbose)
+            print(f'{path} is missing: pre-training the tiny {family} on the shapes world with seed {seed} (once; '
+                  f'cached afterwards)')
+        pretrain(family, path, seed, verbose=verbose)
     return path
 
 
-def shapes_weights(encoder, data_dir, verbose=True):
+def shapes_weights(encoder, data_dir, seed, verbose=True):
     """
     encoder_weights='shapes' as build_encoder takes it: the family's weights file (pre-trained here when missing),
     a dict of the two halves' files for dino_siglip, and 'random' for patch (a projection learned from scratch).
@@ -351,8 +355,8 @@ def shapes_weights(encoder, data_dir, verbose=True):
     if encoder == 'patch':
         return 'random'
     if encoder == 'dino_siglip':
-        return {half: ensure_pretrained(half, data_dir, verbose) for half in ('dinov2', 'siglip')}
-    return ensure_pretrained(encoder, data_dir, verbose)
+        return {half: ensure_pretrained(half, data_dir, seed, verbose) for half in ('dinov2', 'siglip')}
+    return ensure_pretrained(encoder, data_dir, seed, verbose)
 
 
 # -----------------------------------------------------------------------------
@@ -388,13 +392,13 @@ def linear_probe(encoder, n_train=3000, n_test=1000, ridge=1e-3):
     return {'pairs': exact.float().mean().item(), 'count': count.float().mean().item()}
 
 
-def probe_table(data_dir):
+def probe_table(data_dir, seed):
     rows = ['| encoder | pairs, random init | pairs, pre-trained | count, random init | count, pre-trained |',
             '|---|---|---|---|---|']
     for family in FAMILIES:
         torch.manual_seed(0)
         random_init = linear_probe(build_encoder(family, weights='random'))
-        trained = linear_probe(build_encoder(family, weights=ensure_pretrained(family, data_dir)))
+        trained = linear_probe(build_encoder(family, weights=ensure_pretrained(family, data_dir, seed)))
         rows.append(f"| {family} | {random_init['pairs']:.3f} | {trained['pairs']:.3f} | "
                     f"{random_init['count']:.3f} | {trained['count']:.3f} |")
         print(rows[-1], flush=True)
@@ -404,11 +408,11 @@ def probe_table(data_dir):
 if __name__ == '__main__':
     cfg = configure(sys.argv[1:], script_config(globals()), source=__file__)
     if cfg['probe']:
-        print(probe_table(cfg['data_dir']))
+        print(probe_table(cfg['data_dir'], cfg['seed']))
     else:
         for name in cfg['families'].split(','):
-            path = weights_path(name, cfg['data_dir'])
+            path = weights_path(name, cfg['data_dir'], cfg['seed'])
             if cfg['force'] or not os.path.isfile(path):
-                pretrain(name, path)
+                pretrain(name, path, cfg['seed'])
             else:
                 print(f'{path} exists (--force=True pre-trains it again)')

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 
 from checkpoint import full_state, save_checkpoint
 from configurator import ConfigError
+from data import TOKEN_KINDS
 from images import SKIP_REASONS
 from model import VLM
 
@@ -132,15 +133,22 @@ def format_time(seconds):
     return f'{seconds // 3600}h{seconds % 3600 // 60:02d}m' if seconds >= 3600 else f'{seconds // 60}m{seconds % 60:02d}s'
 
 
-def skip_counts(rt, skipped):
-    """{reason: n} of the samples skipped so far, summed over the ranks (each rank builds its own rows)."""
-    unknown = set(skipped) - set(SKIP_REASONS)
+def tally_counts(rt, tally):
+    """
+    ({reason: n} of the samples skipped so far, {kind: share} of the tokens so far), each summed over the ranks
+    (each rank builds its own rows) in one all-reduce. The tokens are tallied by the image stage (data.token_kinds).
+    """
+    keys = SKIP_REASONS + TOKEN_KINDS
+    unknown = set(tally) - set(keys)
     if unknown:
-        raise ValueError(f'skip reasons {unknown} are not in images.SKIP_REASONS')
-    counts = torch.tensor([float(skipped[r]) for r in SKIP_REASONS], device=rt.device)
+        raise ValueError(f'tally keys {unknown} are neither in images.SKIP_REASONS nor in data.TOKEN_KINDS')
+    counts = torch.tensor([float(tally[k]) for k in keys], device=rt.device)
     if rt.ddp:
         dist.all_reduce(counts)
-    return {r: int(n) for r, n in zip(SKIP_REASONS, counts.tolist()) if n}
+    counts = dict(zip(keys, counts.tolist()))
+    tokens = sum(counts[k] for k in TOKEN_KINDS)
+    return ({r: int(counts[r]) for r in SKIP_REASONS if counts[r]},
+            {k: counts[k] / tokens for k in TOKEN_KINDS} if tokens else {})
 
 
 def start_metrics(rt, path, first):
@@ -249,6 +257,12 @@ def wrap_model(rt, raw_model):
         for module in gpt.blocks if rt.fsdp else [gpt]:
             module.compile()
     if rt.ddp and not rt.fsdp:
+        # DDP copies a gradient whose strides differ from its bucket view's, and warns. A parameter with a size-1
+        # dimension can get one: with a single image in the batch, a ViT's class and register tokens [1, n, d] get a
+        # slice of torch.cat's gradient, strided like the whole sequence. Such a gradient is laid out anew on arrival
+        for p in raw_model.parameters():
+            if p.requires_grad and 1 in p.shape:
+                p.register_hook(lambda g, p=p: g if g.stride() == p.stride() else g.new_empty(p.shape).copy_(g))
         return DDP(raw_model, device_ids=[rt.device] if rt.device_type == 'cuda' else None)
     return raw_model
 
@@ -260,23 +274,22 @@ class TrainingError(RuntimeError):
     """A run that cannot go on (a non-finite loss): the message names the step, the stage and what to do."""
 
 
-def train_steps(rt, stage, model, raw_model, optimizer, batches, lr_at, first, last, on_step, val_loss,
+def train_steps(rt, stage, model, raw_model, optimizer, batches, schedules, first, last, on_step, val_loss,
                 tokens_per_step, cfg):
     """
     Optimizer steps first .. last-1 on the micro-batches (x, y, inputs, skipped) from batches (batch_loader), where
-    skipped counts the samples left out while building it (bad images); lr_at(step) is the LR factor every param
-    group multiplies its peak_lr by; on_step(step_done) runs after each step (checkpoints). A step whose gradient is
+    skipped counts the samples left out while building it (bad images); schedules[name](step) is the LR factor a
+    param group multiplies its peak_lr by, name its 'schedule' ('lm', or 'encoder' for a trained encoder's); on_step(step_done) runs after each step (checkpoints). A step whose gradient is
     not finite is not applied; after max_bad_steps of them the run stops (TrainingError).
     """
     bad_steps = 0
     accum = rt.micro_steps
     t_start, t_last, step_last = time.time(), time.time(), first
-    losses, waited, skipped = [], 0.0, Counter()
+    losses, waited, tally = [], 0.0, Counter()
     compiles = compile_count() if rt.compile else 0
     for step in range(first, last):
-        factor = lr_at(step)
         for group in optimizer.param_groups:
-            group['lr'] = group['peak_lr'] * factor
+            group['lr'] = group['peak_lr'] * schedules[group.get('schedule', 'lm')](step)
         t = time.time()
         micro_batches = [next(batches) for _ in range(accum)]
         waited += time.time() - t
@@ -285,7 +298,7 @@ def train_steps(rt, stage, model, raw_model, optimizer, batches, lr_at, first, l
         # so the gradient does not depend on how the batch is split over ranks and micro-steps
         counts = [(y != -1).sum().item() for _, y, _, _ in micro_batches]
         for batch in micro_batches:
-            skipped.update(batch[3])
+            tally.update(batch[3])
         total = torch.tensor(float(sum(counts)), device=rt.device)
         if rt.ddp:
             dist.all_reduce(total)
@@ -324,14 +337,18 @@ def train_steps(rt, stage, model, raw_model, optimizer, batches, lr_at, first, l
             tok_s = tokens_per_step / dt
             mfu = raw_model.estimate_mfu(tok_s, cfg.peak_flops or None)
             mean_loss = torch.stack(losses).mean().item() if losses else float('nan')  # nan: every step was bad
-            skips, lr = skip_counts(rt, skipped), optimizer.param_groups[0]['lr']
+            (skips, shares), lr = tally_counts(rt, tally), optimizer.param_groups[0]['lr']
             log(rt, f'{stage} step {done}/{last} | loss {mean_loss:.4f} | lr {lr:.2e} | '
                     f'{tok_s:,.0f} tok/s | mfu {"n/a" if mfu is None else f"{mfu:.1%}"} | '
                     f'data wait {waited / (now - t_last):.0%} | '
                     f'eta {format_time((last - done) * (now - t_start) / (done - first))}' +
+                    (' | tokens so far: ' + ', '.join(f'{k} {v:.1%}' for k, v in shares.items()) if shares else '') +
                     (' | skipped so far: ' + ', '.join(f'{k} {n:,}' for k, n in skips.items()) if skips else ''))
+            encoder_lr = [g['lr'] for g in optimizer.param_groups if g.get('schedule') == 'encoder' and g['params']]
             record(rt, stage=stage, step=done, global_step=rt.global_step + done, loss=mean_loss, lr=lr,
-                   tokens_per_s=tok_s, mfu=mfu, data_wait=waited / (now - t_last), skipped=skips)
+                   **({'encoder_lr': encoder_lr[0]} if encoder_lr else {}),
+                   tokens_per_s=tok_s, mfu=mfu, data_wait=waited / (now - t_last), skipped=skips,
+                   **({'token_shares': shares} if shares else {}))
             t_last, step_last, losses, waited = now, done, [], 0.0
         if val_loss is not None and cfg.eval_interval and (done % cfg.eval_interval == 0 or done == last):
             loss_val = val_loss()

@@ -76,9 +76,11 @@ beta1 = 0.9  # AdamW's
 beta2 = 0.95  # AdamW's
 grad_clip = 1.0  # clip the global gradient norm to this; 0 disables
 # image stage
-image_inject_frac = 0.8  # the image injection point: which text checkpoint (a value of save_fracs) gets the images
+image_inject_frac = 0.8  # the image injection point: the text checkpoint (a value of save_fracs) that gets the images;
+# 0: images from scratch, the mixture from step 0 with the text stage's warmup and peak LR (no text stage runs)
 image_iters = 300  # optimizer steps of the image stage
-image_ratio = 0.1  # fraction of the sequences that are image-caption sequences
+image_ratio = 0.1  # share of the image stage's data that is image-caption data, counted as image_ratio_of says
+image_ratio_of = 'rows'  # 'rows' (sequences) or 'tokens' (image and caption tokens among all, padding aside)
 instruct_ratio = 0.0  # fraction that are instruction conversations (the paper's "instruction data in pre-training")
 image_lr = 3e-3  # peak LR when injecting into the fully trained model (image_inject_frac=1.0 re-warms up)
 rewarm_iters = 20  # warmup steps of a stage that re-warms its LR (image at 1.0, finetune)
@@ -86,7 +88,7 @@ encoder = 'siglip'  # siglip, dinov2, dino_siglip, vit, resnet, patch
 encoder_scale = 'tiny'  # 'tiny' (CPU demo) or 'paper' (SigLIP SO400M, DINOv2 ViT-L, ...)
 encoder_weights = 'shapes'  # 'shapes' (pre-trained on the shapes world, once), 'random', 'hub', or a .safetensors
 freeze_encoder = True  # keep the encoder's weights fixed (no grad, eval mode, not in the optimizer)
-encoder_lr = 1e-5  # peak LR of an unfrozen pre-trained encoder (patch, trained from scratch, takes the stage's)
+encoder_lr = 1e-5  # peak LR of an unfrozen pre-trained encoder, on its own schedule (train.encoder_schedule)
 projector = 'mlp'  # linear, mlp, fused_mlp
 image_inject_layer = 0  # the LM block before which visual tokens enter the residual stream (0: input embeddings)
 cache_features = True  # with a frozen encoder: compute the image set's features once, then read them back
@@ -117,7 +119,7 @@ TYPES = {'compile': bool, 'data_workers': int}  # the keys whose default is None
 RANGES = {k: '> 0' for k in ('text_iters', 'image_iters', 'batch_size', 'gradient_accumulation_steps', 'block_size',
                              'learning_rate', 'image_lr', 'finetune_lr', 'encoder_lr', 'finetune_epochs', 'keep_last',
                              'scene_size', 'caption_scenes', 'conversations', 'eval_iters', 'log_interval')}
-RANGES.update(save_fracs='(0, 1]', image_inject_frac='(0, 1]', image_ratio='[0, 1]', instruct_ratio='[0, 1]',
+RANGES.update(save_fracs='(0, 1]', image_inject_frac='[0, 1]', image_ratio='[0, 1]', instruct_ratio='[0, 1]',
               finetune_text_ratio='[0, 1)', beta1='[0, 1)', beta2='[0, 1)')
 # The keys that define a stage are every key but these: a key not listed defines every stage, so a new key can only
 # make a stage be trained again, never reused stale. RUN_KEYS change how or where a run is carried out, not what a
@@ -127,7 +129,7 @@ RUN_KEYS = ('out_dir', 'text_out_dir', 'data_dir', 'stages', 'init_from', 'allow
             'wandb_run_name', 'save_fracs',
             'gradient_accumulation_steps', 'device', 'dtype', 'compile', 'fsdp', 'grad_checkpoint', 'data_workers',
             'peak_flops')
-IMAGE_KEYS = ('image_inject_frac', 'image_iters', 'image_ratio', 'instruct_ratio', 'image_lr', 'rewarm_iters',
+IMAGE_KEYS = ('image_inject_frac', 'image_iters', 'image_ratio', 'image_ratio_of', 'instruct_ratio', 'image_lr', 'rewarm_iters',
               'encoder', 'encoder_scale', 'encoder_weights', 'freeze_encoder', 'encoder_lr', 'projector',
               'image_inject_layer', 'cache_features', 'image_data', 'caption_key', 'instruct_data', 'instruct_images',
               'scene_size', 'caption_scenes', 'conversations')
@@ -145,7 +147,7 @@ def get_config(args):
         if stage not in STAGES:
             raise ConfigError(f'stages={cfg.stages!r}: unknown stage {stage!r}; the stages are {", ".join(STAGES)}')
     for key, allowed in (('model', PRESETS), ('encoder', ENCODERS), ('dtype', ('auto', 'float32', 'bfloat16')),
-                         ('init_from', ('scratch', 'resume'))):
+                         ('init_from', ('scratch', 'resume')), ('image_ratio_of', ('rows', 'tokens'))):
         if getattr(cfg, key) not in allowed:
             raise ConfigError(f'{key}={getattr(cfg, key)!r}: use one of {", ".join(allowed)}')
     steps = [frac_step(f, cfg.text_iters) for f in cfg.save_fracs]
@@ -157,13 +159,13 @@ def get_config(args):
     if cfg.encoder == 'patch' and cfg.freeze_encoder:
         raise ConfigError('encoder=patch is a learned projection with nothing to freeze: set freeze_encoder=False')
     if {'image', 'finetune'} & set(stages):
-        if cfg.image_inject_frac not in cfg.save_fracs:
-            raise ConfigError(f'image_inject_frac={cfg.image_inject_frac} is not one of save_fracs={cfg.save_fracs}: '
-                              f'images can only be injected at a saved text checkpoint')
+        if cfg.image_inject_frac not in cfg.save_fracs + [0]:
+            raise ConfigError(f'image_inject_frac={cfg.image_inject_frac} is not 0 or one of save_fracs='
+                              f'{cfg.save_fracs}: images can only be injected at a saved text checkpoint, or from scratch')
         enc_tokens = prepare.encoder_shape(cfg).num_tokens
         prepare.check_inputs(cfg)
         before = {'image': 'text', 'finetune': 'image'}.get(stages[0])  # the first stage's input must exist already
-        if before and not is_checkpoint(stage_folder(cfg, before, cfg.image_inject_frac)):
+        if before and not from_scratch(cfg, 'image' if before == 'text' else 'finetune') and not is_checkpoint(stage_folder(cfg, before, cfg.image_inject_frac)):
             raise ConfigError(f'{stage_folder(cfg, before, cfg.image_inject_frac)} does not exist: run the {before} '
                               f'stage first (the default stages=text,image,finetune runs each in turn)')
         if enc_tokens + LONGEST_CAPTION + 1 > cfg.block_size:
@@ -171,6 +173,11 @@ def get_config(args):
                               f'(up to {LONGEST_CAPTION} tokens): raise block_size to at least '
                               f'{enc_tokens + LONGEST_CAPTION + 1}')
     return cfg
+
+
+def from_scratch(cfg, stage):
+    """Whether `stage` starts from fresh weights: the text stage, and the image stage at image_inject_frac=0."""
+    return stage == 'text' or (stage == 'image' and cfg.image_inject_frac == 0)
 
 
 def frac_step(frac, iters):
@@ -203,11 +210,14 @@ def fingerprint(cfg, stage, prep):
 # -----------------------------------------------------------------------------
 # the stages: each states its pieces (model, batches, LR, iterations, checkpoints) for run_stage
 
-def text_stage(cfg, rt, prep):
+def new_gpt(cfg, rt, prep):
     torch.manual_seed(cfg.seed)
-    gpt_config = GPTConfig(block_size=cfg.block_size, vocab_size=data.padded_vocab_size(prep.enc),
-                           qk_norm=cfg.qk_norm, tie_embeddings=cfg.tie_embeddings, **PRESETS[cfg.model])
-    raw_model = GPT(gpt_config).to(rt.device)
+    return GPT(GPTConfig(block_size=cfg.block_size, vocab_size=data.padded_vocab_size(prep.enc), qk_norm=cfg.qk_norm,
+                         tie_embeddings=cfg.tie_embeddings, **PRESETS[cfg.model])).to(rt.device)
+
+
+def text_stage(cfg, rt, prep):
+    raw_model = new_gpt(cfg, rt, prep)
     log(rt, f'text stage: {cfg.model} GPT, {raw_model.num_params():,} parameters '
             f'({raw_model.num_params(non_embedding=True):,} without the input embedding)')
     train_tokens, val_tokens = data.open_shard(prep.folder, 'train'), data.open_shard(prep.folder, 'val')
@@ -233,14 +243,18 @@ def text_stage(cfg, rt, prep):
     peak = cfg.learning_rate
     return SimpleNamespace(model=raw_model, make=make, iters=cfg.text_iters, peak=peak, val_loss=val_loss,
                            lr_at=lambda step: cosine_lr(step, peak, cfg.warmup_iters, cfg.text_iters, cfg.min_lr) / peak,
-                           info={'model_args': asdict(gpt_config)})
+                           info={'model_args': asdict(raw_model.config)})
 
 
 def image_schedule(cfg):
     """
     The image stage's peak LR and LR factor per step. Below 1.0 the text schedule continues from the LR it had
-    reached at the injection point down to min_lr (the paper's cooldown); at 1.0 it re-warms up to image_lr.
+    reached at the injection point down to min_lr (the paper's cooldown); at 1.0 it re-warms up to image_lr; at 0
+    (from scratch) it is the text stage's schedule: warmup_iters up to learning_rate, then down to min_lr.
     """
+    if cfg.image_inject_frac == 0:
+        peak = cfg.learning_rate
+        return peak, lambda step: cosine_lr(step, peak, cfg.warmup_iters, cfg.image_iters, cfg.min_lr) / peak
     if cfg.image_inject_frac < 1.0:
         reached = cosine_lr(frac_step(cfg.image_inject_frac, cfg.text_iters), cfg.learning_rate, cfg.warmup_iters,
                             cfg.text_iters, cfg.min_lr)
@@ -251,8 +265,11 @@ def image_schedule(cfg):
 
 
 def image_stage(cfg, rt, prep):
-    text_ckpt = stage_input(cfg, rt, prep, 'text')
-    gpt = load_model(text_ckpt, rt.device)[0]  # shapes checked against the file, then its verified weights
+    if from_scratch(cfg, 'image'):
+        text_ckpt, gpt = 'a new LM (images from scratch)', new_gpt(cfg, rt, prep)
+    else:
+        text_ckpt = stage_input(cfg, rt, prep, 'text')
+        gpt = load_model(text_ckpt, rt.device)[0]  # shapes checked against the file, then its verified weights
     torch.manual_seed(cfg.seed)
     encoder = build_encoder(cfg.encoder, cfg.encoder_scale, prep.weights, freeze=cfg.freeze_encoder)
     raw_model = VLM(gpt, encoder, data.special_id(prep.enc, '<|image|>'), cfg.projector, cfg.image_inject_layer)
@@ -261,12 +278,21 @@ def image_stage(cfg, rt, prep):
             f'x {encoder.dim}) into {text_ckpt}, {cfg.image_iters} steps at image ratio {cfg.image_ratio}')
     features = prepare.feature_cache(cfg, prep, encoder)
     text_tokens = data.open_shard(prep.folder, 'train')
+    row_ratio = cfg.image_ratio
+    if cfg.image_ratio_of == 'tokens':  # caption rows are packed, not full: a share of tokens is a larger one of rows
+        fill = data.caption_row_fill(prep.source, prep.enc, cfg.block_size, encoder.num_tokens, cfg.seed)
+        row_ratio = cfg.image_ratio / (cfg.image_ratio + fill * (1 - cfg.image_ratio))
+        log(rt, f'image stage: image_ratio={cfg.image_ratio} of the tokens is {row_ratio:.4f} of the rows '
+                f'(a caption row is {fill:.1%} image and caption tokens, a text row 100% text)')
+        if row_ratio + cfg.instruct_ratio > 1:
+            raise ConfigError(f'image_ratio={cfg.image_ratio} of the tokens needs {row_ratio:.3f} of the rows, and '
+                              f'instruct_ratio={cfg.instruct_ratio} more: over 1')
 
     def make(step, rows):
         x, y, refs = data.mixture_batch(prep.source, prep.enc, text_tokens, cfg.batch_size, cfg.block_size,
-                                        encoder.num_tokens, cfg.image_ratio, cfg.instruct_ratio,
+                                        encoder.num_tokens, row_ratio, cfg.instruct_ratio,
                                         data.seeded_generator(cfg.seed + 1, step), rows)
-        return x, y, data.batch_inputs(prep.source, features, refs)
+        return x, y, data.batch_inputs(prep.source, features, refs), data.token_kinds(x, y, prep.enc)
 
     peak, lr_at = image_schedule(cfg)
     return SimpleNamespace(model=raw_model, make=data.counting_skips(prep.source, make), iters=cfg.image_iters,
@@ -377,7 +403,7 @@ def run_stage(cfg, rt, prep, stage):
                   run.first)
     with timed(rt, f'{stage} steps'):
         train_steps(rt, stage, run.model, spec.model, run.optimizer, batch_loader(rt, spec.make, run.first, spec.iters),
-                    spec.lr_at, run.first, spec.iters, on_step, spec.val_loss, cfg.batch_size * cfg.block_size, cfg)
+                    run.schedules, run.first, spec.iters, on_step, spec.val_loss, cfg.batch_size * cfg.block_size, cfg)
 
 
 def setup_stage(cfg, rt, prep, stage):
@@ -398,20 +424,31 @@ def setup_stage(cfg, rt, prep, stage):
     first, state = resume_point(cfg, rt, stage, spec.model, made_by, also=finished_checkpoints(cfg.text_out_dir)
                                 if stage == 'text' else ())
     model = wrap_model(rt, spec.model)
-    extra = {} if stage == 'text' else {'encoder_lr': encoder_peak_lr(cfg, spec.peak)}
+    extra, schedules = {}, {'lm': spec.lr_at}  # each param group's LR: its peak_lr times its schedule's factor
+    if stage != 'text':
+        extra['encoder_lr'], schedules['encoder'] = encoder_schedule(cfg, spec)
     optimizer = spec.model.configure_optimizers(cfg.weight_decay, spec.peak, (cfg.beta1, cfg.beta2), rt.device_type,
                                                 **extra)
     if state is not None:
         load_optimizer_state(spec.model, optimizer, state['optimizer'], sharded=rt.fsdp)
         set_rng_state(state['rng'])
-    return SimpleNamespace(spec=spec, model=model, optimizer=optimizer, first=first, info_at=info_at,
+    return SimpleNamespace(spec=spec, model=model, optimizer=optimizer, schedules=schedules, first=first, info_at=info_at,
                            saves={spec.iters if step is None else step: f for step, f in outputs.items()})
 
 
-def encoder_peak_lr(cfg, peak):
-    # a pre-trained encoder trains at encoder_lr, far below the LM's: its first gradients come through a projector
-    # that is still random. The patch encoder is a projection learned from scratch: it trains at the stage's peak
-    return peak if cfg.encoder == 'patch' else cfg.encoder_lr
+def encoder_schedule(cfg, spec):
+    """
+    The peak LR and the LR factor per step of a trained encoder in the image and finetune stages. A pre-trained one
+    has its own: a linear warmup over rewarm_iters (its first gradients come through a projector that is still
+    random) up to encoder_lr, then a cosine down to encoder_lr * min_lr / learning_rate (the LM's floor-to-peak
+    ratio) at the stage's end. It does not take the LR the LM had reached at the injection point: an encoder that
+    starts to train needs a warmup, not the tail of a cooldown. The patch encoder is a projection learned from
+    scratch, a new part of the model like the projector: it follows the LM's schedule.
+    """
+    if cfg.encoder == 'patch':
+        return spec.peak, spec.lr_at
+    floor = cfg.encoder_lr * cfg.min_lr / cfg.learning_rate
+    return cfg.encoder_lr, lambda step: cosine_lr(step, cfg.encoder_lr, cfg.rewarm_iters, spec.iters, floor) / cfg.encoder_lr
 
 
 # -----------------------------------------------------------------------------
@@ -446,6 +483,9 @@ def main(cfg):
             prep = prepare.prepare(cfg, rt)
         stages = cfg.stages.split(',')
         for stage in stages:
+            if stage == 'text' and 'image' in stages and from_scratch(cfg, 'image'):
+                log(rt, 'text stage: not needed, image_inject_frac=0 trains the LM from scratch on the mixture')
+                continue
             run_stage(cfg, rt, prep, stage)
         table = stable_score_table([(f'text {frac_name(cfg.image_inject_frac)}' if s == 'text' else s,
                                      stage_folder(cfg, s, cfg.image_inject_frac)) for s in STAGES])

@@ -2,3 +2,4 @@
 encoder = 'dino_siglip'
 projector = 'fused_mlp'  # Prismatic's projector for fused features
 freeze_encoder = False
+out_dir = 'out/dino_siglip_unfrozen'  # its image and finetune stages; text_out_dir (out/text) is shared

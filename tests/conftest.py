@@ -105,13 +105,13 @@ def write_tar(path, samples):
 
 def run_train(args, ranks=0):
     """train.py with args in a subprocess: plain python, or torchrun with `ranks` processes (gloo on the CPU). Its
-    stdout; a failure shows the ends of both streams."""
+    stdout, then its stderr (warnings); a failure shows the ends of both."""
     cmd = [sys.executable, 'train.py', *args]
     if ranks:
         cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={ranks}', *cmd[1:]]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS='1'))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    return proc.stdout
+    return proc.stdout + proc.stderr
 
 
 def run_capped(code, cap_gib=1.5, timeout=120):

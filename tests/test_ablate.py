@@ -9,6 +9,7 @@ import pytest
 
 import ablate
 import eval as ev
+import train
 from configurator import ConfigError, configure
 
 CONFIG = os.path.join(os.path.dirname(__file__), '..', 'config')
@@ -24,14 +25,47 @@ def plan(args):
 def test_default_plan_expands_to_the_encoder_grid(tmp_path):
     cfg, runs, skipped = plan([f'--out_dir={tmp_path}', '--seeds=[1,2]', '--image_iters=7'])
     names = list(dict.fromkeys(r['cell'] for r in runs))
-    assert len(skipped) == 1 and skipped[0].startswith('encoder=patch freeze_encoder=True: ')  # nothing to freeze
-    assert len(names) == 9 and len(runs) == 18
-    assert names[0] == 'encoder=siglip freeze_encoder=True' and names[-1] == 'encoder=patch freeze_encoder=False'
-    assert sum('dino_siglip' in n for n in names) == 2 and sum('freeze_encoder=True' in n for n in names) == 4
+    assert not skipped and len(names) == 9 and len(runs) == 18
+    assert names[0] == 'siglip_frozen' and names[-1] == 'patch' and sum('unfrozen' in n for n in names) == 4
     assert all('--image_iters=7' in r['args'] for r in runs)  # a train.py key reaches every cell
     text_dirs = {r['seed']: {a for a in r['args'] if a.startswith('--text_out_dir=')} for r in runs}
     assert all(len(d) == 1 for d in text_dirs.values()) and text_dirs[1] != text_dirs[2]  # shared per seed
     assert len({r['out_dir'] for r in runs}) == 18
+
+
+def test_encoder_lr_plan_is_a_curve_against_frozen(tmp_path):
+    _, runs, skipped = plan([os.path.join(CONFIG, 'ablate_encoder_lr.py'), f'--out_dir={tmp_path}'])
+    names = [r['cell'] for r in runs]
+    assert not skipped and len(names) == 4 + 4 * 3 and names[:4] == [f'{e}_frozen' for e in
+                                                                      ('siglip', 'dino_siglip', 'vit', 'resnet')]
+    assert [n for n in names if n.startswith('siglip_unfrozen')] == \
+        [f'siglip_unfrozen encoder_lr={lr}' for lr in (1e-5, 1e-4, 1e-3)]
+
+
+def test_a_cell_is_exactly_its_config_file(tmp_path):
+    """ablate.py's cell and `python train.py FILE [the cell's other flags]` resolve to the same config, but for
+    where they write; and two cells' files never write to one folder."""
+    _, runs, _ = plan([os.path.join(CONFIG, 'ablate_encoder_lr.py'), f'--out_dir={tmp_path}'])
+    for run in runs:
+        path = run['args'][0]
+        assert path.endswith('.py') and os.path.exists(path)
+        flags = [a for a in run['args'] if a.startswith('--encoder_lr=')]
+        by_ablate, by_hand = vars(train.get_config(run['args'])), vars(train.get_config([path] + flags))
+        assert by_ablate.pop('out_dir') == run['out_dir'] and by_hand.pop('out_dir') == f'out/{run["cell"].split()[0]}'
+        by_ablate.pop('text_out_dir'), by_hand.pop('text_out_dir')
+        assert by_ablate == by_hand
+    cells = [f for f in os.listdir(CONFIG) if f.endswith(('frozen.py', 'patch.py'))]
+    assert len(cells) == 9 and len({train.get_config([os.path.join(CONFIG, f)]).out_dir for f in cells}) == 9
+
+
+def test_grid_cells_are_a_union_of_products():
+    cells = ablate.grid_cells([{'image_ratio': [0.1, 0.2]}, {'finetune_epochs': [1], 'image_ratio': [0.5]}])
+    assert [ablate.cell_name(c) for c in cells] == ['image_ratio=0.1', 'image_ratio=0.2',
+                                                     'finetune_epochs=1 image_ratio=0.5']
+    with pytest.raises(ConfigError, match='occur more than once'):
+        ablate.grid_cells([{'image_ratio': [0.1]}, {'image_ratio': [0.1, 0.2]}])
+    with pytest.raises(ConfigError, match='non-empty lists'):
+        ablate.grid_cells([])
 
 
 @pytest.mark.parametrize('path', sorted(p for p in os.listdir(CONFIG) if p.startswith('ablate_')))
@@ -59,7 +93,7 @@ def test_bad_plans_fail_before_running(tmp_path):
 
 
 def fake_eval(vision_scores, text_scores):
-    task = lambda modality, scores, chance: dict(modality=modality, chance=chance, scores=scores,
+    task = lambda modality, scores, chance: dict(modality=modality, chance=chance, scores=scores, n=len(scores),
                                                  accuracy=float(np.mean(scores)))
     tasks = {'color': task('vision', vision_scores, 1 / 6), 'facts': task('text', text_scores, 1 / 4)}
     e = {'tasks': tasks, 'blind_tasks': {'color': task('vision', [0.0] * len(vision_scores), 1 / 6)}}
@@ -99,17 +133,25 @@ def test_resume_skips_finished_and_survives_failures(tmp_path, monkeypatch):
     assert calls == ['image_ratio=0.2']
 
 
-def test_paired_bootstrap():
+def test_seed_bootstrap_pairs_items_and_samples_seeds():
     rng = np.random.default_rng(0)
     a = fake_eval(list(rng.integers(0, 2, 200).astype(float)), [1.0] * 50)
-    diff, p = ev.paired_difference(a['tasks'], a['tasks'], 'vision')
-    assert diff == 0 and p == 1.0
+    diff, ci, p = ev.seed_bootstrap([a], 'vision', baseline=[a])
+    assert diff == 0 and ci == [0.0, 0.0] and p == 1.0
     better = fake_eval([1.0] * 180 + [0.0] * 20, [1.0] * 50)
     worse = fake_eval([1.0] * 60 + [0.0] * 140, [1.0] * 50)
-    diff, p = ev.paired_difference(better['tasks'], worse['tasks'], 'vision')
-    assert diff == pytest.approx((0.9 - 0.3) / (5 / 6)) and p < 0.01
-    with pytest.raises(ValueError, match='cannot be paired'):
-        ev.paired_difference(better['tasks'], fake_eval([1.0] * 10, [1.0] * 50)['tasks'], 'vision')
+    diff, ci, p = ev.seed_bootstrap([better], 'vision', baseline=[worse])
+    assert diff == pytest.approx((0.9 - 0.3) / (5 / 6)) and p < 0.01 and ci[0] < diff < ci[1]
+    mean, ci, p = ev.seed_bootstrap([better], 'vision')  # one seed: the items' interval around the stable score
+    assert mean == pytest.approx((0.9 - 1 / 6) / (5 / 6)) and p is None and ci[0] < mean < ci[1]
+    # two seeds that disagree: the interval over seeds is wider than either seed's over items alone
+    _, both, _ = ev.seed_bootstrap([better, worse], 'vision')
+    assert both[1] - both[0] > 2 * (ci[1] - ci[0])
+    # with seeds that disagree by as much as the cells differ, no difference is claimed
+    _, _, p = ev.seed_bootstrap([better, worse], 'vision', baseline=[worse, better])
+    assert p > 0.5
+    with pytest.raises(ValueError, match='the same seeds'):
+        ev.seed_bootstrap([better], 'vision', baseline=[worse, worse])
 
 
 @pytest.mark.slow

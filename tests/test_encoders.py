@@ -169,6 +169,22 @@ def test_unfrozen_encoder_trains_every_parameter(name):
     assert any(not torch.equal(before[k], p) for k, p in model.enc.named_parameters())
 
 
+def test_unfrozen_resnet_keeps_its_batchnorm_statistics():
+    torch.manual_seed(6)
+    model = Tagger(build('resnet', freeze=False)).train()
+    stats = {k: v.clone() for k, v in model.enc.state_dict().items() if 'running' in k}
+    gains = {k: v.clone() for k, v in model.enc.named_parameters() if 'bn' in k}
+    assert stats and gains
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for x in (images(b=4), torch.full((1, 48, 48, 3), 255, dtype=torch.uint8)):  # real images, then a blank one
+        opt.zero_grad()
+        model(x).backward()
+        opt.step()
+    assert all(torch.equal(stats[k], model.enc.state_dict()[k]) for k in stats)
+    assert any(not torch.equal(gains[k], p) for k, p in model.enc.named_parameters() if k in gains)
+    assert model.enc.training  # the rest of it trains as usual
+
+
 def test_safetensors_errors(tmp_path):
     torch.manual_seed(5)
     state = tiny_timm('vit').state_dict()
@@ -223,21 +239,23 @@ def test_shapes_weights_are_pretrained_once_under_data_dir(tmp_path, monkeypatch
     full = tiny_timm('resnet')
     calls = []
 
-    def fake_pretrain(family, path, verbose=True):  # stands in for minutes of training; writes what pretrain() would
-        calls.append((family, path))
+    def fake_pretrain(family, path, seed, verbose=True):  # stands in for minutes of training; writes what pretrain() would
+        calls.append((family, path, seed))
         return save(full, path)
 
     monkeypatch.setattr(pretrain_encoders, 'pretrain', fake_pretrain)
     os.makedirs(tmp_path / 'shapes' / 'encoders')
-    path = pretrain_encoders.shapes_weights('resnet', str(tmp_path), verbose=False)  # missing: pre-trained first
-    assert path == str(tmp_path / 'shapes' / 'encoders' / 'resnet.safetensors') and calls == [('resnet', path)]
+    path = pretrain_encoders.shapes_weights('resnet', str(tmp_path), 3, verbose=False)  # missing: pre-trained first
+    assert path == str(tmp_path / 'shapes' / 'encoders' / 'resnet-seed3.safetensors') and calls == [('resnet', path, 3)]
     enc = build('resnet', weights=path)
     assert enc.weights == path and torch.equal(enc.resnet.conv1.weight, full.conv1.weight)
-    assert pretrain_encoders.shapes_weights('resnet', str(tmp_path), verbose=False) == path  # cached: not retrained
+    assert pretrain_encoders.shapes_weights('resnet', str(tmp_path), 3, verbose=False) == path  # cached: not retrained
     assert len(calls) == 1
-    assert pretrain_encoders.shapes_weights('patch', str(tmp_path)) == 'random'  # learned from scratch
-    halves = pretrain_encoders.shapes_weights('dino_siglip', str(tmp_path), verbose=False)
-    assert set(halves) == {'dinov2', 'siglip'} and [c[0] for c in calls[1:]] == ['dinov2', 'siglip']
+    other = pretrain_encoders.shapes_weights('resnet', str(tmp_path), 4, verbose=False)  # each seed trains its own
+    assert other != path and calls[-1] == ('resnet', other, 4)
+    assert pretrain_encoders.shapes_weights('patch', str(tmp_path), 3) == 'random'  # learned from scratch
+    halves = pretrain_encoders.shapes_weights('dino_siglip', str(tmp_path), 3, verbose=False)
+    assert set(halves) == {'dinov2', 'siglip'} and [c[0] for c in calls[2:]] == ['dinov2', 'siglip']
     with pytest.raises(ValueError, match="unknown encoder weights 'shapes'"):
         build('resnet', weights='shapes')  # build_encoder takes random, hub or a path: train.py resolves 'shapes'
 

@@ -145,8 +145,34 @@ def test_image_stage_lr_continues_or_rewarms():
     assert peak * lr_at(50) == pytest.approx(cfg.min_lr)
 
 
+def test_token_kinds_of_a_mixture(world, enc, shapes_dir):
+    text = data.open_shard(os.path.join(shapes_dir, 'shapes'), 'train')
+    x, y, refs = data.mixture_batch(world, enc, text, 8, 256, N, 0.5, 0.25, data.seeded_generator(5, 0))
+    kinds = data.token_kinds(x, y, enc)
+    assert sum(kinds.values()) == x.numel() and kinds['image'] == N * len(refs)
+    text_rows = sum(not (row == data.special_id(enc, '<|image|>')).any() and
+                    not (row == data.special_id(enc, '<|user|>')).any() for row in x)
+    assert kinds['text'] == text_rows * 256 and kinds['caption'] > 0 and kinds['instruction'] > 0
+    fill = data.caption_row_fill(world, enc, 256, N, seed=0, rows=20)
+    assert 0.5 < fill <= 1.0 and fill == data.caption_row_fill(world, enc, 256, N, seed=0, rows=20)
+
+
+def test_images_from_scratch_and_the_encoder_schedule():
+    cfg = train.get_config(['--image_iters=50', '--image_inject_frac=0', '--warmup_iters=10'])
+    peak, lr_at = train.image_schedule(cfg)  # the text stage's schedule: its warmup and peak, over the image stage
+    assert peak == cfg.learning_rate and peak * lr_at(10) == pytest.approx(cfg.learning_rate)
+    assert lr_at(0) < lr_at(5) < lr_at(10) and peak * lr_at(50) == pytest.approx(cfg.min_lr)
+    cfg = train.get_config(['--image_iters=50', '--freeze_encoder=False', '--encoder_lr=1e-4', '--rewarm_iters=5'])
+    spec = type('Spec', (), dict(iters=50, peak=3e-3, lr_at=lambda step: 0.2))
+    peak, lr_at = train.encoder_schedule(cfg, spec)  # its own warmup and cosine, not the LM's reached 0.2
+    assert peak == 1e-4 and lr_at(0) == pytest.approx(1 / 6) and lr_at(5) == pytest.approx(1.0)
+    assert peak * lr_at(50) == pytest.approx(1e-4 * cfg.min_lr / cfg.learning_rate)
+    patch = train.get_config(['--encoder=patch', '--freeze_encoder=False'])
+    assert train.encoder_schedule(patch, spec) == (3e-3, spec.lr_at)  # learned from scratch: the LM's schedule
+
+
 def test_bad_injection_point_and_block_size_fail_before_training():
-    with pytest.raises(ConfigError, match=r'image_inject_frac=0.5 is not one of save_fracs'):
+    with pytest.raises(ConfigError, match=r'image_inject_frac=0.5 is not 0 or one of save_fracs'):
         train.get_config(['--image_inject_frac=0.5'])
     with pytest.raises(ConfigError, match='block_size=128 cannot hold one image'):
         train.get_config(['--block_size=128'])
@@ -178,17 +204,26 @@ def test_normalized_exact_match():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('encoder,freeze', [('siglip', True), ('patch', False)])
-def test_all_stages_end_to_end(tmp_path, shapes_dir, encoder, freeze, capsys):
+@pytest.mark.parametrize('encoder,freeze,extra', [
+    ('siglip', True, '--image_ratio_of=tokens'),  # image_ratio as a share of tokens, converted to rows
+    ('patch', False, '--image_inject_frac=0'),  # images from scratch: no text stage
+])
+def test_all_stages_end_to_end(tmp_path, shapes_dir, encoder, freeze, extra, capsys):
     out = str(tmp_path / 'run')
     cfg = train.get_config([
         f'--data_dir={shapes_dir}', f'--out_dir={out}', f'--text_out_dir={out}/text', '--text_iters=10',
         '--save_fracs=[0.5,1.0]', '--image_inject_frac=0.5', '--warmup_iters=2', '--batch_size=4', '--image_iters=4',
         '--image_ratio=0.5', '--caption_scenes=40', '--conversations=40', '--finetune_epochs=1', '--rewarm_iters=1',
         '--log_interval=2', f'--encoder={encoder}', f'--freeze_encoder={freeze}', '--device=cpu',
-        '--encoder_weights=random'])  # 'shapes' would pre-train for a minute: tests/test_pretrain_encoders.py
+        '--encoder_weights=random', extra])  # 'shapes' would pre-train for a minute: tests/test_pretrain_encoders.py
     train.main(cfg)
-    assert 'steps of 3 conversation + 1 text rows' in capsys.readouterr().out  # finetune_text_ratio=0.25 of 4
+    printed = capsys.readouterr().out
+    assert 'steps of 3 conversation + 1 text rows' in printed  # finetune_text_ratio=0.25 of 4
+    from_scratch = extra == '--image_inject_frac=0'
+    assert ('text stage: not needed' in printed) == from_scratch and os.path.exists(f'{out}/text/ckpt_100') != from_scratch
+    if not from_scratch:  # 0.5 of the tokens: more than half of the rows, as caption rows hold padding
+        share = float(printed.split('of the tokens is ')[1].split()[0])
+        assert 0.5 < share < 0.75
     for stage in ('image', 'finetune'):
         with open(os.path.join(out, stage, 'eval.json')) as f:
             result = json.load(f)
@@ -200,10 +235,16 @@ def test_all_stages_end_to_end(tmp_path, shapes_dir, encoder, freeze, capsys):
     model, info = ev.load_model(os.path.join(out, 'finetune'))
     assert info['encoder']['name'] == encoder and model.encoder.frozen == freeze
     for folder, stage, steps in (('text', 'text', 10), ('image', 'image', 4), ('finetune', 'finetune', None)):
+        if folder == 'text' and from_scratch:
+            continue
         with open(os.path.join(out, folder, 'metrics.jsonl')) as f:  # a stage's log lines, one JSON object each
             lines = [json.loads(line) for line in f]
         assert lines and all(r['stage'] == stage and 'loss' in r or 'val_loss' in r for r in lines)
         assert steps is None or lines[-1]['step'] == steps
+        if stage == 'image':  # the realised shares of the mixture's tokens, by kind
+            shares = lines[-1]['token_shares']
+            assert set(shares) <= set(data.TOKEN_KINDS) and sum(shares.values()) == pytest.approx(1)
+            assert shares['image'] > 0 and shares['caption'] > 0 and shares['text'] > 0
 
 
 CONFIGS = sorted(os.listdir(os.path.join(os.path.dirname(__file__), '..', 'config')))

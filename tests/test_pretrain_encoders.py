@@ -19,8 +19,8 @@ pytestmark = pytest.mark.usefixtures('one_thread')  # tests/conftest.py
 @pytest.mark.parametrize('family', P.FAMILIES)
 def test_objective_lowers_its_loss_and_weights_load_as_path(family, tmp_path):
     state = torch.random.get_rng_state()
-    path = P.pretrain(family, str(tmp_path / f'{family}.safetensors'), steps=40, batch_size=16, lr=1e-3, n_scenes=400,
-                      verbose=False)
+    path = P.pretrain(family, str(tmp_path / f'{family}.safetensors'), 0, steps=40, batch_size=16, lr=1e-3,
+                      n_scenes=400, verbose=False)
     assert torch.equal(torch.random.get_rng_state(), state)  # pre-training leaves the caller's RNG alone
     with safe_open(path, 'pt') as f:
         meta = f.metadata()
@@ -63,7 +63,7 @@ def test_dino_teacher_reads_the_image():
 
 def test_nothing_to_pretrain_for_patch(tmp_path):
     with pytest.raises(ValueError, match='nothing to pre-train'):
-        P.pretrain('patch', str(tmp_path / 'patch.safetensors'))
+        P.pretrain('patch', str(tmp_path / 'patch.safetensors'), 0)
 
 
 def test_probe_reads_what_the_features_hold():

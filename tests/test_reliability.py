@@ -169,7 +169,7 @@ def test_config_errors_name_the_key_before_compute(monkeypatch):
         '--learning_rate=-1.0': 'learning_rate=-1.0: must be > 0',
         '--ckpt_interval=-5': 'ckpt_interval=-5: must be >= 0',
         '--finetune_text_ratio=1.0': 'finetune_text_ratio=1.0: must be in',
-        '--image_inject_frac=0.5': 'image_inject_frac=0.5 is not one of save_fracs',
+        '--image_inject_frac=0.5': 'image_inject_frac=0.5 is not 0 or one of save_fracs',
         '--block_size=128': 'block_size=128 cannot hold one image',
         '--data_workers=-1': 'data_workers=-1',
         '--batch_size=abc': 'batch_size',

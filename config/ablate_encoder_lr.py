@@ -1,0 +1,8 @@
+# python ablate.py config/ablate_encoder_lr.py -- frozen versus trained as a curve, not one point: every encoder
+# frozen, and trained at three peak encoder LRs spanning 1e-5 to 1e-3 (its own warmup and cosine:
+# train.encoder_schedule). A single encoder_lr would let the freeze answer hinge on one number
+grid = [{'config': ['config/siglip_frozen.py', 'config/dino_siglip_frozen.py', 'config/vit_frozen.py',
+                    'config/resnet_frozen.py']},
+        {'config': ['config/siglip_unfrozen.py', 'config/dino_siglip_unfrozen.py', 'config/vit_unfrozen.py',
+                    'config/resnet_unfrozen.py'], 'encoder_lr': [1e-5, 1e-4, 1e-3]}]
+baseline = 'siglip_frozen'
