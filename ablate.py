@@ -24,7 +24,7 @@ import time
 import numpy as np
 
 from configurator import ConfigError, configure, script_config
-from eval import seed_bootstrap
+from eval import centered, seed_bootstrap
 import train
 
 # -----------------------------------------------------------------------------
@@ -202,6 +202,36 @@ def results_table(results, baseline_name, times=None):
     return '\n'.join(rows)
 
 
+def seed_score(evaluation, modality, n):
+    """One seed's stable score from the first n items of each of its tasks (eval.json holds every item's score)."""
+    tasks = [t for t in evaluation['tasks'].values() if t['modality'] == modality and t['n']]
+    return float(np.mean([centered(np.mean(t['scores'][:n]), t['chance']) for t in tasks]))
+
+
+def power_table(results, sizes=(100, 200, 500, 1000), seeds=3):
+    """
+    How the seed-to-seed spread of each stable score falls as the questions per task grow, and the smallest
+    difference between two cells of `seeds` seeds each that a two-sided 5 % test finds with 80 % power: (1.96 +
+    0.84) * sd * sqrt(2 / seeds), sd the spread of one seed's score, pooled over every cell with 2 or more seeds.
+    Markdown rows, or '' when no cell has 2 seeds.
+    """
+    cells = [evals for evals in results.values() if len(evals) >= 2 and evals[0]['vision_stable_score'] is not None]
+    if not cells:
+        return ''
+    most = min(len(t['scores']) for evals in cells for e in evals for t in e['tasks'].values())
+    rows = [f'| questions per task | sd vision | sd text | detectable Δ vision ({seeds} seeds) | '
+            f'detectable Δ text ({seeds} seeds) |', '|---|---|---|---|---|']
+    for n in [n for n in sizes if n <= most]:
+        sd = {}
+        for modality in ('vision', 'text'):
+            squares = sum(np.sum((np.array(v) - np.mean(v)) ** 2) for v in
+                          ([seed_score(e, modality, n) for e in evals] for evals in cells))
+            sd[modality] = float(np.sqrt(squares / sum(len(evals) - 1 for evals in cells)))
+        mde = {m: 2.80 * v * np.sqrt(2 / seeds) for m, v in sd.items()}
+        rows.append(f"| {n} | {sd['vision']:.3f} | {sd['text']:.3f} | {mde['vision']:.3f} | {mde['text']:.3f} |")
+    return '\n'.join(rows)
+
+
 def pyplot(path):
     """matplotlib's pyplot, or None (it is optional: the tables are written without it)."""
     try:
@@ -295,6 +325,9 @@ def collect(cfg, runs, errors, skipped=()):
     with open(os.path.join(cfg['out_dir'], 'results.json'), 'w') as f:
         json.dump(records, f)
     table = results_table(results, baseline_name, times)
+    power = power_table(results)
+    if power:  # how many questions and seeds it takes: docs/results.md, "How many questions"
+        table += '\n\nseed-to-seed spread by questions per task, pooled over the cells:\n\n' + power
     failed = [f'- {rec["cell"]} seed {rec["seed"]}: {rec["error"]}' for rec in records if 'error' in rec]
     with open(os.path.join(cfg['out_dir'], 'results.md'), 'w') as f:
         f.write(table + '\n' + ('\nfailed or missing:\n' + '\n'.join(failed) + '\n' if failed else '') +

@@ -34,6 +34,7 @@ data_dir = 'data'  # where the shapes world is (written there first when missing
 tasks = ''  # comma-separated real benchmarks (benchmarks.py) instead of the dataset's own tasks
 bench_dir = 'bench'  # the folder holding the benchmarks' files in their publishers' layouts
 limit = 0  # score at most this many items per benchmark (a seeded sample); 0: all
+eval_items = 0  # items per task of the shapes world's own tasks (up to 1000); 0: the checkpoint's run's eval_items
 # -----------------------------------------------------------------------------
 
 # -----------------------------------------------------------------------------
@@ -263,17 +264,20 @@ def decode_reply(enc, ids):
     return enc.decode(ids[:next((j for j, t in enumerate(ids) if t >= stop), len(ids))])
 
 
-def vision_tasks(model, enc, world, device, rng, blind=False):
-    """The shapes world's vision questions; blind: every image replaced by a uniform gray one."""
+def vision_tasks(model, enc, world, device, rng, blind=False, eval_items=shapes.EVAL_ITEMS):
+    """The shapes world's vision questions, the first eval_items of each task; blind: every image replaced by a
+    uniform gray one."""
     n_tokens = model.encoder.num_tokens
-    prompts = [data.question_prompt(enc, it['question'], n_tokens) for it in world.eval_items]
-    images = np.asarray(world.images[world.eval_ids])
+    kept = shapes.first_per_task(world.eval_items, eval_items)
+    items = [world.eval_items[i] for i in kept]
+    prompts = [data.question_prompt(enc, it['question'], n_tokens) for it in items]
+    images = np.asarray(world.images[world.eval_ids[kept]])
     if blind:
         images = np.full_like(images, 128)
     predictions = answer(model, enc, prompts, images, device)
     tasks = {}
     for name in shapes.VISION_TASKS:
-        chosen = [(p, it) for p, it in zip(predictions, world.eval_items) if it['task'] == name]
+        chosen = [(p, it) for p, it in zip(predictions, items) if it['task'] == name]
         scores = [float(normalize_answer(p) == normalize_answer(it['answer'])) for p, it in chosen]
         # the answers are balanced over a known set of k, so an image-blind model gets 1/k
         tasks[name] = task_result('vision', scores, 1.0 / len(chosen[0][1]['answers']), rng,
@@ -281,24 +285,26 @@ def vision_tasks(model, enc, world, device, rng, blind=False):
     return tasks
 
 
-def evaluate(model, enc, folder, device, world_args=(), seed=0):
-    """All tasks of the dataset in folder (world_args: the shapes ImageWorld's, for a VLM); the eval.json dict."""
+def evaluate(model, enc, folder, device, world_args=(), eval_items=shapes.EVAL_ITEMS, seed=0):
+    """All tasks of the dataset in folder, the first eval_items of each (world_args: the shapes ImageWorld's, for a
+    VLM); the eval.json dict."""
     rng = np.random.default_rng(seed)
-    tasks = text_tasks(model, enc, shapes.load_text_tasks(folder), device, rng)
+    items = shapes.load_text_tasks(folder)
+    tasks = text_tasks(model, enc, [items[i] for i in shapes.first_per_task(items, eval_items)], device, rng)
     results = {'vision_stable_score': None, 'vision_stable_score_ci95': None,
                'vision_blind_stable_score': None, 'vision_blind_stable_score_ci95': None}
     if isinstance(model, VLM):
         shapes.prepare_images(folder, *world_args)
         world = shapes.ImageWorld(folder, *world_args)
-        vision = vision_tasks(model, enc, world, device, rng)
-        blind = vision_tasks(model, enc, world, device, rng, blind=True)
+        vision = vision_tasks(model, enc, world, device, rng, eval_items=eval_items)
+        blind = vision_tasks(model, enc, world, device, rng, blind=True, eval_items=eval_items)
         tasks.update(vision)
         score, ci = stable_score(vision, 'vision', rng)
         blind_score, blind_ci = stable_score(blind, 'vision', rng)
         results.update(vision_stable_score=score, vision_stable_score_ci95=ci, vision_blind_stable_score=blind_score,
                        vision_blind_stable_score_ci95=blind_ci, blind_tasks=blind)
     score, ci = stable_score(tasks, 'text', rng)
-    results.update(text_stable_score=score, text_stable_score_ci95=ci, tasks=tasks)
+    results.update(text_stable_score=score, text_stable_score_ci95=ci, tasks=tasks, eval_items=eval_items)
     return results
 
 
@@ -352,10 +358,11 @@ def stable_score_table(rows):
     return '\n'.join(lines)
 
 
-def evaluate_checkpoint(ckpt_dir, device='cpu', data_dir='data', verbose=True):
+def evaluate_checkpoint(ckpt_dir, device='cpu', data_dir='data', eval_items=0, verbose=True):
     """
     Evaluate the model in ckpt_dir on its dataset's own tasks and write ckpt_dir/eval.json; returns the results.
-    A checkpoint of the shapes world is scored on the world under data_dir (written there when missing).
+    A checkpoint of the shapes world is scored on the world under data_dir (written there when missing), on the
+    first eval_items items of each task (0: the eval_items its run was configured with).
     """
     model, info = load_model(ckpt_dir, device)
     enc = data.get_tokenizer(info['tokenizer'])
@@ -365,7 +372,11 @@ def evaluate_checkpoint(ckpt_dir, device='cpu', data_dir='data', verbose=True):
         raise ValueError(f'{ckpt_dir} was trained on dataset={folder}, which has no built-in tasks: score it on '
                          f'benchmarks with --tasks=... --bench_dir=...')
     world_args = (c['scene_size'], c['caption_scenes'], c['conversations']) if 'encoder' in info else ()
-    results = evaluate(model, enc, folder, device, world_args)
+    eval_items = eval_items or c.get('eval_items')
+    if not eval_items:
+        raise ValueError(f'{ckpt_dir}/config.json: its config has no eval_items; say how many items per task to '
+                         f'score (eval.py --eval_items=N)')
+    results = evaluate(model, enc, folder, device, world_args, eval_items)
     results['checkpoint'] = {'stage': info['stage'], 'step': info['step']}
     tmp = os.path.join(ckpt_dir, 'eval.json.tmp')
     with open(tmp, 'w') as f:
@@ -479,6 +490,6 @@ if __name__ == '__main__':
         if cfg['tasks']:
             benchmark_checkpoint(cfg['ckpt'], cfg['tasks'].split(','), cfg['bench_dir'], cfg['device'], cfg['limit'])
         else:
-            evaluate_checkpoint(cfg['ckpt'], cfg['device'], cfg['data_dir'])
+            evaluate_checkpoint(cfg['ckpt'], cfg['device'], cfg['data_dir'], cfg['eval_items'])
     except (ValueError, FileNotFoundError) as err:  # an unknown task, a missing benchmark file: no traceback
         sys.exit(f'error: {err}')

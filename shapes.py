@@ -1,8 +1,10 @@
 """
 The shapes world: a small universe generated from a seed, offline, so that the whole study runs on a laptop CPU with
 no data prepared. Its text corpus states facts about a fixed population of people (their colours, pets, towns and
-food), arithmetic in words and ordered sequences (days, months, counting, the towns along the river); its text tasks
-ask for those facts, sums and next items as multiple choice with known chance. Its pictures are scenes of 1-4
+food, and, rarely, the instrument they play), arithmetic in words (two and three terms) and ordered sequences (days,
+months, counting, the towns along the river); its text tasks ask for those facts, sums and next items as multiple
+choice with known chance, two of them hard enough that a short run does not saturate them (rare facts, three-term
+sums): where forgetting shows. Its pictures are scenes of 1-4
 coloured shapes on a 3x3 grid, with captions, instruction conversations and balanced vision questions.
 
     python shapes.py                 # write {data_dir}/shapes/ (text shards, text tasks) and print its sizes
@@ -26,7 +28,7 @@ from data import caption_sample, chat_sample, get_tokenizer, randint, special_id
 data_dir = 'data'  # the world is written to {data_dir}/shapes
 # -----------------------------------------------------------------------------
 
-SHAPES_VERSION = 3  # bump when the generator changes, so stale caches are rebuilt (and checkpoints say so)
+SHAPES_VERSION = 4  # bump when the generator changes, so stale caches are rebuilt (and checkpoints say so)
 SPLIT_SEEDS = {'train': 1, 'val': 2, 'test': 3}  # disjoint streams of sentences and items
 
 # -----------------------------------------------------------------------------
@@ -52,6 +54,10 @@ ATTRIBUTES = {
              [('The favorite food of {p} is', '.'), ('{p} eats', ' every day.'), ('For dinner {p} wants', '.')]),
     'town': (None, [('{p} lives in', '.'), ('The home of {p} is', '.'), ('{p} walks home to', ' at night.')]),
 }
+# a long-tail fact: stated in few documents, so a short run learns it only in part and forgetting shows there first
+RARE_ATTRIBUTE = ('instrument', ['drum', 'flute', 'harp', 'horn', 'lute', 'pipe'],
+                  [('The instrument of {p} is the', '.'), ('{p} plays the', ' in the evening.')])
+RARE_RATE = 0.1  # the chance that a profile states it
 
 
 def make_names(rng, n, syllables):
@@ -70,6 +76,11 @@ def make_world(seed=WORLD_SEED):
     people = make_names(rng, N_PEOPLE, 2)
     values = {attr: vals or towns for attr, (vals, _) in ATTRIBUTES.items()}
     facts = {p: {attr: rng.choice(values[attr]) for attr in ATTRIBUTES} for p in people}
+    rare = random.Random(seed + 1)  # its own stream: the other facts stay those of earlier versions
+    name, choices, _ = RARE_ATTRIBUTE
+    for p in people:
+        facts[p][name] = rare.choice(choices)
+    values[name] = choices
     sequences = {'days': DAYS, 'months': MONTHS, 'numbers': NUMBER_WORDS[1:], 'river': towns}
     return {'people': people, 'facts': facts, 'values': values, 'sequences': sequences}
 
@@ -78,7 +89,7 @@ def make_world(seed=WORLD_SEED):
 # text corpus
 
 def fact_sentence(rng, world, person, attr, phrasing=None):
-    templates = ATTRIBUTES[attr][1]
+    templates = RARE_ATTRIBUTE[2] if attr == RARE_ATTRIBUTE[0] else ATTRIBUTES[attr][1]
     prompt, ending = templates[rng.randrange(len(templates)) if phrasing is None else phrasing]
     return prompt.format(p=person) + ' ' + world['facts'][person][attr] + ending
 
@@ -93,6 +104,19 @@ def arithmetic_pair(rng):
         return f'{NUMBER_WORDS[a]} plus {NUMBER_WORDS[b]} is', NUMBER_WORDS[a + b]
     a, b = max(a, b), min(a, b)
     return f'{NUMBER_WORDS[a]} minus {NUMBER_WORDS[b]} is', NUMBER_WORDS[a - b]
+
+
+def arithmetic_triple(rng):
+    """a + b - c, a - b + c, a + b + c or a - b - c: each partial result and the answer in 0 .. ARITHMETIC_MAX."""
+    while True:
+        a, b, c = (rng.randint(0, ARITHMETIC_MAX) for _ in range(3))
+        first, second = rng.choice('+-'), rng.choice('+-')
+        mid = a + b if first == '+' else a - b
+        end = mid + c if second == '+' else mid - c
+        if 0 <= mid <= ARITHMETIC_MAX and 0 <= end <= ARITHMETIC_MAX:
+            word = {'+': 'plus', '-': 'minus'}
+            return (f'{NUMBER_WORDS[a]} {word[first]} {NUMBER_WORDS[b]} {word[second]} {NUMBER_WORDS[c]} is',
+                    NUMBER_WORDS[end])
 
 
 def sequence_span(rng, world, length):
@@ -117,8 +141,11 @@ def make_document(rng, world):
     if kind < 0.5:
         people = rng.sample(world['people'], rng.randint(1, 2))
         sentences = [fact_sentence(rng, world, p, attr) for p in people for attr in rng.sample(sorted(ATTRIBUTES), 3)]
-    elif kind < 0.8:
-        sentences = [' '.join(arithmetic_pair(rng)) + '.' for _ in range(rng.randint(2, 5))]
+        if rng.random() < RARE_RATE:
+            sentences.append(fact_sentence(rng, world, rng.choice(people), RARE_ATTRIBUTE[0]))
+    elif kind < 0.8:  # a page of sums: one in three has three terms
+        sentences = [' '.join(arithmetic_triple(rng) if rng.random() < 1 / 3 else arithmetic_pair(rng)) + '.'
+                     for _ in range(rng.randint(2, 5))]
     else:
         sentences = []
         for _ in range(rng.randint(1, 3)):
@@ -145,26 +172,39 @@ def choice_set(rng, answer, pool, k=4):
     return choices
 
 
-def make_text_tasks(world, seed, n_per_task):
-    rng = random.Random(seed)
-    items = []
-    for _ in range(n_per_task):  # facts: the first phrasing of each attribute, asked for any person
-        person, attr = rng.choice(world['people']), rng.choice(sorted(ATTRIBUTES))
-        prompt = ATTRIBUTES[attr][1][0][0].format(p=person)
+def numbers_around(rng, answer):
+    """Four consecutive numbers of 0 .. ARITHMETIC_MAX holding the answer at a uniform place among them."""
+    lo = min(max(NUMBER_WORDS.index(answer) - rng.randrange(4), 0), ARITHMETIC_MAX + 1 - 4)
+    return NUMBER_WORDS[lo:lo + 4]
+
+
+def text_item(rng, world, task):
+    """One item of a text task: (prompt, choices, answer), the answer uniform over the choices' places."""
+    if task in ('facts', 'rare_facts'):  # the first phrasing of an attribute, asked for any person
+        person = rng.choice(world['people'])
+        attr = rng.choice(sorted(ATTRIBUTES)) if task == 'facts' else RARE_ATTRIBUTE[0]
+        prompt = (RARE_ATTRIBUTE[2] if task == 'rare_facts' else ATTRIBUTES[attr][1])[0][0].format(p=person)
         answer = world['facts'][person][attr]
-        items.append(dict(task='facts', prompt=prompt, choices=choice_set(rng, answer, world['values'][attr]),
-                          answer=answer))
-    for _ in range(n_per_task):  # arithmetic: four consecutive numbers, the answer at a uniform place among them
-        prompt, answer = arithmetic_pair(rng)
-        lo = min(max(NUMBER_WORDS.index(answer) - rng.randrange(4), 0), ARITHMETIC_MAX + 1 - 4)
-        items.append(dict(task='arithmetic', prompt=prompt, choices=NUMBER_WORDS[lo:lo + 4], answer=answer))
-    for _ in range(n_per_task):  # sequence: three items of an order, which one comes next?
-        items_, name, seq = sequence_span(rng, world, 4)
-        prompt = f"{SEQUENCE_INTROS[name]}: {', '.join(items_[:3])},"
-        items.append(dict(task='sequence', prompt=prompt, choices=choice_set(rng, items_[3], seq), answer=items_[3]))
-    for item in items:
-        item['choices'] = [' ' + c for c in item['choices']]  # a continuation starts with its space
-        item['answer'] = item['choices'].index(' ' + item['answer'])
+        return prompt, choice_set(rng, answer, world['values'][attr]), answer
+    if task in ('arithmetic', 'long_arithmetic'):
+        prompt, answer = (arithmetic_pair if task == 'arithmetic' else arithmetic_triple)(rng)
+        return prompt, numbers_around(rng, answer), answer
+    if task == 'sequence':  # three items of an order, which one comes next?
+        items, name, seq = sequence_span(rng, world, 4)
+        return f"{SEQUENCE_INTROS[name]}: {', '.join(items[:3])},", choice_set(rng, items[3], seq), items[3]
+    raise ValueError(f'unknown text task {task!r}; the tasks are {", ".join(TEXT_TASKS)}')
+
+
+def make_text_tasks(world, seed, n_per_task):
+    """n_per_task items of every text task, each task from its own stream: the first n of them do not depend on
+    n_per_task, so scoring the first eval_items scores a prefix of the same questions."""
+    items = []
+    for t, task in enumerate(TEXT_TASKS):
+        rng = random.Random(seed * 1000 + t)
+        for _ in range(n_per_task):
+            prompt, choices, answer = text_item(rng, world, task)
+            choices = [' ' + c for c in choices]  # a continuation starts with its space
+            items.append(dict(task=task, prompt=prompt, choices=choices, answer=choices.index(' ' + answer)))
     return items
 
 
@@ -181,6 +221,8 @@ MAX_OBJECTS = 4
 # scenes with fewer objects are more common: a small model first learns to read one object, then to pick one out
 OBJECT_COUNT_WEIGHTS = (4, 3, 2, 1)
 VISION_TASKS = ('color', 'shape', 'count', 'exists', 'position')
+TEXT_TASKS = ('facts', 'rare_facts', 'arithmetic', 'long_arithmetic', 'sequence')
+EVAL_ITEMS = 1000  # items made per task, text and vision; a run scores the first eval_items of each (train.py)
 
 
 def random_object(rng, cell, shape=None, color=None):
@@ -284,9 +326,11 @@ def image_sets(n_captions, n_instruct, n_eval):
     rng = random.Random(SPLIT_SEEDS['train'] * 1000 + 7)
     caption_scenes = [scene_with(rng, {}) for _ in range(n_captions)]
     conversations = [conversation(rng) for _ in range(n_instruct)]
-    rng = random.Random(SPLIT_SEEDS['test'] * 1000 + 7)
-    eval_items = [dict(task=t, scene=s, question=q, answer=a, answers=k)
-                  for t in VISION_TASKS for s, q, a, k in (question(rng, t) for _ in range(n_eval))]
+    eval_items = []
+    for i, task in enumerate(VISION_TASKS):  # a stream per task: the first n questions do not depend on n_eval
+        rng = random.Random(SPLIT_SEEDS['test'] * 1000 + 7 + i)
+        eval_items += [dict(task=task, scene=s, question=q, answer=a, answers=k)
+                       for s, q, a, k in (question(rng, task) for _ in range(n_eval))]
     return caption_scenes, conversations, eval_items
 
 
@@ -294,7 +338,7 @@ def images_path(folder, scene_size, n_captions, n_instruct, n_eval):
     return os.path.join(folder, f'images_v{SHAPES_VERSION}_{scene_size}px_{n_captions}_{n_instruct}_{n_eval}.npy')
 
 
-def prepare_images(folder, scene_size, n_captions=8000, n_instruct=6000, n_eval=100):
+def prepare_images(folder, scene_size, n_captions=8000, n_instruct=6000, n_eval=EVAL_ITEMS):
     """Render the image sets' pictures to one .npy in folder, once per resolution and size; returns its path."""
     path = images_path(folder, scene_size, n_captions, n_instruct, n_eval)
     if not os.path.exists(path):
@@ -312,7 +356,7 @@ class ImageWorld:
     eval items of the test split.
     """
 
-    def __init__(self, folder, scene_size, n_captions=8000, n_instruct=6000, n_eval=100):
+    def __init__(self, folder, scene_size, n_captions=8000, n_instruct=6000, n_eval=EVAL_ITEMS):
         self.folder, self.scene_size = folder, scene_size
         self.caption_scenes, self.conversations, self.eval_items = image_sets(n_captions, n_instruct, n_eval)
         path = images_path(folder, scene_size, n_captions, n_instruct, n_eval)
@@ -351,7 +395,7 @@ class ImageWorld:
         return np.asarray(self.images[refs])
 
 
-def prepare_text(data_dir='data', train_bytes=3_000_000, val_bytes=100_000, n_task_items=200, verbose=True):
+def prepare_text(data_dir='data', train_bytes=3_000_000, val_bytes=100_000, n_task_items=EVAL_ITEMS, verbose=True):
     """Write the shapes world's text shards and text tasks under {data_dir}/shapes, once; return the folder."""
     out = os.path.join(data_dir, 'shapes')
     meta_path = os.path.join(out, 'meta.json')
@@ -381,6 +425,16 @@ def prepare_text(data_dir='data', train_bytes=3_000_000, val_bytes=100_000, n_ta
 def load_text_tasks(folder):
     with open(os.path.join(folder, 'text_tasks.json')) as f:
         return json.load(f)
+
+
+def first_per_task(items, n):
+    """The indices of the first n items of each task, in order: what a run scoring n items per task scores."""
+    seen, kept = Counter(), []
+    for i, it in enumerate(items):
+        seen[it['task']] += 1
+        if seen[it['task']] <= n:
+            kept.append(i)
+    return kept
 
 
 if __name__ == '__main__':

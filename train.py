@@ -27,6 +27,7 @@ import torch
 
 import data
 import prepare
+import shapes
 from checkpoint import (FolderLocked, StaleCheckpoint, acquire_lock, check_fingerprint, finished_checkpoints,
                         is_checkpoint, load_optimizer_state, prune, release_lock, resume, set_rng_state)
 from configurator import ConfigError, check_ranges, configure, script_config
@@ -48,6 +49,8 @@ allow_stale = False  # reuse a finished stage although its fingerprint differs (
 evaluate = True  # score each checkpoint a stage saves on the dataset's tasks (eval.json); False: later, with eval.py
 eval_interval = 100  # steps between validation-loss estimates
 eval_iters = 10  # batches per validation-loss estimate
+eval_items = 200  # items scored per task of the shapes world, text and vision, the same first ones every time (up to
+# 1000): enough that seeds, not questions, dominate the spread (docs/results.md, "How many questions")
 log_interval = 25  # steps between log lines
 ckpt_interval = 100  # steps between a stage's periodic checkpoints, which init_from='resume' continues from; 0: none
 keep_last = 2  # periodic checkpoints kept per stage, the newest; the text stage's save_fracs ones are never deleted
@@ -124,7 +127,8 @@ RANGES.update(save_fracs='(0, 1]', image_inject_frac='[0, 1]', image_ratio='[0, 
 # The keys that define a stage are every key but these: a key not listed defines every stage, so a new key can only
 # make a stage be trained again, never reused stale. RUN_KEYS change how or where a run is carried out, not what a
 # checkpoint holds; IMAGE_KEYS are read by the image and finetune stages only, FINETUNE_KEYS by fine-tuning only.
-RUN_KEYS = ('out_dir', 'text_out_dir', 'data_dir', 'stages', 'init_from', 'allow_stale', 'evaluate', 'eval_interval',
+RUN_KEYS = ('out_dir', 'text_out_dir', 'data_dir', 'stages', 'init_from', 'allow_stale', 'evaluate', 'eval_items',
+            'eval_interval',
             'eval_iters', 'log_interval', 'ckpt_interval', 'keep_last', 'max_bad_steps', 'wandb_log', 'wandb_project',
             'wandb_run_name', 'save_fracs',
             'gradient_accumulation_steps', 'device', 'dtype', 'compile', 'fsdp', 'grad_checkpoint', 'data_workers',
@@ -154,6 +158,8 @@ def get_config(args):
     if not steps or len(set(steps)) != len(steps) or min(steps) < 1:
         raise ConfigError(f'save_fracs={cfg.save_fracs} with text_iters={cfg.text_iters} gives checkpoint steps '
                           f'{steps}: they must be distinct and >= 1; raise text_iters')
+    if not 0 < cfg.eval_items <= shapes.EVAL_ITEMS:
+        raise ConfigError(f'eval_items={cfg.eval_items}: the shapes world has 1 to {shapes.EVAL_ITEMS} items per task')
     if cfg.image_ratio + cfg.instruct_ratio > 1:
         raise ConfigError(f'image_ratio={cfg.image_ratio} and instruct_ratio={cfg.instruct_ratio} sum to more than 1')
     if cfg.encoder == 'patch' and cfg.freeze_encoder:

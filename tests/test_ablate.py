@@ -154,6 +154,19 @@ def test_seed_bootstrap_pairs_items_and_samples_seeds():
         ev.seed_bootstrap([better], 'vision', baseline=[worse, worse])
 
 
+def test_power_table_pools_the_seed_spread_by_question_count():
+    rng = np.random.default_rng(1)
+    seeds = [fake_eval(list((rng.random(500) < p).astype(float)), list((rng.random(500) < q).astype(float)))
+             for p, q in ((0.5, 0.8), (0.6, 0.9), (0.7, 0.85))]
+    rows = ablate.power_table({'a': seeds, 'single': seeds[:1]}).splitlines()
+    assert len(rows) == 2 + 3  # 100, 200 and 500 questions: the evals hold 500
+    n, sd_vision, sd_text, mde_vision, mde_text = (x.strip() for x in rows[-1].strip('|').split('|'))
+    vision = [ev.centered(np.mean(e['tasks']['color']['scores']), 1 / 6) for e in seeds]
+    assert n == '500' and float(sd_vision) == pytest.approx(np.std(vision, ddof=1), abs=1e-3)
+    assert float(mde_vision) == pytest.approx(2.80 * np.std(vision, ddof=1) * np.sqrt(2 / 3), abs=2e-3)
+    assert ablate.power_table({'single': seeds[:1]}) == ''  # one seed has no spread to measure
+
+
 @pytest.mark.slow
 def test_a_real_cell_runs_and_a_broken_one_is_reported(tmp_path, shapes_dir):
     (tmp_path / 'broken.safetensors').write_bytes(b'not a safetensors file')  # exists, so it fails as it loads

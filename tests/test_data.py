@@ -49,22 +49,40 @@ def test_corpus_states_the_world_facts():
 
 def test_text_tasks_have_known_chance_and_uniform_answers():
     items = shapes.make_text_tasks(shapes.make_world(), 3, 400)
-    assert {it['task'] for it in items} == {'facts', 'arithmetic', 'sequence'}
+    assert [it['task'] for it in items[::400]] == list(shapes.TEXT_TASKS)
     for it in items:
         assert len(it['choices']) == 4 and len(set(it['choices'])) == 4
         assert it['choices'][it['answer']].startswith(' ')
     # the right answer sits uniformly among the choices, so an answer-blind scorer gets 1/4
-    positions = np.bincount([it['answer'] for it in items if it['task'] != 'arithmetic'], minlength=4)
-    assert positions.min() > 0.2 * positions.sum()
+    for task in shapes.TEXT_TASKS:
+        positions = np.bincount([it['answer'] for it in items if it['task'] == task], minlength=4)
+        assert positions.min() > 0.15 * positions.sum(), task
     world = shapes.make_world()
     for it in items:
-        if it['task'] == 'arithmetic':
-            a, op, b = it['prompt'].split()[:3]
-            a, b = shapes.NUMBER_WORDS.index(a), shapes.NUMBER_WORDS.index(b)
-            assert it['choices'][it['answer']].strip() == shapes.NUMBER_WORDS[a + b if op == 'plus' else a - b]
+        answer = it['choices'][it['answer']].strip()
+        if it['task'] in ('arithmetic', 'long_arithmetic'):  # 'a plus b is', 'a minus b plus c is'
+            words = it['prompt'].split()[:-1]
+            total = shapes.NUMBER_WORDS.index(words[0])
+            for op, b in zip(words[1::2], words[2::2]):
+                total += shapes.NUMBER_WORDS.index(b) * (1 if op == 'plus' else -1)
+            assert len(words) == (3 if it['task'] == 'arithmetic' else 5) and answer == shapes.NUMBER_WORDS[total]
         if it['task'] == 'facts' and it['prompt'].startswith('The pet of'):
-            person = it['prompt'].split()[3]
-            assert it['choices'][it['answer']].strip() == world['facts'][person]['pet']
+            assert answer == world['facts'][it['prompt'].split()[3]]['pet']
+        if it['task'] == 'rare_facts':
+            assert answer == world['facts'][it['prompt'].split()[3]]['instrument']
+    # every task from its own stream: fewer items are a prefix of more, so eval_items scores the same first ones
+    fewer = shapes.make_text_tasks(world, 3, 100)
+    assert all(fewer[100 * t:100 * t + 100] == items[400 * t:400 * t + 100] for t in range(len(shapes.TEXT_TASKS)))
+    assert shapes.first_per_task(items, 2) == [i for t in range(5) for i in (400 * t, 400 * t + 1)]
+
+
+def test_rare_facts_are_rare_in_the_corpus():
+    world = shapes.make_world()
+    text = ' '.join(shapes.make_corpus(world, 1, 300_000))
+    person = world['people'][0]
+    common = text.count(f'The pet of {person} is') + text.count(f'{person} has a pet')
+    rare = text.count(f'The instrument of {person} is') + text.count(f'{person} plays the')
+    assert 0 < rare < common / 4
 
 
 def test_prepared_shards_match_meta(shapes_dir):

@@ -222,7 +222,7 @@ def test_a_config_json_claiming_a_huge_model_fails_before_allocating(tmp_path):
 
 
 def test_evaluation_writes_only_where_its_command_line_says(tmp_path, shapes_dir):
-    ckpt = tiny_checkpoint(tmp_path / 'ck', data_dir=str(tmp_path / 'elsewhere'))
+    ckpt = tiny_checkpoint(tmp_path / 'ck', data_dir=str(tmp_path / 'elsewhere'), eval_items=10)
     ev.evaluate_checkpoint(ckpt, data_dir=shapes_dir, verbose=False)
     assert not os.path.exists(tmp_path / 'elsewhere') and os.path.exists(os.path.join(ckpt, 'eval.json'))
 

@@ -215,7 +215,7 @@ def test_all_stages_end_to_end(tmp_path, shapes_dir, encoder, freeze, extra, cap
         '--save_fracs=[0.5,1.0]', '--image_inject_frac=0.5', '--warmup_iters=2', '--batch_size=4', '--image_iters=4',
         '--image_ratio=0.5', '--caption_scenes=40', '--conversations=40', '--finetune_epochs=1', '--rewarm_iters=1',
         '--log_interval=2', f'--encoder={encoder}', f'--freeze_encoder={freeze}', '--device=cpu',
-        '--encoder_weights=random', extra])  # 'shapes' would pre-train for a minute: tests/test_pretrain_encoders.py
+        '--encoder_weights=random', '--eval_items=20', extra])  # 'shapes' would pre-train for a minute: tests/test_pretrain_encoders.py
     train.main(cfg)
     printed = capsys.readouterr().out
     assert 'steps of 3 conversation + 1 text rows' in printed  # finetune_text_ratio=0.25 of 4
@@ -230,7 +230,8 @@ def test_all_stages_end_to_end(tmp_path, shapes_dir, encoder, freeze, extra, cap
         for key in ('vision_stable_score', 'text_stable_score', 'vision_blind_stable_score',
                     'vision_stable_score_ci95', 'text_stable_score_ci95', 'vision_blind_stable_score_ci95'):
             assert result[key] is not None, key
-        assert set(result['tasks']) == set(shapes.VISION_TASKS) | {'facts', 'arithmetic', 'sequence'}
+        assert set(result['tasks']) == set(shapes.VISION_TASKS) | set(shapes.TEXT_TASKS)
+        assert result['eval_items'] == 20 and {t['n'] for t in result['tasks'].values()} == {20}
         assert result['tasks']['position']['chance'] == pytest.approx(1 / 9)
     model, info = ev.load_model(os.path.join(out, 'finetune'))
     assert info['encoder']['name'] == encoder and model.encoder.frozen == freeze

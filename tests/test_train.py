@@ -8,6 +8,7 @@ from safetensors.torch import load_file
 
 import checkpoint
 import eval as ev
+import shapes
 import train
 from configurator import ConfigError
 from model import GPT, GPTConfig
@@ -49,7 +50,7 @@ def test_eval_json_has_design_keys(tmp_path, shapes_dir):
     for key in ('vision_stable_score', 'text_stable_score', 'vision_blind_stable_score', 'text_stable_score_ci95'):
         assert key in result
     assert result['vision_stable_score'] is None  # a text-only model has no vision score
-    assert set(result['tasks']) == {'facts', 'arithmetic', 'sequence'}
+    assert set(result['tasks']) == set(shapes.TEXT_TASKS)
     for task in result['tasks'].values():
         assert set(task) >= {'modality', 'accuracy', 'chance', 'centered', 'n', 'ci95'}
         assert task['chance'] == 0.25 and task['n'] == 40
