@@ -54,7 +54,7 @@ def pin(folder, source):
                       'scores': {t: v['scores'] for t, v in result['tasks'].items()},
                       'predictions': {t: v['predictions'] for t, v in result['tasks'].items() if 'predictions' in v}}
     with open(PINS, 'w') as f:
-        json.dump({'source': source, 'checkpoints': pins}, f)
+        json.dump({'source': source, 'checkpoints': pins}, f, indent=1)
 
 
 if __name__ == '__main__':  # re-pin after a change that moves the demo's outputs on purpose
