@@ -1,10 +1,11 @@
 """
-Run a plan of training cells and collect their stable scores: a table with intervals and paired significance
-against a baseline cell, and a plot of vision vs text stable score.
+Run a plan of training cells over seeds and collect their stable scores: a table of means over seeds with intervals
+and significance against a baseline cell (a hierarchical bootstrap over seeds and questions), how many seeds and
+questions a difference needs, and plots of vision against text and of the loss curves.
 
-    python ablate.py                                  # the encoder ablation: 4 encoders x frozen/unfrozen + patch
+    python ablate.py                                  # the encoder ablation: 4 encoders x frozen/trained + patch
     python ablate.py config/ablate_injection.py       # a sweep of the paper's own axes (see config/ablate_*.py)
-    python ablate.py --image_iters=100 --seeds=[1,2]  # any train.py key passes to every cell
+    python ablate.py --image_iters=100 --seeds=[1,2,3,4,5]  # any train.py key passes to every cell
 
 Every cell is one `python train.py` run in its own process (one cell's crash cannot take down the others), writing
 to {out_dir}/<cell>/seed<seed>; cells with the same text settings share one text stage. Finished cells (their
@@ -38,7 +39,8 @@ grid = [{'config': ['config/siglip_frozen.py', 'config/siglip_unfrozen.py', 'con
                     'config/dino_siglip_unfrozen.py', 'config/vit_frozen.py', 'config/vit_unfrozen.py',
                     'config/resnet_frozen.py', 'config/resnet_unfrozen.py', 'config/patch.py']}]
 baseline = ''  # the cell the others are compared with, by name ('siglip_frozen'); '' = the first
-seeds = [1337]  # every cell runs once per seed; several seeds add mean +- std over seeds to the table
+seeds = [1, 2, 3]  # every cell runs once per seed (each seed reseeds every stage and the shapes encoders); 3 detect a
+# text difference of 0.02 and a vision one of about 0.06 (docs/results.md, "How many questions and seeds")
 # -----------------------------------------------------------------------------
 ABLATE_KEYS = ('out_dir', 'grid', 'baseline', 'seeds')
 SCORES = ('vision_stable_score', 'vision_blind_stable_score', 'text_stable_score')
@@ -88,29 +90,31 @@ def split_args(args):
 def expand(cfg, passed):
     """The runs of the plan, one per valid cell of the grid and seed, with their train.py arguments and folders;
     and the cells skipped because train.py rejects them, with the reason."""
-    runs, skipped = [], []
-    base = vars(train.get_config(passed))
+    cells, skipped = [], []
     for cell in grid_cells(cfg['grid']):
         name, args = cell_name(cell), cell_args(cell)
         # the cell's config file first, then the plan's flags (passed to every cell), then the cell's own flags
         args = args[:1] + passed + args[1:] if 'config' in cell else passed + args
         try:
-            cell_cfg = train.get_config(args)
+            cells.append((name, args, vars(train.get_config(args))))
         except ConfigError as e:
             if any(str(e).startswith(p) for p in ('unknown config key', '--')):
                 raise  # a typo in the grid is an error, not a skip
             skipped.append(f'{name}: {e}')
-            continue
-        # cells that differ only in keys the text stage does not read share one text stage (train.fingerprint)
-        text_tag = '-'.join(f'{k}={v}' for k, v in vars(cell_cfg).items() if v != base[k] and k not in
-                            train.RUN_KEYS + train.IMAGE_KEYS + train.FINETUNE_KEYS + ('seed',))
+    if not cells:
+        raise ConfigError('no valid cell in the grid:\n' + '\n'.join(skipped))
+    # cells that differ only in keys the text stage does not read share one text stage (train.fingerprint); its
+    # folder is named by the text keys that vary between the plan's cells ('shared' when none does)
+    text_keys = [k for k in cells[0][2] if k not in train.RUN_KEYS + train.IMAGE_KEYS + train.FINETUNE_KEYS + ('seed',)]
+    varying = [k for k in text_keys if len({repr(c[2][k]) for c in cells}) > 1]
+    runs = []
+    for name, args, cell_cfg in cells:
+        text_tag = '-'.join(f'{k}={cell_cfg[k]}' for k in varying) or 'shared'
         for seed in cfg['seeds']:
             out = os.path.join(cfg['out_dir'], folder_name(name), f'seed{seed}')
-            text_out = os.path.join(cfg['out_dir'], 'text', folder_name(text_tag or 'shared'), f'seed{seed}')
+            text_out = os.path.join(cfg['out_dir'], 'text', folder_name(text_tag), f'seed{seed}')
             runs.append(dict(cell=name, seed=seed, out_dir=out, args=args + [
                 f'--seed={seed}', f'--out_dir={out}', f'--text_out_dir={text_out}']))
-    if not runs:
-        raise ConfigError('no valid cell in the grid:\n' + '\n'.join(skipped))
     return runs, skipped
 
 
@@ -208,28 +212,52 @@ def seed_score(evaluation, modality, n):
     return float(np.mean([centered(np.mean(t['scores'][:n]), t['chance']) for t in tasks]))
 
 
-def power_table(results, sizes=(100, 200, 500, 1000), seeds=3):
+def item_se(cell, base, modality, n):
+    """The standard error, over the first n items of each task, of a paired difference of stable scores averaged
+    over seeds: the part of the spread that the questions add (the bootstrap's inner level)."""
+    names = [k for k, t in base[0]['tasks'].items() if t['modality'] == modality and t['n']]
+    variances = []
+    for name in names:
+        diffs = np.mean([np.subtract(a['tasks'][name]['scores'][:n], b['tasks'][name]['scores'][:n])
+                         for a, b in zip(cell, base)], axis=0)
+        variances.append(np.var(diffs, ddof=1) / len(diffs) / (1 - base[0]['tasks'][name]['chance']) ** 2)
+    return float(np.sqrt(np.sum(variances)) / len(names))
+
+
+def power_table(results, baseline_name, sizes=(100, 200, 500, 1000), seeds=3):
     """
-    How the seed-to-seed spread of each stable score falls as the questions per task grow, and the smallest
-    difference between two cells of `seeds` seeds each that a two-sided 5 % test finds with 80 % power: (1.96 +
-    0.84) * sd * sqrt(2 / seeds), sd the spread of one seed's score, pooled over every cell with 2 or more seeds.
-    Markdown rows, or '' when no cell has 2 seeds.
+    How the spread between seeds falls as the questions per task grow, and the smallest difference from the
+    baseline that a plan of `seeds` seeds per cell detects (two-sided 5 %, 80 % power: 2.80 standard errors of the
+    paired difference). Spreads are pooled over the cells with 2 or more seeds: of one seed's score (sd), and of a
+    cell's difference from the baseline seed by seed (sd Δ: seed s of both cells shares its text stage and encoders,
+    which pairing cancels). The standard error adds the questions' own (item_se), as the bootstrap test does:
+    sqrt(sd Δ^2 / seeds + item_se^2). Markdown, or '' when no cell has 2 seeds.
     """
-    cells = [evals for evals in results.values() if len(evals) >= 2 and evals[0]['vision_stable_score'] is not None]
+    cells = {c: e for c, e in results.items() if len(e) >= 2 and e[0]['vision_stable_score'] is not None}
     if not cells:
         return ''
-    most = min(len(t['scores']) for evals in cells for e in evals for t in e['tasks'].values())
-    rows = [f'| questions per task | sd vision | sd text | detectable Δ vision ({seeds} seeds) | '
-            f'detectable Δ text ({seeds} seeds) |', '|---|---|---|---|---|']
+    base = cells.get(baseline_name)
+    paired = [c for c in cells if base and c != baseline_name and len(cells[c]) == len(base)]
+    most = min(len(t['scores']) for evals in cells.values() for e in evals for t in e['tasks'].values())
+    pooled = lambda groups: float(np.sqrt(sum(np.sum((np.array(g) - np.mean(g)) ** 2) for g in groups) /
+                                          sum(len(g) - 1 for g in groups)))
+    rows = ['| questions per task | sd vision | sd text | sd Δ vision | sd Δ text | detectable Δ vision | '
+            'detectable Δ text |', '|---|---|---|---|---|---|---|']
     for n in [n for n in sizes if n <= most]:
-        sd = {}
-        for modality in ('vision', 'text'):
-            squares = sum(np.sum((np.array(v) - np.mean(v)) ** 2) for v in
-                          ([seed_score(e, modality, n) for e in evals] for evals in cells))
-            sd[modality] = float(np.sqrt(squares / sum(len(evals) - 1 for evals in cells)))
-        mde = {m: 2.80 * v * np.sqrt(2 / seeds) for m, v in sd.items()}
-        rows.append(f"| {n} | {sd['vision']:.3f} | {sd['text']:.3f} | {mde['vision']:.3f} | {mde['text']:.3f} |")
-    return '\n'.join(rows)
+        sds = [pooled([[seed_score(e, m, n) for e in evals] for evals in cells.values()]) for m in ('vision', 'text')]
+        shown, detectable = [f'{v:.3f}' for v in sds], []
+        for m in ('vision', 'text'):
+            if not paired:
+                shown.append('n/a')
+                detectable.append('n/a')
+                continue
+            sd_delta = pooled([[seed_score(a, m, n) - seed_score(b, m, n) for a, b in zip(cells[c], base)]
+                               for c in paired])
+            se_items = np.sqrt(np.mean([item_se(cells[c], base, m, n) ** 2 for c in paired]))
+            shown.append(f'{sd_delta:.3f}')
+            detectable.append(f'{2.80 * np.sqrt(sd_delta ** 2 / seeds + se_items ** 2):.3f}')
+        rows.append(f'| {n} | ' + ' | '.join(shown + detectable) + ' |')
+    return '\n'.join(rows) + f'\n\n(detectable: with {seeds} seeds per cell, paired with the baseline\'s)'
 
 
 def pyplot(path):
@@ -271,7 +299,8 @@ def plot_curves(runs, path):
         ax.set_xlabel('step')
         ax.set_ylabel('training loss (mean over seeds)')
         ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=7, loc='upper left', bbox_to_anchor=(1.02, 1.0), frameon=False)
+    if axes[1].lines:  # cells that logged no curve (failed, or runs from before metrics.jsonl) draw nothing
+        axes[1].legend(fontsize=7, loc='upper left', bbox_to_anchor=(1.02, 1.0), frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -325,7 +354,7 @@ def collect(cfg, runs, errors, skipped=()):
     with open(os.path.join(cfg['out_dir'], 'results.json'), 'w') as f:
         json.dump(records, f)
     table = results_table(results, baseline_name, times)
-    power = power_table(results)
+    power = power_table(results, baseline_name)
     if power:  # how many questions and seeds it takes: docs/results.md, "How many questions"
         table += '\n\nseed-to-seed spread by questions per task, pooled over the cells:\n\n' + power
     failed = [f'- {rec["cell"]} seed {rec["seed"]}: {rec["error"]}' for rec in records if 'error' in rec]

@@ -233,7 +233,7 @@ def bench_model(cfg):
         line = (f'{name} {mode:>8}: {r.model.num_params() / 1e6:.2f}M params | {r.dt * 1000:.1f} ms/step | '
                 f'{tokens / r.dt:,.0f} tok/s')
         if r.n_images:
-            line += f' | {r.n_images / r.dt:,.1f} images/s | encoder {r.enc_dt / r.dt:.0%} of the step'
+            line += f' | {r.n_images / r.dt:,.2f} images/s | encoder {r.enc_dt / r.dt:.0%} of the step'
         line += f' | MFU {mfu(peak)} of measured peak' + (f', {mfu(sheet)} of datasheet' if sheet else '')
         print(line + f' | {mem} | graphs compiled {r.compiles}')
 

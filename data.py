@@ -249,6 +249,16 @@ def mixture_batch(source, enc, text_tokens, batch_size, block_size, n_image_toke
     return torch.stack(xs), torch.stack(ys), image_refs
 
 
+def rows_for_token_share(source, enc, block_size, n_image_tokens, share, seed):
+    """
+    The share of rows that are image-caption rows when `share` of the tokens (padding aside) are to be image and
+    caption tokens: caption rows are packed but not full, text rows are, so share = p * fill / (p * fill + 1 - p).
+    Returns (p, fill).
+    """
+    fill = caption_row_fill(source, enc, block_size, n_image_tokens, seed)
+    return share / (share + fill * (1 - share)), fill
+
+
 def caption_row_fill(source, enc, block_size, n_image_tokens, seed, rows=100):
     """The mean share of a packed image-caption row that its samples fill (the rest is padding), over `rows` rows."""
     gen, eot = seeded_generator(seed, 0, 1), special_id(enc, '<|endoftext|>')  # apart from (seed, step)

@@ -309,20 +309,20 @@ def evaluate(model, enc, folder, device, world_args=(), eval_items=shapes.EVAL_I
 
 
 def format_table(results):
-    lines = [f"{'task':<14}{'modality':<10}{'acc':>7}{'chance':>8}{'centered':>10}  {'95% CI':<16}{'n':>6}"]
+    lines = [f"{'task':<17}{'modality':<10}{'acc':>7}{'chance':>8}{'centered':>10}  {'95% CI':<16}{'n':>6}"]
     for name, t in results['tasks'].items():
         if not t['n']:
-            lines.append(f"{name:<14}{t['modality']:<10}{'no item left to score (see skipped)':>31}{0:>22}")
+            lines.append(f"{name:<17}{t['modality']:<10}{'no item left to score (see skipped)':>31}{0:>22}")
             continue
         lo, hi = t['ci95']
-        lines.append(f"{name:<14}{t['modality']:<10}{t['accuracy']:>7.3f}{t['chance']:>8.3f}{t['centered']:>10.3f}  "
+        lines.append(f"{name:<17}{t['modality']:<10}{t['accuracy']:>7.3f}{t['chance']:>8.3f}{t['centered']:>10.3f}  "
                      f"[{lo:+.3f}, {hi:+.3f}]{t['n']:>6}")
     for key in ('vision_stable_score', 'vision_blind_stable_score', 'text_stable_score'):
         if key not in results:
             continue
         value, ci = results[key], results[key + '_ci95']
         shown = 'n/a (no image encoder)' if value is None else f'{value:.3f}  [{ci[0]:+.3f}, {ci[1]:+.3f}]'
-        lines.append(f"{key.replace('_', ' '):<32}{shown}")
+        lines.append(f"{key.replace('_', ' '):<35}{shown}")
     return '\n'.join(lines)
 
 

@@ -11,6 +11,7 @@ reuses a finished stage only when the fingerprint it holds is the one this run w
 
 import json
 import os
+from dataclasses import asdict
 from types import SimpleNamespace
 
 import torch
@@ -145,3 +146,14 @@ def weights_digest(weights):
     """{name: digest} of the encoder weight files a run loads; nothing for 'random' (the seed decides) or 'hub'."""
     files = weights if isinstance(weights, dict) else {'weights': weights}
     return {k: file_digest(p) for k, p in files.items() if p not in ('random', 'hub')}
+
+
+def vlm_info(cfg, raw_model):
+    """What a VLM checkpoint's config.json says beyond the LM: its encoder, enough to rebuild it (eval.build_model),
+    and for an encoder not saved with it, the digest of the weights file it is rebuilt from."""
+    e = raw_model.encoder
+    return {'model_args': asdict(raw_model.gpt.config),
+            'encoder': {'name': e.name, 'scale': e.scale, 'weights': e.weights, 'img_size': e.img_size,
+                        'frozen': e.frozen, 'saved': raw_model.saves_encoder, 'projector': cfg.projector,
+                        'inject_layer': raw_model.inject_layer, 'image_token': raw_model.image_token,
+                        'weights_digest': {} if raw_model.saves_encoder else weights_digest(e.weights)}}

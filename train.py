@@ -49,8 +49,8 @@ allow_stale = False  # reuse a finished stage although its fingerprint differs (
 evaluate = True  # score each checkpoint a stage saves on the dataset's tasks (eval.json); False: later, with eval.py
 eval_interval = 100  # steps between validation-loss estimates
 eval_iters = 10  # batches per validation-loss estimate
-eval_items = 200  # items scored per task of the shapes world, text and vision, the same first ones every time (up to
-# 1000): enough that seeds, not questions, dominate the spread (docs/results.md, "How many questions")
+eval_items = 500  # items scored per task of the shapes world, text and vision, the same first ones every time (up to
+# 1000): past 200 seeds, not questions, dominate the spread (docs/results.md, "How many questions and seeds")
 log_interval = 25  # steps between log lines
 ckpt_interval = 100  # steps between a stage's periodic checkpoints, which init_from='resume' continues from; 0: none
 keep_last = 2  # periodic checkpoints kept per stage, the newest; the text stage's save_fracs ones are never deleted
@@ -171,7 +171,8 @@ def get_config(args):
         enc_tokens = prepare.encoder_shape(cfg).num_tokens
         prepare.check_inputs(cfg)
         before = {'image': 'text', 'finetune': 'image'}.get(stages[0])  # the first stage's input must exist already
-        if before and not from_scratch(cfg, 'image' if before == 'text' else 'finetune') and not is_checkpoint(stage_folder(cfg, before, cfg.image_inject_frac)):
+        if before and not from_scratch(cfg, stages[0]) and not is_checkpoint(stage_folder(cfg, before,
+                                                                                          cfg.image_inject_frac)):
             raise ConfigError(f'{stage_folder(cfg, before, cfg.image_inject_frac)} does not exist: run the {before} '
                               f'stage first (the default stages=text,image,finetune runs each in turn)')
         if enc_tokens + LONGEST_CAPTION + 1 > cfg.block_size:
@@ -285,14 +286,14 @@ def image_stage(cfg, rt, prep):
     features = prepare.feature_cache(cfg, prep, encoder)
     text_tokens = data.open_shard(prep.folder, 'train')
     row_ratio = cfg.image_ratio
-    if cfg.image_ratio_of == 'tokens':  # caption rows are packed, not full: a share of tokens is a larger one of rows
-        fill = data.caption_row_fill(prep.source, prep.enc, cfg.block_size, encoder.num_tokens, cfg.seed)
-        row_ratio = cfg.image_ratio / (cfg.image_ratio + fill * (1 - cfg.image_ratio))
+    if cfg.image_ratio_of == 'tokens':
+        row_ratio, fill = data.rows_for_token_share(prep.source, prep.enc, cfg.block_size, encoder.num_tokens,
+                                                    cfg.image_ratio, cfg.seed)
         log(rt, f'image stage: image_ratio={cfg.image_ratio} of the tokens is {row_ratio:.4f} of the rows '
                 f'(a caption row is {fill:.1%} image and caption tokens, a text row 100% text)')
-        if row_ratio + cfg.instruct_ratio > 1:
-            raise ConfigError(f'image_ratio={cfg.image_ratio} of the tokens needs {row_ratio:.3f} of the rows, and '
-                              f'instruct_ratio={cfg.instruct_ratio} more: over 1')
+    if row_ratio + cfg.instruct_ratio > 1:
+        raise ConfigError(f'image_ratio={cfg.image_ratio} needs {row_ratio:.3f} of the rows and instruct_ratio='
+                          f'{cfg.instruct_ratio} more: over 1')
 
     def make(step, rows):
         x, y, refs = data.mixture_batch(prep.source, prep.enc, text_tokens, cfg.batch_size, cfg.block_size,
@@ -302,7 +303,7 @@ def image_stage(cfg, rt, prep):
 
     peak, lr_at = image_schedule(cfg)
     return SimpleNamespace(model=raw_model, make=data.counting_skips(prep.source, make), iters=cfg.image_iters,
-                           peak=peak, lr_at=lr_at, val_loss=None, info=vlm_info(cfg, raw_model, prep))
+                           peak=peak, lr_at=lr_at, val_loss=None, info=prepare.vlm_info(cfg, raw_model))
 
 
 def finetune_stage(cfg, rt, prep):
@@ -337,16 +338,7 @@ def finetune_stage(cfg, rt, prep):
 
     lr_at = lambda step: cosine_lr(step, cfg.finetune_lr, cfg.rewarm_iters, iters, cfg.min_lr) / cfg.finetune_lr
     return SimpleNamespace(model=raw_model, make=data.counting_skips(source, make), iters=iters, peak=cfg.finetune_lr,
-                           lr_at=lr_at, val_loss=None, info=vlm_info(cfg, raw_model, prep))
-
-
-def vlm_info(cfg, raw_model, prep):
-    e = raw_model.encoder
-    return {'model_args': asdict(raw_model.gpt.config),
-            'encoder': {'name': e.name, 'scale': e.scale, 'weights': e.weights, 'img_size': e.img_size,
-                        'frozen': e.frozen, 'saved': raw_model.saves_encoder, 'projector': cfg.projector,
-                        'inject_layer': raw_model.inject_layer, 'image_token': raw_model.image_token,
-                        'weights_digest': {} if raw_model.saves_encoder else prepare.weights_digest(e.weights)}}
+                           lr_at=lr_at, val_loss=None, info=prepare.vlm_info(cfg, raw_model))
 
 
 STAGE_BUILDERS = {'text': text_stage, 'image': image_stage, 'finetune': finetune_stage}

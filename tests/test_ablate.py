@@ -3,6 +3,7 @@ the others, the paired bootstrap behaves, and the table holds every cell."""
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -16,6 +17,8 @@ CONFIG = os.path.join(os.path.dirname(__file__), '..', 'config')
 
 
 def plan(args):
+    """ablate.py's plan for args, with one seed unless args say otherwise."""
+    args = args if any(a.startswith('--seeds=') for a in args) else args + ['--seeds=[1]']
     own, passed = ablate.split_args(args)
     cfg = configure(own, {k: getattr(ablate, k) for k in ablate.ABLATE_KEYS})
     runs, skipped = ablate.expand(cfg, passed)
@@ -34,7 +37,7 @@ def test_default_plan_expands_to_the_encoder_grid(tmp_path):
 
 
 def test_encoder_lr_plan_is_a_curve_against_frozen(tmp_path):
-    _, runs, skipped = plan([os.path.join(CONFIG, 'ablate_encoder_lr.py'), f'--out_dir={tmp_path}'])
+    _, runs, skipped = plan([os.path.join(CONFIG, 'ablate_encoder_lr.py'), f'--out_dir={tmp_path}', '--seeds=[1]'])
     names = [r['cell'] for r in runs]
     assert not skipped and len(names) == 4 + 4 * 3 and names[:4] == [f'{e}_frozen' for e in
                                                                       ('siglip', 'dino_siglip', 'vit', 'resnet')]
@@ -44,7 +47,7 @@ def test_encoder_lr_plan_is_a_curve_against_frozen(tmp_path):
 
 def test_a_cell_is_exactly_its_config_file(tmp_path):
     """ablate.py's cell and `python train.py FILE [the cell's other flags]` resolve to the same config, but for
-    where they write; and two cells' files never write to one folder."""
+    where they write and the seed; and two cells' files never write to one folder."""
     _, runs, _ = plan([os.path.join(CONFIG, 'ablate_encoder_lr.py'), f'--out_dir={tmp_path}'])
     for run in runs:
         path = run['args'][0]
@@ -53,9 +56,18 @@ def test_a_cell_is_exactly_its_config_file(tmp_path):
         by_ablate, by_hand = vars(train.get_config(run['args'])), vars(train.get_config([path] + flags))
         assert by_ablate.pop('out_dir') == run['out_dir'] and by_hand.pop('out_dir') == f'out/{run["cell"].split()[0]}'
         by_ablate.pop('text_out_dir'), by_hand.pop('text_out_dir')
+        assert by_ablate.pop('seed') == run['seed'] and by_hand.pop('seed') == train.seed  # a plan sets each seed
         assert by_ablate == by_hand
     cells = [f for f in os.listdir(CONFIG) if f.endswith(('frozen.py', 'patch.py'))]
     assert len(cells) == 9 and len({train.get_config([os.path.join(CONFIG, f)]).out_dir for f in cells}) == 9
+
+
+def test_cells_share_a_text_stage_exactly_when_their_text_settings_agree(tmp_path):
+    _, runs, _ = plan([f'--out_dir={tmp_path}', "--grid={'learning_rate': [1e-3, 3e-3], 'image_ratio': [0.1, 0.2]}",
+                       '--text_iters=50'])  # a flag every cell gets is not part of the name
+    text = {r['cell']: next(a for a in r['args'] if a.startswith('--text_out_dir=')) for r in runs}
+    assert len(set(text.values())) == 2 and all('learning_rate=0.001' in text[c] for c in text if '0.001' in c)
+    assert text['learning_rate=0.003 image_ratio=0.1'] == text['learning_rate=0.003 image_ratio=0.2']
 
 
 def test_grid_cells_are_a_union_of_products():
@@ -102,6 +114,17 @@ def fake_eval(vision_scores, text_scores):
         e[key] = ev.centered(t['accuracy'], t['chance'])
         e[key + '_ci95'] = [e[key] - 0.1, e[key] + 0.1]
     return e
+
+
+def test_table_gives_the_mean_over_seeds_with_an_interval():
+    rng = np.random.default_rng(2)
+    seeds = [fake_eval(list((rng.random(100) < p).astype(float)), [1.0] * 40) for p in (0.5, 0.7)]
+    row = ablate.results_table({'image_inject_frac=0': seeds}, 'image_inject_frac=0').splitlines()[2]
+    cells = row.split(' | ')
+    mean = np.mean([ev.centered(np.mean(e['tasks']['color']['scores']), 1 / 6) for e in seeds])
+    assert cells[0] == '| image_inject_frac=0' and cells[1] == '2'
+    low, high = (float(x) for x in re.match(r'(-?[\d.]+) \[(-?[\d.]+), (-?[\d.]+)\]', cells[2]).groups()[1:])
+    assert cells[2].startswith(f'{mean:.3f} [') and low < mean < high
 
 
 def test_resume_skips_finished_and_survives_failures(tmp_path, monkeypatch):
@@ -156,28 +179,40 @@ def test_seed_bootstrap_pairs_items_and_samples_seeds():
 
 def test_power_table_pools_the_seed_spread_by_question_count():
     rng = np.random.default_rng(1)
-    seeds = [fake_eval(list((rng.random(500) < p).astype(float)), list((rng.random(500) < q).astype(float)))
-             for p, q in ((0.5, 0.8), (0.6, 0.9), (0.7, 0.85))]
-    rows = ablate.power_table({'a': seeds, 'single': seeds[:1]}).splitlines()
-    assert len(rows) == 2 + 3  # 100, 200 and 500 questions: the evals hold 500
-    n, sd_vision, sd_text, mde_vision, mde_text = (x.strip() for x in rows[-1].strip('|').split('|'))
-    vision = [ev.centered(np.mean(e['tasks']['color']['scores']), 1 / 6) for e in seeds]
-    assert n == '500' and float(sd_vision) == pytest.approx(np.std(vision, ddof=1), abs=1e-3)
-    assert float(mde_vision) == pytest.approx(2.80 * np.std(vision, ddof=1) * np.sqrt(2 / 3), abs=2e-3)
-    assert ablate.power_table({'single': seeds[:1]}) == ''  # one seed has no spread to measure
+    make = lambda p, q: fake_eval(list((rng.random(500) < p).astype(float)), list((rng.random(500) < q).astype(float)))
+    base = [make(p, q) for p, q in ((0.5, 0.8), (0.6, 0.9), (0.7, 0.85))]
+    other = [make(p + 0.1, q) for p, q in ((0.5, 0.8), (0.6, 0.9), (0.7, 0.85))]
+    rows = ablate.power_table({'base': base, 'other': other, 'single': base[:1]}, 'base').splitlines()
+    assert len(rows) == 2 + 3 + 2  # 100, 200 and 500 questions (the evals hold 500), then the note
+    n, sd_v, sd_t, sd_dv, sd_dt, mde_v, mde_t = (x.strip() for x in rows[4].strip('|').split('|'))
+    vision = lambda evals: [ev.centered(np.mean(e['tasks']['color']['scores']), 1 / 6) for e in evals]
+    pooled = np.sqrt((np.var(vision(base), ddof=1) + np.var(vision(other), ddof=1)) / 2)
+    assert n == '500' and float(sd_v) == pytest.approx(pooled, abs=1e-3)
+    diff = np.subtract(vision(other), vision(base))
+    assert float(sd_dv) == pytest.approx(np.std(diff, ddof=1), abs=1e-3)
+    items = np.mean([np.subtract(a['tasks']['color']['scores'], b['tasks']['color']['scores'])
+                     for a, b in zip(other, base)], axis=0)  # the questions' part: one vision task here
+    se_items = np.std(items, ddof=1) / np.sqrt(len(items)) / (5 / 6)
+    assert float(mde_v) == pytest.approx(2.80 * np.sqrt(np.var(diff, ddof=1) / 3 + se_items ** 2), abs=2e-3)
+    assert ablate.power_table({'single': base[:1]}, 'single') == ''  # one seed has no spread to measure
+    assert 'n/a' in ablate.power_table({'base': base}, 'base')  # no second cell: no paired difference
 
 
 @pytest.mark.slow
 def test_a_real_cell_runs_and_a_broken_one_is_reported(tmp_path, shapes_dir):
     (tmp_path / 'broken.safetensors').write_bytes(b'not a safetensors file')  # exists, so it fails as it loads
-    grid = f"{{'encoder_weights': ['random', '{tmp_path}/broken.safetensors']}}"
+    # images from scratch, and a cell that fails
+    grid = (f"[{{'image_inject_frac': [0]}}, {{'image_inject_frac': [0.5], "
+            f"'encoder_weights': ['{tmp_path}/broken.safetensors']}}]")
     ok = ablate.main([f'--out_dir={tmp_path}', f'--grid={grid}', f'--data_dir={shapes_dir}', '--text_iters=10',
-                      '--save_fracs=[0.5,1.0]', '--image_inject_frac=0.5', '--warmup_iters=2', '--batch_size=4',
+                      '--save_fracs=[0.5,1.0]', '--warmup_iters=2', '--batch_size=4', '--seeds=[1]',
                       '--image_iters=4', '--image_ratio=0.5', '--caption_scenes=40', '--conversations=40',
                       '--finetune_epochs=1', '--rewarm_iters=1', '--device=cpu', '--compile=False',
-                      '--cache_features=False'])
+                      '--cache_features=False', '--encoder_weights=random', '--eval_items=20'])
     assert not ok
     with open(tmp_path / 'results.json') as f:
         records = json.load(f)
-    assert 'eval' in records[0] and records[0]['eval']['vision_stable_score'] is not None
+    assert [r['cell'] for r in records] == ['image_inject_frac=0',
+                                            f'image_inject_frac=0.5 encoder_weights={tmp_path}/broken.safetensors']
+    assert records[0]['eval']['vision_stable_score'] is not None
     assert 'broken.safetensors is not a readable .safetensors file' in records[1]['error']

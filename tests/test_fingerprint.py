@@ -90,7 +90,7 @@ def test_a_checkpoint_without_its_frozen_encoder_loads_it_from_the_recorded_file
     vlm = VLM(gpt, encoders.build_encoder('siglip', weights=path, freeze=True), 257)
     assert not vlm.saves_encoder
     info = {'stage': 'image', 'step': 1, 'iters': 1, 'tokenizer': 'bytes', 'config': {},
-            **train.vlm_info(SimpleNamespace(projector='mlp'), vlm, None)}
+            **prepare.vlm_info(SimpleNamespace(projector='mlp'), vlm)}
     weights, state = checkpoint.full_state(vlm, vlm.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 'cpu'))
     assert not any(k.startswith('encoder.') for k in weights)  # the file holds the rest only
     checkpoint.save_checkpoint(str(tmp_path / 'ck'), weights, state, info)
