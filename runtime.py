@@ -19,7 +19,7 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
-from checkpoint import full_state, save_checkpoint
+from checkpoint import full_state, resume, save_checkpoint
 from configurator import ConfigError
 from data import TOKEN_KINDS
 from images import SKIP_REASONS
@@ -358,6 +358,19 @@ def train_steps(rt, stage, model, raw_model, optimizer, batches, schedules, firs
     rt.global_step += last  # wandb wants one step axis over all stages
     if rt.compile:
         log(rt, f'{stage} stage: torch.compile made {compile_count() - compiles} new graph(s)')
+
+
+def resume_point(rt, stage, raw_model, made_by, found, allow_stale):
+    """
+    The newest of a stage's finished checkpoints `found` ([(step, path)]), loaded into raw_model (checkpoint.resume),
+    for init_from='resume'. Returns the step to start from and its state.pt (0, None: none to resume from).
+    """
+    if not found:
+        log(rt, f'{stage} stage: no checkpoint to resume from, starting at step 0')
+        return 0, None
+    step, rt.last_checkpoint, state = resume(found, made_by, raw_model, allow_stale, warn=lambda m: log(rt, m))
+    log(rt, f'{stage} stage: resuming from {rt.last_checkpoint} at step {step}')
+    return step, state
 
 
 def save_stage_checkpoint(rt, folder, raw_model, optimizer, info, files=()):

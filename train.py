@@ -29,13 +29,13 @@ import data
 import prepare
 import shapes
 from checkpoint import (FolderLocked, StaleCheckpoint, acquire_lock, check_fingerprint, finished_checkpoints,
-                        is_checkpoint, load_optimizer_state, prune, release_lock, resume, set_rng_state)
+                        is_checkpoint, load_optimizer_state, prune, release_lock, set_rng_state)
 from configurator import ConfigError, check_ranges, configure, script_config
 from encoders import ENCODERS, build_encoder
 from eval import load_model, saved_scores, stable_score_table
 from model import GPT, PRESETS, VLM, GPTConfig
 from runtime import (TrainingError, barrier, batch_loader, check_ranks_agree, close_runtime, format_time, log,
-                     process_age,
+                     process_age, resume_point,
                      save_stage_checkpoint, setup_runtime, start_metrics, time_table, timed, train_steps, wrap_model)
 
 # -----------------------------------------------------------------------------
@@ -419,8 +419,11 @@ def setup_stage(cfg, rt, prep, stage):
     spec = STAGE_BUILDERS[stage](cfg, rt, prep)
     info_at = lambda done: {'stage': stage, 'step': done, 'iters': spec.iters, 'config': vars(cfg),
                             'tokenizer': prep.enc.name.removeprefix('nanovlp_'), 'fingerprint': made_by, **spec.info}
-    first, state = resume_point(cfg, rt, stage, spec.model, made_by, also=finished_checkpoints(cfg.text_out_dir)
-                                if stage == 'text' else ())
+    first, state = 0, None
+    if cfg.init_from == 'resume':  # the stage's periodic checkpoints, and the text stage's save_fracs ones too
+        found = finished_checkpoints(steps_dir(cfg, stage)) + (finished_checkpoints(cfg.text_out_dir)
+                                                               if stage == 'text' else [])
+        first, state = resume_point(rt, stage, spec.model, made_by, found, cfg.allow_stale)
     model = wrap_model(rt, spec.model)
     extra, schedules = {}, {'lm': spec.lr_at}  # each param group's LR: its peak_lr times its schedule's factor
     if stage != 'text':
@@ -447,25 +450,6 @@ def encoder_schedule(cfg, spec):
         return spec.peak, spec.lr_at
     floor = cfg.encoder_lr * cfg.min_lr / cfg.learning_rate
     return cfg.encoder_lr, lambda step: cosine_lr(step, cfg.encoder_lr, cfg.rewarm_iters, spec.iters, floor) / cfg.encoder_lr
-
-
-# -----------------------------------------------------------------------------
-# checkpoints of a stage: scored when saved, resumed from (their format and crash safety: checkpoint.py)
-
-def resume_point(cfg, rt, stage, raw_model, made_by, also=()):
-    """
-    With init_from='resume', the newest of the stage's periodic checkpoints and the (step, path) pairs in `also`,
-    loaded into raw_model (checkpoint.resume). Returns the step to start from and its state.pt (None: step 0).
-    """
-    if cfg.init_from != 'resume':
-        return 0, None
-    found = finished_checkpoints(steps_dir(cfg, stage)) + list(also)
-    if not found:
-        log(rt, f'{stage} stage: no checkpoint to resume from, starting at step 0')
-        return 0, None
-    step, rt.last_checkpoint, state = resume(found, made_by, raw_model, cfg.allow_stale, warn=lambda m: log(rt, m))
-    log(rt, f'{stage} stage: resuming from {rt.last_checkpoint} at step {step}')
-    return step, state
 
 
 # -----------------------------------------------------------------------------
