@@ -172,6 +172,7 @@ def score_columns(evals, base):
                                  ('text_stable_score', 'tasks', 'text')):
         if evals[0][key] is None:
             shown.append('n/a')
+            deltas += [''] if tasks == 'tasks' else []  # every row keeps its columns
             continue
         runs = [{'tasks': e[tasks]} for e in evals]
         mean, ci, _ = seed_bootstrap(runs, modality)
