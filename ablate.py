@@ -8,12 +8,17 @@ questions a difference needs, and plots of vision against text and of the loss c
     python ablate.py --image_iters=100 --seeds=[1,2,3,4,5]  # any train.py key passes to every cell
 
 Every cell is one `python train.py` run in its own process (one cell's crash cannot take down the others), writing
-to {out_dir}/<cell>/seed<seed>; cells with the same text settings share one text stage. Finished cells (their
-finetune/eval.json exists) are skipped on rerun, so an interrupted plan resumes where it stopped. Outputs in out_dir:
-results.json (every cell's config and eval.json), results.md (the table), results.png (vision against text) and
-curves.png (every cell's loss curves; the plots need matplotlib).
+to {runs_dir}/<cell>/seed<seed>; cells with the same text settings share one text stage. Finished cells (their
+finetune/eval.json exists) are skipped on rerun, so an interrupted plan resumes where it stopped; plans that share a
+runs_dir run an experiment they have in common once, whatever its name in each. Outputs in out_dir: results.json
+(every run's cell, seed, folder, arguments, eval.json and times), results.md (the table), results.png (vision against text) and curves.png
+(every cell's loss curves; the plots need matplotlib).
+
+    python ablate.py config/ablate_encoder_lr.py --runs_dir=out/runs --out_dir=out/encoder_lr  # reuses the
+                                                   # frozen cells `--runs_dir=out/runs --out_dir=out/encoder` ran
 """
 
+import glob
 import itertools
 import json
 import os
@@ -25,12 +30,14 @@ import time
 import numpy as np
 
 from configurator import ConfigError, configure, script_config
-from eval import centered, seed_bootstrap
+from eval import centered, new_seed_interval, seed_bootstrap
 import train
 
 # -----------------------------------------------------------------------------
 # config: ablate.py's own keys; every other --key=value is a train.py key applied to every cell
-out_dir = 'out/ablate'  # each cell runs in {out_dir}/<cell>/seed<seed>; results.json, .md, .png, curves.png here
+out_dir = 'out/ablate'  # results.json, .md, .png and curves.png
+runs_dir = ''  # each cell runs in {runs_dir}/<cell>/seed<seed> ('' = out_dir), beside its cell.json (its resolved
+# config); a run whose cell.json equals that of a run already in runs_dir, under any name, is that run
 # the grid: every combination of its values is a cell; a list of such dicts is the union of their products. The key
 # 'config' takes train.py config files: the cell is that file, exactly what `python train.py FILE` runs (a test
 # checks it), and is named by it; every other key is a train.py key. Combinations train.py rejects are skipped and
@@ -39,11 +46,13 @@ grid = [{'config': ['config/siglip_frozen.py', 'config/siglip_unfrozen.py', 'con
                     'config/dino_siglip_unfrozen.py', 'config/vit_frozen.py', 'config/vit_unfrozen.py',
                     'config/resnet_frozen.py', 'config/resnet_unfrozen.py', 'config/patch.py']}]
 baseline = ''  # the cell the others are compared with, by name ('siglip_frozen'); '' = the first
+report_only = False  # True: run nothing, write the table and plots of the runs finished so far (while a plan runs)
 seeds = [1, 2, 3]  # every cell runs once per seed (each seed reseeds every stage and the shapes encoders); 3 detect a
-# text difference of 0.02 and a vision one of about 0.06 (docs/results.md, "How many questions and seeds")
+# text difference of about 0.03 and a vision one of about 0.07 (docs/results.md, "How many questions and seeds")
 # -----------------------------------------------------------------------------
-ABLATE_KEYS = ('out_dir', 'grid', 'baseline', 'seeds')
+ABLATE_KEYS = ('out_dir', 'runs_dir', 'grid', 'baseline', 'report_only', 'seeds')
 SCORES = ('vision_stable_score', 'vision_blind_stable_score', 'text_stable_score')
+WHERE = ('out_dir', 'text_out_dir', 'data_dir')  # where a run reads and writes: not what experiment it is
 
 
 def cell_name(cell):
@@ -104,18 +113,43 @@ def expand(cfg, passed):
     if not cells:
         raise ConfigError('no valid cell in the grid:\n' + '\n'.join(skipped))
     # cells that differ only in keys the text stage does not read share one text stage (train.fingerprint); its
-    # folder is named by the text keys that vary between the plan's cells ('shared' when none does)
-    text_keys = [k for k in cells[0][2] if k not in train.RUN_KEYS + train.IMAGE_KEYS + train.FINETUNE_KEYS + ('seed',)]
-    varying = [k for k in text_keys if len({repr(c[2][k]) for c in cells}) > 1]
+    # folder is named by the text keys set away from train.py's defaults ('default' when none is), so that plans
+    # sharing a runs_dir share it too
+    defaults = vars(train.get_config([]))
+    text_keys = [k for k in defaults if k not in train.RUN_KEYS + train.IMAGE_KEYS + train.FINETUNE_KEYS + ('seed',)]
+    runs_dir = cfg['runs_dir'] or cfg['out_dir']
     runs = []
     for name, args, cell_cfg in cells:
-        text_tag = '-'.join(f'{k}={cell_cfg[k]}' for k in varying) or 'shared'
+        text_tag = '-'.join(f'{k}={cell_cfg[k]}' for k in text_keys if cell_cfg[k] != defaults[k]) or 'default'
         for seed in cfg['seeds']:
-            out = os.path.join(cfg['out_dir'], folder_name(name), f'seed{seed}')
-            text_out = os.path.join(cfg['out_dir'], 'text', folder_name(text_tag), f'seed{seed}')
-            runs.append(dict(cell=name, seed=seed, out_dir=out, args=args + [
-                f'--seed={seed}', f'--out_dir={out}', f'--text_out_dir={text_out}']))
-    return runs, skipped
+            out = os.path.join(runs_dir, folder_name(name), f'seed{seed}')
+            text_out = os.path.join(runs_dir, 'text', folder_name(text_tag), f'seed{seed}')
+            identity = {k: v for k, v in cell_cfg.items() if k not in WHERE} | {'seed': seed}
+            runs.append(dict(cell=name, seed=seed, out_dir=out, identity=json.loads(json.dumps(identity)),
+                             args=args + [f'--seed={seed}', f'--out_dir={out}', f'--text_out_dir={text_out}']))
+    return same_runs_once(runs, runs_dir), skipped
+
+
+def same_runs_once(runs, runs_dir):
+    """
+    Point every run at the folder of the same experiment (an equal cell.json: the resolved config but for where it
+    reads and writes) that runs_dir already holds under another cell's name, or that an earlier run of this plan
+    has: one experiment, one run. A finished folder is preferred, then the run's own.
+    """
+    folders = {}
+    for path in sorted(glob.glob(os.path.join(glob.escape(runs_dir), '*', 'seed*', 'cell.json'))):
+        with open(path) as f:
+            folders.setdefault(json.dumps(json.load(f), sort_keys=True), []).append(os.path.dirname(path))
+    for r in runs:
+        same = folders.setdefault(json.dumps(r['identity'], sort_keys=True), [])
+        finished = [d for d in same if os.path.exists(os.path.join(d, 'finetune', 'eval.json'))]
+        folder = (finished or [d for d in same if d == r['out_dir']] or same or [r['out_dir']])[0]
+        if folder not in same:
+            same.append(folder)
+        if folder != r['out_dir']:
+            r['args'] = [f'--out_dir={folder}' if a == f'--out_dir={r["out_dir"]}' else a for a in r['args']]
+            r['out_dir'], r['same_as'] = folder, os.path.basename(os.path.dirname(folder))
+    return runs
 
 
 def eval_path(run):
@@ -136,13 +170,36 @@ def run_cell(run):
     return f'exit code {code}: ' + ' | '.join(tail) + f' (full log: {log_path})'
 
 
+def claim_folder(run):
+    """
+    Write the run's cell.json into its folder, or say why the folder holds another experiment: a cell.json that
+    differs from the run's (a key train.py gained since that run is not compared). Returns None or the error.
+    """
+    path = os.path.join(run['out_dir'], 'cell.json')
+    if os.path.exists(path):
+        with open(path) as f:
+            held = json.load(f)
+        differ = sorted(k for k in held if held[k] != run['identity'].get(k))
+        return (f'{run["out_dir"]} holds another experiment: its cell.json differs in {", ".join(differ)} (move the '
+                f'folder away, or give the plan another runs_dir)') if differ else None
+    os.makedirs(run['out_dir'], exist_ok=True)
+    with open(path, 'w') as f:
+        json.dump(run['identity'], f, indent=1, sort_keys=True)
+    return None
+
+
 def run_plan(runs):
     """Run every unfinished cell; returns {index: error} for the cells that failed."""
-    todo = [i for i, r in enumerate(runs) if not os.path.exists(eval_path(r))]
-    print(f'{len(runs)} runs, {len(runs) - len(todo)} already done, {len(todo)} to run', flush=True)
-    errors, durations = {}, []
+    errors = {i: e for i, e in ((i, claim_folder(r)) for i, r in enumerate(runs)) if e}
+    todo = [i for i, r in enumerate(runs) if i not in errors and not os.path.exists(eval_path(r))]
+    print(f'{len(runs)} runs, {len(runs) - len(todo) - len(errors)} already done, {len(todo)} to run' + ''.join(
+        f'\n    cannot run {runs[i]["cell"]} seed {runs[i]["seed"]}: {e}' for i, e in errors.items()), flush=True)
+    durations = []
     for n, i in enumerate(todo):
         r = runs[i]
+        if os.path.exists(eval_path(r)):  # the same experiment as a cell this plan ran already
+            print(f'[{n + 1}/{len(todo)}] {r["cell"]} seed {r["seed"]}: done, as {r.get("same_as")}', flush=True)
+            continue
         eta = f', ETA {train.format_time(np.mean(durations) * (len(todo) - n))}' if durations else ''
         print(f'[{n + 1}/{len(todo)}] {r["cell"]} seed {r["seed"]}: running ({n} done, {len(errors)} failed{eta})',
               flush=True)
@@ -178,7 +235,7 @@ def score_columns(evals, base):
         mean, ci, _ = seed_bootstrap(runs, modality)
         shown.append(f'{mean:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]')
         if tasks == 'tasks':
-            if base is None or base is evals or base[0][key] is None or len(base) != len(evals):
+            if not base or base is evals or base[0][key] is None or len(base) != len(evals):
                 deltas.append('')
                 continue
             diff, _, p = seed_bootstrap(runs, modality, baseline=[{'tasks': e['tasks']} for e in base])
@@ -186,24 +243,35 @@ def score_columns(evals, base):
     return shown + deltas
 
 
+def new_seed_columns(evals):
+    """Where one more seed's vision and text stable scores will land (eval.new_seed_interval), or 'n/a'."""
+    shown = []
+    for key in ('vision_stable_score', 'text_stable_score'):
+        scores = [e[key] for e in evals if e[key] is not None]
+        ci = new_seed_interval(scores) if len(scores) == len(evals) else None
+        shown.append('n/a' if ci is None else f'[{ci[0]:.3f}, {ci[1]:.3f}]')
+    return '; '.join(shown)
+
+
 def results_table(results, baseline_name, times=None):
     """
     results: {cell: [eval.json of each finished seed]} -> markdown rows: each score's mean over seeds with a 95%
     interval, and the differences to baseline_name with p, both by a hierarchical bootstrap (seeds, then items), so
-    they include the spread between seeds (a cell with one seed: items only); times: {cell: [times.json of each
-    seed]}, each cell's wall time per seed (mean over its seeds).
+    they include the spread between seeds (a cell with one seed: items only); where one more seed will land (a
+    prediction interval, wider than the mean's); times: {cell: [times.json of each seed]}, each cell's wall time per
+    seed (mean over its seeds).
     """
     base, times = results.get(baseline_name), times or {}
     header = ['cell', 'seeds', 'vision', 'blind vision', 'text', f'Δ vision vs {baseline_name} (p)', 'Δ text (p)',
-              'time per seed']
+              'a new seed: vision; text', 'time per seed']
     rows = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
     for cell, evals in results.items():
         if not evals:
-            rows.append(f'| {cell} | 0 | failed | | | | | |')
+            rows.append('| ' + ' | '.join([cell, '0', 'no seed finished'] + [''] * (len(header) - 3)) + ' |')
             continue
         spent = [sum(t.values()) for t in times.get(cell, [])]
-        rows.append(f'| {cell} | {len(evals)} | ' + ' | '.join(score_columns(evals, base)) + ' | ' +
-                    (train.format_time(np.mean(spent)) if spent else '') + ' |')
+        rows.append('| ' + ' | '.join([cell, str(len(evals))] + score_columns(evals, base) + [
+            new_seed_columns(evals), train.format_time(np.mean(spent)) if spent else '']) + ' |')
     return '\n'.join(rows)
 
 
@@ -335,7 +403,7 @@ def collect(cfg, runs, errors, skipped=()):
     results, times, records = {}, {}, []
     for i, r in enumerate(runs):
         evals = results.setdefault(r['cell'], [])
-        record = dict(cell=r['cell'], seed=r['seed'], args=r['args'])
+        record = dict(cell=r['cell'], seed=r['seed'], out_dir=r['out_dir'], args=r['args'])
         if os.path.exists(eval_path(r)):
             with open(eval_path(r)) as f:
                 record['eval'] = json.load(f)
@@ -360,7 +428,7 @@ def collect(cfg, runs, errors, skipped=()):
         table += '\n\nseed-to-seed spread by questions per task, pooled over the cells:\n\n' + power
     failed = [f'- {rec["cell"]} seed {rec["seed"]}: {rec["error"]}' for rec in records if 'error' in rec]
     with open(os.path.join(cfg['out_dir'], 'results.md'), 'w') as f:
-        f.write(table + '\n' + ('\nfailed or missing:\n' + '\n'.join(failed) + '\n' if failed else '') +
+        f.write(table + '\n' + ('\nfailed or not run:\n' + '\n'.join(failed) + '\n' if failed else '') +
                 ('\nskipped (train.py rejects the combination):\n' + '\n'.join(f'- {s}' for s in skipped) + '\n'
                  if skipped else ''))
     plot(results, os.path.join(cfg['out_dir'], 'results.png'))
@@ -375,11 +443,11 @@ def main(args):
     for reason in skipped:
         print(f'skipped {reason}')
     t0 = time.time()
-    errors = run_plan(runs)
+    errors = {} if cfg['report_only'] else run_plan(runs)
     table, failed = collect(cfg, runs, errors, skipped)
-    print(f'\n{table}\n' + ('\n'.join(['failed:'] + failed) + '\n' if failed else '') +
+    print(f'\n{table}\n' + ('\n'.join(['failed or not run:'] + failed) + '\n' if failed else '') +
           f'\nwritten to {cfg["out_dir"]}/results.{{json,md,png}} in {train.format_time(time.time() - t0)}')
-    return not failed
+    return cfg['report_only'] or not failed
 
 
 if __name__ == '__main__':

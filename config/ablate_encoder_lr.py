@@ -6,3 +6,4 @@ grid = [{'config': ['config/siglip_frozen.py', 'config/dino_siglip_frozen.py', '
         {'config': ['config/siglip_unfrozen.py', 'config/dino_siglip_unfrozen.py', 'config/vit_unfrozen.py',
                     'config/resnet_unfrozen.py'], 'encoder_lr': [1e-5, 1e-4, 1e-3]}]
 baseline = 'siglip_frozen'
+out_dir = 'out/ablate_encoder_lr'  # its results; its runs too, unless runs_dir names a folder plans share

@@ -1,3 +1,4 @@
-# python ablate.py config/ablate_finetune_epochs.py -- epochs of instruction fine-tuning
-grid = {'finetune_epochs': [1, 2, 4]}
-baseline = 'finetune_epochs=2'
+# python ablate.py config/ablate_finetune_epochs.py -- epochs of instruction fine-tuning (the paper: 2-4 are best)
+grid = {'finetune_epochs': [1, 2, 3, 4]}
+baseline = 'finetune_epochs=3'  # train.py's default recipe: with a shared runs_dir, the siglip_frozen run itself
+out_dir = 'out/ablate_finetune_epochs'  # its results; its runs too, unless runs_dir names a folder plans share

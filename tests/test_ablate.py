@@ -64,10 +64,78 @@ def test_a_cell_is_exactly_its_config_file(tmp_path):
 
 def test_cells_share_a_text_stage_exactly_when_their_text_settings_agree(tmp_path):
     _, runs, _ = plan([f'--out_dir={tmp_path}', "--grid={'learning_rate': [1e-3, 3e-3], 'image_ratio': [0.1, 0.2]}",
-                       '--text_iters=50'])  # a flag every cell gets is not part of the name
+                       '--text_iters=50'])  # the text stage's folder is named by its keys away from the defaults
     text = {r['cell']: next(a for a in r['args'] if a.startswith('--text_out_dir=')) for r in runs}
-    assert len(set(text.values())) == 2 and all('learning_rate=0.001' in text[c] for c in text if '0.001' in c)
+    assert text['learning_rate=0.001 image_ratio=0.2'].endswith('/text/text_iters=50-learning_rate=0.001/seed1')
     assert text['learning_rate=0.003 image_ratio=0.1'] == text['learning_rate=0.003 image_ratio=0.2']
+    assert text['learning_rate=0.003 image_ratio=0.2'].endswith('/text/text_iters=50/seed1')  # 3e-3 is the default
+    _, runs, _ = plan([f'--out_dir={tmp_path}'])
+    assert {a for r in runs for a in r['args'] if a.startswith('--text_out_dir=')} == \
+        {f'--text_out_dir={tmp_path}/text/default/seed1'}
+
+
+def finish(run, vision=(1.0, 0.0)):
+    """What a finished run leaves: its finetune/eval.json."""
+    os.makedirs(os.path.join(run['out_dir'], 'finetune'), exist_ok=True)
+    with open(ablate.eval_path(run), 'w') as f:
+        json.dump(fake_eval(list(vision) * 20, [1.0] * 40), f)
+
+
+def test_plans_sharing_a_runs_dir_run_an_experiment_once(tmp_path, monkeypatch):
+    """The encoder plan's cells are, under other names, the encoder LR plan's frozen and 1e-5 cells and the
+    injection sweep's 0.8 cell: with one runs_dir they run once; a cell of another config does not match."""
+    calls = []
+    monkeypatch.setattr(ablate, 'run_cell', lambda run: calls.append(run['cell']) or finish(run))
+    runs_dir = str(tmp_path / 'runs')
+    cfg, runs, _ = plan([f'--runs_dir={runs_dir}', f'--out_dir={tmp_path}/encoder'])
+    ablate.run_plan(runs)
+    assert len(calls) == 9 and all(r['out_dir'].startswith(runs_dir) for r in runs)
+    _, lr_runs, _ = plan([os.path.join(CONFIG, 'ablate_encoder_lr.py'), f'--runs_dir={runs_dir}',
+                          f'--out_dir={tmp_path}/lr'])
+    reused = {r['cell']: os.path.basename(os.path.dirname(r['out_dir'])) for r in lr_runs}
+    assert reused['siglip_frozen'] == 'siglip_frozen'
+    assert reused['siglip_unfrozen encoder_lr=1e-05'] == 'siglip_unfrozen'
+    assert reused['siglip_unfrozen encoder_lr=0.0001'] == 'siglip_unfrozen_encoder_lr=0.0001'  # a new experiment
+    calls.clear()
+    ablate.run_plan(lr_runs)
+    assert len(calls) == 8 and not any(c.endswith('=1e-05') or c.endswith('_frozen') for c in calls)
+    _, sweep, _ = plan([os.path.join(CONFIG, 'ablate_injection.py'), f'--runs_dir={runs_dir}',
+                        f'--out_dir={tmp_path}/injection'])
+    by_cell = {r['cell']: r for r in sweep}
+    assert by_cell['image_inject_frac=0.8']['out_dir'] == os.path.join(runs_dir, 'siglip_frozen', 'seed1')
+    assert f'--out_dir={runs_dir}/siglip_frozen/seed1' in by_cell['image_inject_frac=0.8']['args']
+    assert by_cell['image_inject_frac=0.6']['out_dir'] == os.path.join(runs_dir, 'image_inject_frac=0.6', 'seed1')
+
+
+def test_a_folder_holding_another_experiment_is_not_taken_for_the_cell(tmp_path, monkeypatch):
+    monkeypatch.setattr(ablate, 'run_cell', finish)
+    cfg, runs, _ = plan([f'--out_dir={tmp_path}', "--grid={'image_ratio': [0.1, 0.2]}"])
+    assert ablate.run_plan(runs) == {}
+    with open(os.path.join(runs[1]['out_dir'], 'cell.json')) as f:
+        assert json.load(f)['image_ratio'] == 0.2
+    _, changed, _ = plan([f'--out_dir={tmp_path}', "--grid={'image_ratio': [0.1, 0.2]}", '--finetune_epochs=1'])
+    errors = ablate.run_plan(changed)  # the same cell names, another experiment: not silently the old results
+    assert sorted(errors) == [0, 1] and 'cell.json differs in finetune_epochs' in errors[1]
+
+
+def test_report_only_tables_the_finished_runs_and_runs_nothing(tmp_path, monkeypatch):
+    grid = "--grid={'image_ratio': [0.1, 0.2, 0.5]}"
+    _, runs, _ = plan([f'--out_dir={tmp_path}', grid, '--seeds=[1,2]'])
+    finish(runs[2])  # image_ratio=0.2 seed 1 only; the baseline has no finished seed
+    monkeypatch.setattr(ablate, 'run_cell', lambda run: pytest.fail('report_only ran a cell'))
+    assert ablate.main([f'--out_dir={tmp_path}', grid, '--seeds=[1,2]', '--report_only=True'])
+    with open(tmp_path / 'results.md') as f:
+        md = f.read()
+    assert '| image_ratio=0.1 | 0 | no seed finished |' in md and '| image_ratio=0.2 | 1 | ' in md
+    assert md.count(': not run') == 5 and not os.path.exists(os.path.join(runs[0]['out_dir'], 'cell.json'))
+
+
+def test_identical_cells_of_one_plan_run_once(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(ablate, 'run_cell', lambda run: calls.append(run['cell']) or finish(run))
+    _, runs, _ = plan([f'--out_dir={tmp_path}', "--grid=[{'image_ratio': [0.1]}, {'image_inject_frac': [0.8]}]"])
+    assert runs[0]['out_dir'] == runs[1]['out_dir'] and ablate.run_plan(runs) == {}
+    assert calls == ['image_ratio=0.1']
 
 
 def test_grid_cells_are_a_union_of_products():
@@ -127,6 +195,23 @@ def test_table_gives_the_mean_over_seeds_with_an_interval():
     assert cells[2].startswith(f'{mean:.3f} [') and low < mean < high
 
 
+def test_a_new_seed_lands_in_the_stated_interval_95_times_in_100():
+    lo, hi = ev.new_seed_interval([0.4, 0.5, 0.6])
+    assert (lo + hi) / 2 == pytest.approx(0.5) and hi - 0.5 == pytest.approx(4.303 * 0.1 * np.sqrt(4 / 3))
+    assert ev.new_seed_interval([0.5]) is None
+    rng = np.random.default_rng(3)
+    for n in (3, 5, 14):  # the t table, then its approximation
+        draws = rng.normal(0.5, 0.05, size=(4000, n + 1))
+        inside = [lo <= d[-1] <= hi for d in draws for lo, hi in [ev.new_seed_interval(d[:-1])]]
+        assert 0.935 < np.mean(inside) < 0.965
+    seeds = [fake_eval([1.0] * k + [0.0] * (60 - k), [1.0] * 40) for k in (20, 30, 40)]
+    row = ablate.results_table({'cell': seeds}, 'cell').splitlines()[2].split(' | ')
+    v = [ev.centered(k / 60, 1 / 6) for k in (20, 30, 40)]
+    lo, hi = ev.new_seed_interval(v)
+    assert row[-2] == f'[{lo:.3f}, {hi:.3f}]; [1.000, 1.000]'  # text: every seed scores 1.0, no spread
+    assert len(row) == len(ablate.results_table({'cell': seeds}, 'cell').splitlines()[0].split(' | '))
+
+
 def test_resume_skips_finished_and_survives_failures(tmp_path, monkeypatch):
     cfg, runs, _ = plan([f'--out_dir={tmp_path}', "--grid={'image_ratio': [0.1, 0.2, 0.5]}"])
     calls = []
@@ -135,9 +220,7 @@ def test_resume_skips_finished_and_survives_failures(tmp_path, monkeypatch):
         calls.append(run['cell'])
         if run['cell'] == 'image_ratio=0.2':
             return 'exit code 1: boom'
-        os.makedirs(os.path.join(run['out_dir'], 'finetune'))
-        with open(ablate.eval_path(run), 'w') as f:
-            json.dump(fake_eval([1.0, 0.0] * 20, [1.0] * 40), f)
+        finish(run)
         return None
 
     monkeypatch.setattr(ablate, 'run_cell', fake_run)
