@@ -219,24 +219,6 @@ def seed_bootstrap(runs, modality, baseline=None, n_boot=2000, seed=0):
     return float(observed), interval(boots), p
 
 
-# Student's t 97.5 % quantiles for 1 to 10 degrees of freedom; beyond, 1.96 + 2.5 / df is within 0.7 % of it
-T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
-
-
-def new_seed_interval(scores):
-    """
-    Where one more seed's score will land, from the scores of a cell's seeds (asked the same questions): the 95 %
-    prediction interval mean ± t · sd · sqrt(1 + 1/n), normal spread between seeds assumed. It is the claim a rerun
-    can check, and it is wider than the interval of the mean; None for fewer than 2 seeds.
-    """
-    n = len(scores)
-    if n < 2:
-        return None
-    t = T975[n - 2] if n - 1 <= len(T975) else 1.96 + 2.5 / (n - 1)
-    half = t * float(np.std(scores, ddof=1)) * np.sqrt(1 + 1 / n)
-    return [float(np.mean(scores)) - half, float(np.mean(scores)) + half]
-
-
 def text_tasks(model, enc, items, device, rng):
     tasks = {}
     for name in sorted({it['task'] for it in items}):

@@ -196,18 +196,18 @@ def test_table_gives_the_mean_over_seeds_with_an_interval():
 
 
 def test_a_new_seed_lands_in_the_stated_interval_95_times_in_100():
-    lo, hi = ev.new_seed_interval([0.4, 0.5, 0.6])
+    lo, hi = ablate.new_seed_interval([0.4, 0.5, 0.6])
     assert (lo + hi) / 2 == pytest.approx(0.5) and hi - 0.5 == pytest.approx(4.303 * 0.1 * np.sqrt(4 / 3))
-    assert ev.new_seed_interval([0.5]) is None
+    assert ablate.new_seed_interval([0.5]) is None
     rng = np.random.default_rng(3)
     for n in (3, 5, 14):  # the t table, then its approximation
         draws = rng.normal(0.5, 0.05, size=(4000, n + 1))
-        inside = [lo <= d[-1] <= hi for d in draws for lo, hi in [ev.new_seed_interval(d[:-1])]]
+        inside = [lo <= d[-1] <= hi for d in draws for lo, hi in [ablate.new_seed_interval(d[:-1])]]
         assert 0.935 < np.mean(inside) < 0.965
     seeds = [fake_eval([1.0] * k + [0.0] * (60 - k), [1.0] * 40) for k in (20, 30, 40)]
     row = ablate.results_table({'cell': seeds}, 'cell').splitlines()[2].split(' | ')
     v = [ev.centered(k / 60, 1 / 6) for k in (20, 30, 40)]
-    lo, hi = ev.new_seed_interval(v)
+    lo, hi = ablate.new_seed_interval(v)
     assert row[-2] == f'[{lo:.3f}, {hi:.3f}]; [1.000, 1.000]'  # text: every seed scores 1.0, no spread
     assert len(row) == len(ablate.results_table({'cell': seeds}, 'cell').splitlines()[0].split(' | '))
 
