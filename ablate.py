@@ -1,7 +1,7 @@
 """
 Run a plan of training cells over seeds and collect their stable scores: a table of means over seeds with intervals
-and significance against a baseline cell (a hierarchical bootstrap over seeds and questions), how many seeds and
-questions a difference needs, and plots of vision against text and of the loss curves.
+and significance against a baseline cell (Student's t over seeds, the questions' error added: stats.py), how many
+seeds and questions a difference needs, and plots of vision against text and of the loss curves.
 
     python ablate.py                                  # the encoder ablation: 4 encoders x frozen/trained + patch
     python ablate.py config/ablate_injection.py       # a sweep of the paper's own axes (see config/ablate_*.py)
@@ -30,7 +30,7 @@ import time
 import numpy as np
 
 from configurator import ConfigError, configure, script_config
-from eval import centered, seed_bootstrap
+import stats
 import train
 
 # -----------------------------------------------------------------------------
@@ -48,7 +48,8 @@ grid = [{'config': ['config/siglip_frozen.py', 'config/siglip_unfrozen.py', 'con
 baseline = ''  # the cell the others are compared with, by name ('siglip_frozen'); '' = the first
 report_only = False  # True: run nothing, write the table and plots of the runs finished so far (while a plan runs)
 seeds = [1, 2, 3]  # every cell runs once per seed (each seed reseeds every stage and the shapes encoders); 3 detect a
-# text difference of about 0.03 and a vision one of about 0.07 (docs/results.md, "How many questions and seeds")
+# text difference of about 0.06 and a vision one of about 0.19, 5 seeds 0.03 and 0.10 (docs/results.md, "What 3
+# seeds can detect")
 # -----------------------------------------------------------------------------
 ABLATE_KEYS = ('out_dir', 'runs_dir', 'grid', 'baseline', 'report_only', 'seeds')
 SCORES = ('vision_stable_score', 'vision_blind_stable_score', 'text_stable_score')
@@ -222,7 +223,7 @@ def run_plan(runs):
 
 def score_columns(evals, base):
     """A cell's three scores (mean over its seeds [95% interval]) and its vision and text differences from the
-    baseline cell (p), all by the hierarchical bootstrap over seeds and items (eval.seed_bootstrap)."""
+    baseline cell (p), all by Student's t over seeds with the questions' own error added (stats.over_seeds)."""
     shown, deltas = [], []
     for key, tasks, modality in (('vision_stable_score', 'tasks', 'vision'),
                                  ('vision_blind_stable_score', 'blind_tasks', 'vision'),
@@ -232,41 +233,23 @@ def score_columns(evals, base):
             deltas += [''] if tasks == 'tasks' else []  # every row keeps its columns
             continue
         runs = [{'tasks': e[tasks]} for e in evals]
-        mean, ci, _ = seed_bootstrap(runs, modality)
+        mean, ci, _ = stats.over_seeds(runs, modality)
         shown.append(f'{mean:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]')
         if tasks == 'tasks':
             if not base or base is evals or base[0][key] is None or len(base) != len(evals):
                 deltas.append('')
                 continue
-            diff, _, p = seed_bootstrap(runs, modality, baseline=[{'tasks': e['tasks']} for e in base])
-            deltas.append(f'{diff:+.3f} (p={p:.3f})' if p > 0 else f'{diff:+.3f} (p<0.001)')
+            diff, _, p = stats.over_seeds(runs, modality, baseline=base)
+            deltas.append(f'{diff:+.3f} (p={p:.3f})' if p >= 0.001 else f'{diff:+.3f} (p<0.001)')
     return shown + deltas
 
 
-# Student's t 97.5 % quantiles for 1 to 10 degrees of freedom; beyond, 1.96 + 2.5 / df is within 0.7 % of it
-T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
-
-
-def new_seed_interval(scores):
-    """
-    Where one more seed's score will land, from the scores of a cell's seeds (asked the same questions): the 95 %
-    prediction interval mean ± t · sd · sqrt(1 + 1/n), normal spread between seeds assumed. It is the claim a rerun
-    can check, and it is wider than the interval of the mean; None for fewer than 2 seeds.
-    """
-    n = len(scores)
-    if n < 2:
-        return None
-    t = T975[n - 2] if n - 1 <= len(T975) else 1.96 + 2.5 / (n - 1)
-    half = t * float(np.std(scores, ddof=1)) * np.sqrt(1 + 1 / n)
-    return [float(np.mean(scores)) - half, float(np.mean(scores)) + half]
-
-
 def new_seed_columns(evals):
-    """Where one more seed's vision and text stable scores will land (new_seed_interval), or 'n/a'."""
+    """Where one more seed's vision and text stable scores will land (stats.new_seed_interval), or 'n/a'."""
     shown = []
     for key in ('vision_stable_score', 'text_stable_score'):
         scores = [e[key] for e in evals if e[key] is not None]
-        ci = new_seed_interval(scores) if len(scores) == len(evals) else None
+        ci = stats.new_seed_interval(scores) if len(scores) == len(evals) else None
         shown.append('n/a' if ci is None else f'[{ci[0]:.3f}, {ci[1]:.3f}]')
     return '; '.join(shown)
 
@@ -274,8 +257,8 @@ def new_seed_columns(evals):
 def results_table(results, baseline_name, times=None):
     """
     results: {cell: [eval.json of each finished seed]} -> markdown rows: each score's mean over seeds with a 95%
-    interval, and the differences to baseline_name with p, both by a hierarchical bootstrap (seeds, then items), so
-    they include the spread between seeds (a cell with one seed: items only); where one more seed will land (a
+    interval, and the differences to baseline_name with p, both by Student's t over seeds with the questions' error
+    added (stats.over_seeds), so they include the spread between seeds (a cell with one seed: items only); where one more seed will land (a
     prediction interval, wider than the mean's); times: {cell: [times.json of each seed]}, each cell's wall time per
     seed (mean over its seeds).
     """
@@ -293,32 +276,14 @@ def results_table(results, baseline_name, times=None):
     return '\n'.join(rows)
 
 
-def seed_score(evaluation, modality, n):
-    """One seed's stable score from the first n items of each of its tasks (eval.json holds every item's score)."""
-    tasks = [t for t in evaluation['tasks'].values() if t['modality'] == modality and t['n']]
-    return float(np.mean([centered(np.mean(t['scores'][:n]), t['chance']) for t in tasks]))
-
-
-def item_se(cell, base, modality, n):
-    """The standard error, over the first n items of each task, of a paired difference of stable scores averaged
-    over seeds: the part of the spread that the questions add (the bootstrap's inner level)."""
-    names = [k for k, t in base[0]['tasks'].items() if t['modality'] == modality and t['n']]
-    variances = []
-    for name in names:
-        diffs = np.mean([np.subtract(a['tasks'][name]['scores'][:n], b['tasks'][name]['scores'][:n])
-                         for a, b in zip(cell, base)], axis=0)
-        variances.append(np.var(diffs, ddof=1) / len(diffs) / (1 - base[0]['tasks'][name]['chance']) ** 2)
-    return float(np.sqrt(np.sum(variances)) / len(names))
-
-
-def power_table(results, baseline_name, sizes=(100, 200, 500, 1000), seeds=3):
+def power_table(results, baseline_name, sizes=(100, 200, 500, 1000), seeds=(3, 5)):
     """
     How the spread between seeds falls as the questions per task grow, and the smallest difference from the
-    baseline that a plan of `seeds` seeds per cell detects (two-sided 5 %, 80 % power: 2.80 standard errors of the
-    paired difference). Spreads are pooled over the cells with 2 or more seeds: of one seed's score (sd), and of a
-    cell's difference from the baseline seed by seed (sd Δ: seed s of both cells shares its text stage and encoders,
-    which pairing cancels). The standard error adds the questions' own (item_se), as the bootstrap test does:
-    sqrt(sd Δ^2 / seeds + item_se^2). Markdown, or '' when no cell has 2 seeds.
+    baseline that a plan of 3 or 5 (`seeds`) seeds per cell detects (stats.detectable: the table's own t test,
+    two-sided 5 %, 80 % power). Spreads are pooled over the cells with 2 or more seeds: of one seed's score (sd), and
+    of a cell's difference from the baseline seed by seed (sd Δ: seed s of both cells shares its text stage and
+    encoders, which pairing cancels); the questions add their own error (stats.item_se). Markdown, or '' when no
+    cell has 2 seeds.
     """
     cells = {c: e for c, e in results.items() if len(e) >= 2 and e[0]['vision_stable_score'] is not None}
     if not cells:
@@ -328,23 +293,25 @@ def power_table(results, baseline_name, sizes=(100, 200, 500, 1000), seeds=3):
     most = min(len(t['scores']) for evals in cells.values() for e in evals for t in e['tasks'].values())
     pooled = lambda groups: float(np.sqrt(sum(np.sum((np.array(g) - np.mean(g)) ** 2) for g in groups) /
                                           sum(len(g) - 1 for g in groups)))
-    rows = ['| questions per task | sd vision | sd text | sd Δ vision | sd Δ text | detectable Δ vision | '
-            'detectable Δ text |', '|---|---|---|---|---|---|---|']
+    each = ' / '.join(str(k) for k in seeds)
+    rows = [f'| questions per task | sd vision | sd text | sd Δ vision | sd Δ text | detectable Δ vision ({each} '
+            f'seeds) | detectable Δ text ({each} seeds) |', '|---|---|---|---|---|---|---|']
     for n in [n for n in sizes if n <= most]:
-        sds = [pooled([[seed_score(e, m, n) for e in evals] for evals in cells.values()]) for m in ('vision', 'text')]
+        sds = [pooled([[stats.seed_score(e, m, n) for e in evals] for evals in cells.values()])
+               for m in ('vision', 'text')]
         shown, detectable = [f'{v:.3f}' for v in sds], []
         for m in ('vision', 'text'):
             if not paired:
                 shown.append('n/a')
                 detectable.append('n/a')
                 continue
-            sd_delta = pooled([[seed_score(a, m, n) - seed_score(b, m, n) for a, b in zip(cells[c], base)]
-                               for c in paired])
-            se_items = np.sqrt(np.mean([item_se(cells[c], base, m, n) ** 2 for c in paired]))
+            sd_delta = pooled([[stats.seed_score(a, m, n) - stats.seed_score(b, m, n)
+                                for a, b in zip(cells[c], base)] for c in paired])
+            se_items = np.sqrt(np.mean([stats.item_se(cells[c], m, base, n) ** 2 for c in paired]))
             shown.append(f'{sd_delta:.3f}')
-            detectable.append(f'{2.80 * np.sqrt(sd_delta ** 2 / seeds + se_items ** 2):.3f}')
+            detectable.append(' / '.join(f'{stats.detectable(sd_delta, se_items, k):.3f}' for k in seeds))
         rows.append(f'| {n} | ' + ' | '.join(shown + detectable) + ' |')
-    return '\n'.join(rows) + f'\n\n(detectable: with {seeds} seeds per cell, paired with the baseline\'s)'
+    return '\n'.join(rows) + '\n\n(detectable: with that many seeds per cell, paired with the baseline\'s)'
 
 
 def pyplot(path):
@@ -403,8 +370,7 @@ def plot(results, path):
         if not evals or evals[0]['vision_stable_score'] is None:
             continue
         # the mean over seeds and its 95% interval over seeds and items, as in the table
-        (x, (x0, x1), _), (y, (y0, y1), _) = (seed_bootstrap([{'tasks': e['tasks']} for e in evals], m)
-                                              for m in ('vision', 'text'))
+        (x, (x0, x1), _), (y, (y0, y1), _) = (stats.over_seeds(evals, m) for m in ('vision', 'text'))
         xerr, yerr = [[x - x0], [x1 - x]], [[y - y0], [y1 - y]]
         ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt='o', capsize=3, label=cell)
     ax.legend(fontsize=7, loc='upper left', bbox_to_anchor=(1.02, 1.0), frameon=False)  # labels never overlap

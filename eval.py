@@ -189,36 +189,6 @@ def stable_score(tasks, modality, rng, n_boot=1000):
     return float(np.mean([t['centered'] for t in chosen])), interval(boots)
 
 
-def seed_bootstrap(runs, modality, baseline=None, n_boot=2000, seed=0):
-    """
-    The stable score of a cell over its seeds (runs: the eval.json of each seed), or its difference from a
-    baseline cell's (the same seeds, in the same order: seed s of both shares its text stage), with a hierarchical
-    bootstrap that samples both sources of spread: each resample draws seeds with replacement, then each task's
-    items with replacement (the same items for every drawn seed and for both cells: they answer the same questions).
-    Returns (observed mean over seeds, its 95% interval, two-sided p of no difference or None without a baseline).
-    """
-    rng = np.random.default_rng(seed)
-    names = sorted(k for k, t in runs[0]['tasks'].items() if t['modality'] == modality and t['n'])
-    if baseline is not None and len(baseline) != len(runs):
-        raise ValueError(f'{len(runs)} seeds against {len(baseline)}: a paired comparison needs the same seeds')
-    seeds = rng.integers(0, len(runs), size=(n_boot, len(runs)))
-    boots, observed = np.zeros(n_boot), 0.0
-    for name in names:
-        chance = runs[0]['tasks'][name]['chance']
-        scores = np.array([r['tasks'][name]['scores'] for r in runs], dtype=np.float64)  # [seeds, items]
-        offset = chance
-        if baseline is not None:  # centered(a) - centered(b) = (a - b) / (1 - chance): chance cancels
-            scores = scores - np.array([r['tasks'][name]['scores'] for r in baseline], dtype=np.float64)
-            offset = 0.0
-        items = rng.integers(0, scores.shape[1], size=(n_boot, scores.shape[1]))
-        means = scores[seeds[:, :, None], items[:, None, :]].mean(axis=(1, 2))
-        boots += (means - offset) / (1.0 - chance)
-        observed += (scores.mean() - offset) / (1.0 - chance)
-    boots, observed = boots / len(names), observed / len(names)
-    p = None if baseline is None else float(min(1.0, 2 * min(np.mean(boots <= 0), np.mean(boots >= 0))))
-    return float(observed), interval(boots), p
-
-
 def text_tasks(model, enc, items, device, rng):
     tasks = {}
     for name in sorted({it['task'] for it in items}):
