@@ -11,8 +11,9 @@ Every cell is one `python train.py` run in its own process (one cell's crash can
 to {runs_dir}/<cell>/seed<seed>; cells with the same text settings share one text stage. Finished cells (their
 finetune/eval.json exists) are skipped on rerun, so an interrupted plan resumes where it stopped; plans that share a
 runs_dir run an experiment they have in common once, whatever its name in each. Outputs in out_dir: results.json
-(every run's cell, seed, folder, arguments, eval.json and times), results.md (the table), results.png (vision against text) and curves.png
-(every cell's loss curves; the plots need matplotlib).
+(every run's cell, seed, folder, arguments, eval.json and times), results.md (the table), results.png (vision
+against text), curves.png (every cell's loss curves) and, for a grid with one numeric key, sweep.png (both scores
+against it); the plots need matplotlib.
 
     python ablate.py config/ablate_encoder_lr.py --runs_dir=out/runs --out_dir=out/encoder_lr  # reuses the
                                                    # frozen cells `--runs_dir=out/runs --out_dir=out/encoder` ran
@@ -35,7 +36,7 @@ import train
 
 # -----------------------------------------------------------------------------
 # config: ablate.py's own keys; every other --key=value is a train.py key applied to every cell
-out_dir = 'out/ablate'  # results.json, .md, .png and curves.png
+out_dir = 'out/ablate'  # results.json, .md, .png, curves.png and, for a sweep, sweep.png
 runs_dir = ''  # each cell runs in {runs_dir}/<cell>/seed<seed> ('' = out_dir), beside its cell.json (its resolved
 # config); a run whose cell.json equals that of a run already in runs_dir, under any name, is that run
 # the grid: every combination of its values is a cell; a list of such dicts is the union of their products. The key
@@ -383,6 +384,63 @@ def plot(results, path):
     return True
 
 
+def swept_key(cells):
+    """The one grid key whose values are numbers (the axis of a sweep: image_inject_frac, encoder_lr), or None."""
+    keys = {k for c in cells for k, v in c.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return keys.pop() if len(keys) == 1 else None
+
+
+def sweep_lines(cells, results, key):
+    """A sweep's lines: the cells that set `key`, grouped by their other keys and sorted by its value, as
+    {label: [(value, evals), ...]}; and the cells that leave it unset (the LR plan's frozen ones) as {label: evals}.
+    Cells with no scores (failed, not run yet) are left out."""
+    lines, levels = {}, {}
+    for cell in cells:
+        evals = results.get(cell_name(cell))
+        if not evals or evals[0]['vision_stable_score'] is None:
+            continue
+        rest = cell_name({k: v for k, v in cell.items() if k != key})
+        if key in cell:
+            lines.setdefault(rest, []).append((cell[key], evals))
+        else:
+            levels[rest] = evals
+    return {label: sorted(points, key=lambda p: p[0]) for label, points in lines.items()}, levels
+
+
+def plot_sweep(cells, results, path):
+    """Both stable scores against the swept key, mean over seeds with 95 % intervals: the paper's own figures."""
+    key = swept_key(cells)
+    if key is None:
+        return False
+    lines, levels = sweep_lines(cells, results, key)
+    plt = pyplot(path) if lines else None
+    if plt is None:
+        return False
+    values = [x for points in lines.values() for x, _ in points]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, modality in zip(axes, ('vision', 'text')):
+        for label, points in lines.items():
+            means = [stats.over_seeds(evals, modality) for _, evals in points]
+            xs, ys = [x for x, _ in points], [m for m, _, _ in means]
+            yerr = [[m - lo for m, (lo, _), _ in means], [hi - m for m, (_, hi), _ in means]]
+            ax.errorbar(xs, ys, yerr=yerr, fmt='o-', capsize=3, label=label)
+        for label, evals in levels.items():  # a cell off the axis (frozen) is a level to compare the curves with
+            ax.axhline(stats.over_seeds(evals, modality)[0], ls='--', lw=1, color='gray' if len(levels) == 1 else None,
+                       label=label)
+        if min(values) > 0 and max(values) / min(values) >= 100:  # LRs: equal ratios, equal steps
+            ax.set_xscale('log')
+        ax.set_xticks(sorted(set(values)), [f'{x:g}' for x in sorted(set(values))])  # the values the plan ran
+        ax.set_xlabel(key)
+        ax.set_ylabel(f'{modality} stable score (mean over seeds, 95 % interval)')
+        ax.grid(alpha=0.3)
+    if len(lines) + len(levels) > 1:  # one line needs no legend
+        axes[1].legend(fontsize=7, loc='upper left', bbox_to_anchor=(1.02, 1.0), frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
 def collect(cfg, runs, errors, skipped=()):
     results, times, records = {}, {}, []
     for i, r in enumerate(runs):
@@ -417,6 +475,7 @@ def collect(cfg, runs, errors, skipped=()):
                  if skipped else ''))
     plot(results, os.path.join(cfg['out_dir'], 'results.png'))
     plot_curves(runs, os.path.join(cfg['out_dir'], 'curves.png'))
+    plot_sweep(grid_cells(cfg['grid']), results, os.path.join(cfg['out_dir'], 'sweep.png'))
     return table, failed
 
 

@@ -204,6 +204,25 @@ def test_the_table_states_where_a_new_seed_lands():
     assert len(row) == len(ablate.results_table({'cell': seeds}, 'cell').splitlines()[0].split(' | '))
 
 
+def test_a_sweep_plot_draws_each_family_against_its_numeric_key(tmp_path):
+    """The LR plan: one line per trained encoder over encoder_lr, in LR order whatever the grid's, and the frozen
+    cells as levels; a cell without scores is left out. The encoder plan has no numeric key: no sweep plot."""
+    cfg, _, _ = plan([os.path.join(CONFIG, 'ablate_encoder_lr.py'), f'--out_dir={tmp_path}'])
+    cells = ablate.grid_cells(cfg['grid'])
+    cells = cells[:4] + cells[4:][::-1]  # the grid's order is not the axis's
+    seeds = [fake_eval([1.0] * 30 + [0.0] * 30, [1.0] * 40)]
+    results = {ablate.cell_name(c): seeds for c in cells if ablate.cell_name(c) != 'vit_unfrozen encoder_lr=0.0001'}
+    key = ablate.swept_key(cells)
+    lines, levels = ablate.sweep_lines(cells, results, key)
+    assert key == 'encoder_lr' and list(levels) == [f'{e}_frozen' for e in ('siglip', 'dino_siglip', 'vit', 'resnet')]
+    assert {label: [x for x, _ in points] for label, points in lines.items()} == {
+        'resnet_unfrozen': [1e-5, 1e-4, 1e-3], 'vit_unfrozen': [1e-5, 1e-3], 'dino_siglip_unfrozen': [1e-5, 1e-4, 1e-3],
+        'siglip_unfrozen': [1e-5, 1e-4, 1e-3]}
+    assert ablate.swept_key(ablate.grid_cells(ablate.grid)) is None
+    injection, _, _ = plan([os.path.join(CONFIG, 'ablate_injection.py'), f'--out_dir={tmp_path}'])
+    assert ablate.swept_key(ablate.grid_cells(injection['grid'])) == 'image_inject_frac'
+
+
 def test_resume_skips_finished_and_survives_failures(tmp_path, monkeypatch):
     cfg, runs, _ = plan([f'--out_dir={tmp_path}', "--grid={'image_ratio': [0.1, 0.2, 0.5]}"])
     calls = []
