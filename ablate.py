@@ -363,6 +363,7 @@ def plot_curves(runs, path):
 
 
 def plot(results, path):
+    """Each cell's text against its vision score, mean over seeds with 95 % intervals."""
     plt = pyplot(path)
     if plt is None:
         return False
@@ -391,9 +392,8 @@ def swept_key(cells):
 
 
 def sweep_lines(cells, results, key):
-    """A sweep's lines: the cells that set `key`, grouped by their other keys and sorted by its value, as
-    {label: [(value, evals), ...]}; and the cells that leave it unset (the LR plan's frozen ones) as {label: evals}.
-    Cells with no scores (failed, not run yet) are left out."""
+    """{label: [(value, evals), ...]}: the scored cells that set `key`, by their other keys, in the key's order;
+    and {label: evals}: the scored cells that leave it unset (the LR plan's frozen ones)."""
     lines, levels = {}, {}
     for cell in cells:
         evals = results.get(cell_name(cell))
@@ -410,13 +410,11 @@ def sweep_lines(cells, results, key):
 def plot_sweep(cells, results, path):
     """Both stable scores against the swept key, mean over seeds with 95 % intervals: the paper's own figures."""
     key = swept_key(cells)
-    if key is None:
-        return False
-    lines, levels = sweep_lines(cells, results, key)
+    lines, levels = sweep_lines(cells, results, key) if key else ({}, {})  # no numeric key: the encoder plan
     plt = pyplot(path) if lines else None
     if plt is None:
         return False
-    values = [x for points in lines.values() for x, _ in points]
+    values = sorted({x for points in lines.values() for x, _ in points})
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for ax, modality in zip(axes, ('vision', 'text')):
         for label, points in lines.items():
@@ -424,12 +422,11 @@ def plot_sweep(cells, results, path):
             xs, ys = [x for x, _ in points], [m for m, _, _ in means]
             yerr = [[m - lo for m, (lo, _), _ in means], [hi - m for m, (_, hi), _ in means]]
             ax.errorbar(xs, ys, yerr=yerr, fmt='o-', capsize=3, label=label)
-        for label, evals in levels.items():  # a cell off the axis (frozen) is a level to compare the curves with
-            ax.axhline(stats.over_seeds(evals, modality)[0], ls='--', lw=1, color='gray' if len(levels) == 1 else None,
-                       label=label)
-        if min(values) > 0 and max(values) / min(values) >= 100:  # LRs: equal ratios, equal steps
+        for label, evals in levels.items():  # a cell off the axis (frozen): a level to compare the curves with
+            ax.axhline(stats.over_seeds(evals, modality)[0], ls='--', lw=1, label=label)
+        if values[0] > 0 and values[-1] / values[0] >= 100:  # LRs: equal ratios, equal steps
             ax.set_xscale('log')
-        ax.set_xticks(sorted(set(values)), [f'{x:g}' for x in sorted(set(values))])  # the values the plan ran
+        ax.set_xticks(values, [f'{x:g}' for x in values])  # the values the plan ran
         ax.set_xlabel(key)
         ax.set_ylabel(f'{modality} stable score (mean over seeds, 95 % interval)')
         ax.grid(alpha=0.3)
