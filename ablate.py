@@ -422,8 +422,9 @@ def plot_sweep(cells, results, path):
             xs, ys = [x for x, _ in points], [m for m, _, _ in means]
             yerr = [[m - lo for m, (lo, _), _ in means], [hi - m for m, (_, hi), _ in means]]
             ax.errorbar(xs, ys, yerr=yerr, fmt='o-', capsize=3, label=label)
-        for label, evals in levels.items():  # a cell off the axis (frozen): a level to compare the curves with
-            ax.axhline(stats.over_seeds(evals, modality)[0], ls='--', lw=1, label=label)
+        for i, (label, evals) in enumerate(levels.items()):  # a cell off the axis (frozen): a level to compare with;
+            # the i-th level takes the i-th line's color, as a plan lists its families in one order on and off the axis
+            ax.axhline(stats.over_seeds(evals, modality)[0], color=f'C{i % 10}', ls='--', lw=1, label=label)
         if values[0] > 0 and values[-1] / values[0] >= 100:  # LRs: equal ratios, equal steps
             ax.set_xscale('log')
         ax.set_xticks(values, [f'{x:g}' for x in values])  # the values the plan ran
