@@ -286,7 +286,7 @@ def power_table(results, baseline_name, sizes=(100, 200, 500, 1000), seeds=(3, 5
     encoders, which pairing cancels); the questions add their own error (stats.item_se). Markdown, or '' when no
     cell has 2 seeds.
     """
-    cells = {c: e for c, e in results.items() if len(e) >= 2 and e[0]['vision_stable_score'] is not None}
+    cells = {c: e for c, e in results.items() if len(e) >= 2 and stats.scored(e)}
     if not cells:
         return ''
     base = cells.get(baseline_name)
@@ -369,7 +369,7 @@ def plot(results, path):
         return False
     fig, ax = plt.subplots(figsize=(9, 5))
     for cell, evals in results.items():
-        if not evals or evals[0]['vision_stable_score'] is None:
+        if not stats.scored(evals):
             continue
         # the mean over seeds and its 95% interval over seeds and items, as in the table
         (x, (x0, x1), _), (y, (y0, y1), _) = (stats.over_seeds(evals, m) for m in ('vision', 'text'))
@@ -397,7 +397,7 @@ def sweep_lines(cells, results, key):
     lines, levels = {}, {}
     for cell in cells:
         evals = results.get(cell_name(cell))
-        if not evals or evals[0]['vision_stable_score'] is None:
+        if not stats.scored(evals):
             continue
         rest = cell_name({k: v for k, v in cell.items() if k != key})
         if key in cell:

@@ -75,6 +75,11 @@ def item_se(runs, modality, baseline=None, n=None):
     return float(np.sqrt(np.sum(variances)) / len(names))
 
 
+def scored(runs):
+    """Whether a cell has finished seeds with stable scores (a text-only plan's eval.json has none)."""
+    return bool(runs) and runs[0]['vision_stable_score'] is not None
+
+
 def over_seeds(runs, modality, baseline=None):
     """
     A cell's stable score over its seeds (runs: each seed's eval.json), or its difference from a baseline cell's
