@@ -15,6 +15,7 @@ from dataclasses import asdict
 from types import SimpleNamespace
 
 import torch
+from safetensors import safe_open
 
 import data
 import images
@@ -44,8 +45,15 @@ def check_inputs(cfg):
     """
     paths = cfg.encoder_weights.values() if isinstance(cfg.encoder_weights, dict) else [cfg.encoder_weights]
     for path in paths:
-        if path not in ('shapes', 'random', 'hub') and not os.path.isfile(path):
+        if path in ('shapes', 'random', 'hub'):
+            continue
+        if not os.path.isfile(path):
             raise ConfigError(f'encoder weights file not found: encoder_weights={path!r}')
+        try:  # its header only, so a file that is not safetensors fails here and not after the text stage
+            with safe_open(path, 'pt'):
+                pass
+        except Exception as e:  # safetensors' own error names neither the file nor the key
+            raise ConfigError(f'encoder_weights: {path} is not a readable .safetensors file ({e})') from None
     if not (cfg.image_data or cfg.instruct_data):
         return
     if not cfg.image_data and cfg.image_ratio > 0:

@@ -35,8 +35,8 @@ from encoders import ENCODERS, build_encoder
 from eval import load_model, saved_scores, stable_score_table
 from model import GPT, PRESETS, VLM, GPTConfig
 from runtime import (TrainingError, barrier, batch_loader, check_ranks_agree, close_runtime, format_time, log,
-                     process_age, resume_point,
-                     save_stage_checkpoint, setup_runtime, start_metrics, time_table, timed, train_steps, wrap_model)
+                     process_age, resume_point, save_stage_checkpoint, setup_runtime, start_metrics, time_table, timed,
+                     train_steps, wrap_model)
 
 # -----------------------------------------------------------------------------
 # config
@@ -128,15 +128,13 @@ RANGES.update(save_fracs='(0, 1]', image_inject_frac='[0, 1]', image_ratio='[0, 
 # make a stage be trained again, never reused stale. RUN_KEYS change how or where a run is carried out, not what a
 # checkpoint holds; IMAGE_KEYS are read by the image and finetune stages only, FINETUNE_KEYS by fine-tuning only.
 RUN_KEYS = ('out_dir', 'text_out_dir', 'data_dir', 'stages', 'init_from', 'allow_stale', 'evaluate', 'eval_items',
-            'eval_interval',
-            'eval_iters', 'log_interval', 'ckpt_interval', 'keep_last', 'max_bad_steps', 'wandb_log', 'wandb_project',
-            'wandb_run_name', 'save_fracs',
-            'gradient_accumulation_steps', 'device', 'dtype', 'compile', 'fsdp', 'grad_checkpoint', 'data_workers',
-            'peak_flops')
-IMAGE_KEYS = ('image_inject_frac', 'image_iters', 'image_ratio', 'image_ratio_of', 'instruct_ratio', 'image_lr', 'rewarm_iters',
-              'encoder', 'encoder_scale', 'encoder_weights', 'freeze_encoder', 'encoder_lr', 'projector',
-              'image_inject_layer', 'cache_features', 'image_data', 'caption_key', 'instruct_data', 'instruct_images',
-              'scene_size', 'caption_scenes', 'conversations')
+            'eval_interval', 'eval_iters', 'log_interval', 'ckpt_interval', 'keep_last', 'max_bad_steps', 'wandb_log',
+            'wandb_project', 'wandb_run_name', 'save_fracs', 'gradient_accumulation_steps', 'device', 'dtype',
+            'compile', 'fsdp', 'grad_checkpoint', 'data_workers', 'peak_flops')
+IMAGE_KEYS = ('image_inject_frac', 'image_iters', 'image_ratio', 'image_ratio_of', 'instruct_ratio', 'image_lr',
+              'rewarm_iters', 'encoder', 'encoder_scale', 'encoder_weights', 'freeze_encoder', 'encoder_lr',
+              'projector', 'image_inject_layer', 'cache_features', 'image_data', 'caption_key', 'instruct_data',
+              'instruct_images', 'scene_size', 'caption_scenes', 'conversations')
 FINETUNE_KEYS = ('finetune_epochs', 'finetune_lr', 'finetune_text_ratio')
 STAGES = ('text', 'image', 'finetune')
 LONGEST_CAPTION = 200  # bytes: four objects in the longest phrasing, with room to spare

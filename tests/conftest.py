@@ -18,11 +18,14 @@ with open(os.path.join(ROOT, 'tests', 'reference_records.json')) as _f:
     REFERENCE = json.load(_f)  # genuine published records, and what the reference scorers make of them
 
 
+SMALL_WORLD = dict(train_bytes=300_000, val_bytes=20_000, n_task_items=40, verbose=False)  # the tests' shapes world
+
+
 @pytest.fixture(scope='session')
 def shapes_dir(tmp_path_factory):
     """A small shapes world (same generator, fewer bytes), written once per test session; returns its data_dir."""
     data_dir = str(tmp_path_factory.mktemp('data'))
-    shapes.prepare_text(data_dir, train_bytes=300_000, val_bytes=20_000, n_task_items=40, verbose=False)
+    shapes.prepare_text(data_dir, **SMALL_WORLD)
     return data_dir
 
 

@@ -274,20 +274,22 @@ def test_power_table_pools_the_seed_spread_by_question_count():
 
 
 @pytest.mark.slow
-def test_a_real_cell_runs_and_a_broken_one_is_reported(tmp_path, shapes_dir):
-    (tmp_path / 'broken.safetensors').write_bytes(b'not a safetensors file')  # exists, so it fails as it loads
-    # images from scratch, and a cell that fails
+def test_a_real_cell_runs_and_a_broken_one_is_reported(tmp_path, shapes_dir, capsys):
+    (tmp_path / 'broken.safetensors').write_bytes(b'not a safetensors file')
+    # images from scratch; a cell train.py rejects before any compute (skipped, with the reason); a cell that fails
+    # as it runs (an LR that makes the loss overflow)
     grid = (f"[{{'image_inject_frac': [0]}}, {{'image_inject_frac': [0.5], "
-            f"'encoder_weights': ['{tmp_path}/broken.safetensors']}}]")
+            f"'encoder_weights': ['{tmp_path}/broken.safetensors']}}, {{'image_inject_frac': [0.5], "
+            f"'learning_rate': [1e30]}}]")
     ok = ablate.main([f'--out_dir={tmp_path}', f'--grid={grid}', f'--data_dir={shapes_dir}', '--text_iters=10',
                       '--save_fracs=[0.5,1.0]', '--warmup_iters=2', '--batch_size=4', '--seeds=[1]',
                       '--image_iters=4', '--image_ratio=0.5', '--caption_scenes=40', '--conversations=40',
                       '--finetune_epochs=1', '--rewarm_iters=1', '--device=cpu', '--compile=False',
                       '--cache_features=False', '--encoder_weights=random', '--eval_items=20'])
     assert not ok
+    assert 'broken.safetensors is not a readable .safetensors file' in capsys.readouterr().out
     with open(tmp_path / 'results.json') as f:
         records = json.load(f)
-    assert [r['cell'] for r in records] == ['image_inject_frac=0',
-                                            f'image_inject_frac=0.5 encoder_weights={tmp_path}/broken.safetensors']
+    assert [r['cell'] for r in records] == ['image_inject_frac=0', 'image_inject_frac=0.5 learning_rate=1e+30']
     assert records[0]['eval']['vision_stable_score'] is not None
-    assert 'broken.safetensors is not a readable .safetensors file' in records[1]['error']
+    assert 'the loss or its gradient is not finite' in records[1]['error']

@@ -41,16 +41,23 @@ def single(tmp_path_factory, shapes_dir):
     return out
 
 
-@pytest.mark.parametrize('mode,extra', [
-    ('ddp', ['--gradient_accumulation_steps=2', '--data_workers=1']),  # 2 ranks x 2 micro-steps of one row
-    ('fsdp', ['--fsdp=True']),
-])
+@pytest.fixture(scope='module')
+def sharded(tmp_path_factory, shapes_dir):
+    """Every stage under FSDP on 2 ranks: compared with one process, and its checkpoints loaded by one process."""
+    out = str(tmp_path_factory.mktemp('fsdp'))
+    launch(out, shapes_dir, '--fsdp=True', ranks=2)
+    return out
+
+
+@pytest.mark.parametrize('mode', ['ddp', 'fsdp'])
 @pytest.mark.slow
-def test_two_ranks_equal_one_process_in_every_stage(single, shapes_dir, tmp_path, mode, extra):
-    out = str(tmp_path / mode)
-    printed = launch(out, shapes_dir, *extra, ranks=2)
-    if mode == 'ddp':
+def test_two_ranks_equal_one_process_in_every_stage(single, shapes_dir, tmp_path, mode, request):
+    if mode == 'ddp':  # 2 ranks x 2 micro-steps of one row
+        out = str(tmp_path / mode)
+        printed = launch(out, shapes_dir, '--gradient_accumulation_steps=2', '--data_workers=1', ranks=2)
         assert printed.count('weights identical on all 2 ranks') == 3
+    else:
+        out = request.getfixturevalue('sharded')
     for stage in STAGES:
         assert_same_weights(os.path.join(single, stage), os.path.join(out, stage), atol=2e-3)
     # the text stage has no uneven targets: there the match is to float rounding
@@ -68,9 +75,7 @@ def test_ddp_gradients_match_their_bucket_views(shapes_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_fsdp_checkpoints_load_into_one_process_and_back(single, shapes_dir, tmp_path):
-    sharded = str(tmp_path / 'fsdp')
-    launch(sharded, shapes_dir, '--fsdp=True', '--stages=text', ranks=2)
+def test_fsdp_checkpoints_load_into_one_process_and_back(single, sharded, shapes_dir, tmp_path):
     # one process resumes from the FSDP run's ckpt_050 (weights and the optimizer state keyed by name) ...
     resumed = str(tmp_path / 'resumed')
     shutil.copytree(os.path.join(sharded, 'text/ckpt_050'), os.path.join(resumed, 'text/ckpt_050'))

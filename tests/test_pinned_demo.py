@@ -1,5 +1,5 @@
 """
-The demo's outputs are pinned: a small run of every stage on the default shapes world, seeded, must give the
+The demo's outputs are pinned: a small run of every stage on the tests' shapes world, seeded, must give the
 eval.json (every item's score, every generated answer, the stable scores) and the weights that tests/pinned_demo.json
 recorded. A refactor that changes what the pipeline computes fails here; a change that does so on purpose rewrites
 the file: `python tests/test_pinned_demo.py` runs this very configuration and writes its eval.json and weights there.
@@ -12,20 +12,21 @@ import pytest
 from safetensors.torch import load_file
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))  # also run as a script
+import shapes  # noqa: E402
 import train  # noqa: E402
+from conftest import SMALL_WORLD  # noqa: E402
 
 PINS = os.path.join(os.path.dirname(__file__), 'pinned_demo.json')
 RUN = ['--text_iters=16', '--save_fracs=[0.5,1.0]', '--image_inject_frac=0.5', '--warmup_iters=2', '--batch_size=4',
        '--image_iters=6', '--image_ratio=0.5', '--caption_scenes=40', '--conversations=40', '--finetune_epochs=1',
        '--rewarm_iters=1', '--log_interval=2', '--encoder=siglip', '--freeze_encoder=True', '--device=cpu',
-       '--encoder_weights=random', '--block_size=256', '--eval_items=50']
+       '--encoder_weights=random', '--block_size=256', '--eval_items=20']
 
 
 @pytest.mark.slow
-def test_the_demo_gives_the_pinned_eval_json_and_weights(tmp_path):
+def test_the_demo_gives_the_pinned_eval_json_and_weights(tmp_path, shapes_dir):
     out = str(tmp_path / 'run')
-    # the default shapes world (its full 3 MB corpus), written into this test's own data_dir
-    train.main(train.get_config(RUN + [f'--data_dir={tmp_path}/data', f'--out_dir={out}', f'--text_out_dir={out}/text']))
+    train.main(train.get_config(RUN + [f'--data_dir={shapes_dir}', f'--out_dir={out}', f'--text_out_dir={out}/text']))
     with open(PINS) as f:
         pins = json.load(f)['checkpoints']
     for name, pinned in pins.items():
@@ -62,7 +63,8 @@ if __name__ == '__main__':  # re-pin after a change that moves the demo's output
     import tempfile
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, 'run')
-        train.main(train.get_config(RUN + [f'--data_dir={tmp}/data', f'--out_dir={out}', f'--text_out_dir={out}/text']))
+        shapes.prepare_text(tmp, **SMALL_WORLD)  # the shapes_dir of tests/conftest.py
+        train.main(train.get_config(RUN + [f'--data_dir={tmp}', f'--out_dir={out}', f'--text_out_dir={out}/text']))
         commit = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True).stdout.strip()
         pin(out, f'eval.json and model.safetensors of the run in tests/test_pinned_demo.py, made on main after '
-                 f'{commit} (shapes world v4: rare facts and three-term sums; eval_items)')
+                 f'{commit} (the tests\' small shapes world, 20 items per task)')

@@ -54,17 +54,21 @@ def test_sigkill_at_a_random_step_then_resume_is_bit_identical(tmp_path, shapes_
     train.main(train.get_config(args(straight, shapes_dir)))
     seed = random.randrange(10 ** 6)
     rng = random.Random(seed)
-    for stage, step in (('text', rng.randint(2, 9)), ('image', rng.randint(1, 7))):
-        out = str(tmp_path / stage)
-        cmd = [sys.executable, 'train.py', *args(out, shapes_dir)]
-        assert run_and_kill(cmd, f'{stage} step {step}/'), f'the run ended before {stage} step {step} (seed {seed})'
-        subprocess.run(cmd + ['--init_from=resume'], cwd=ROOT, check=True, capture_output=True,
-                       env=dict(os.environ, OMP_NUM_THREADS='1'))
-        for ckpt in ('text/ckpt_050', 'text/ckpt_100', 'image'):
-            assert same_bits(os.path.join(straight, ckpt), os.path.join(out, ckpt)), \
-                f'{ckpt} differs after a kill at {stage} step {step} (seed {seed})'
-        # keep_last=2: only the newest periodic checkpoints remain
-        assert len(checkpoint.finished_checkpoints(os.path.join(out, 'image_steps'))) == 2
+    text_step, image_step = rng.randint(2, 9), rng.randint(1, 7)
+    out = str(tmp_path / 'killed')
+    cmd = [sys.executable, 'train.py', *args(out, shapes_dir)]
+    # killed in the text stage, resumed and killed again in the image stage, then resumed to the end
+    assert run_and_kill(cmd, f'text step {text_step}/'), f'the run ended before text step {text_step} (seed {seed})'
+    assert run_and_kill(cmd + ['--init_from=resume'], f'image step {image_step}/'), \
+        f'the resumed run ended before image step {image_step} (seed {seed})'
+    printed = subprocess.run(cmd + ['--init_from=resume'], cwd=ROOT, check=True, capture_output=True, text=True,
+                             env=dict(os.environ, OMP_NUM_THREADS='1')).stdout
+    assert 'text stage: already complete' in printed
+    for ckpt in ('text/ckpt_050', 'text/ckpt_100', 'image'):
+        assert same_bits(os.path.join(straight, ckpt), os.path.join(out, ckpt)), \
+            f'{ckpt} differs after kills at text step {text_step} and image step {image_step} (seed {seed})'
+    # keep_last=2: only the newest periodic checkpoints remain
+    assert len(checkpoint.finished_checkpoints(os.path.join(out, 'image_steps'))) == 2
 
 
 STALL = '''
@@ -160,10 +164,11 @@ def test_a_pickled_callable_in_state_is_refused(tmp_path):
         checkpoint.load_state(str(folder))
 
 
-def test_config_errors_name_the_key_before_compute(monkeypatch):
+def test_config_errors_name_the_key_before_compute(monkeypatch, tmp_path):
     def fail(*a, **k):
         raise AssertionError('compute started')
     monkeypatch.setattr(train, 'setup_runtime', fail)
+    (tmp_path / 'broken.safetensors').write_bytes(b'not a safetensors file')
     cases = {
         '--text_iters=0': 'text_iters=0: must be > 0',
         '--learning_rate=-1.0': 'learning_rate=-1.0: must be > 0',
@@ -174,6 +179,8 @@ def test_config_errors_name_the_key_before_compute(monkeypatch):
         '--data_workers=-1': 'data_workers=-1',
         '--batch_size=abc': 'batch_size',
         '--no_such_key=1': 'no_such_key',
+        f'--encoder_weights={tmp_path}/broken.safetensors': 'broken.safetensors is not a readable .safetensors',
+        f'--encoder_weights={tmp_path}/missing.safetensors': 'encoder weights file not found',
     }
     for flag, message in cases.items():
         with pytest.raises(ConfigError, match=message.replace('(', r'\(').replace('.', r'\.')):
