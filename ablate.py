@@ -30,9 +30,11 @@ import time
 
 import numpy as np
 
-from configurator import ConfigError, configure, script_config
 import stats
 import train
+from configurator import ConfigError, configure, script_config
+from eval import STABLE_SCORES
+from runtime import format_time
 
 # -----------------------------------------------------------------------------
 # config: ablate.py's own keys; every other --key=value is a train.py key applied to every cell
@@ -53,7 +55,6 @@ seeds = [1, 2, 3]  # every cell runs once per seed (each seed reseeds every stag
 # seeds can detect")
 # -----------------------------------------------------------------------------
 ABLATE_KEYS = ('out_dir', 'runs_dir', 'grid', 'baseline', 'report_only', 'seeds')
-SCORES = ('vision_stable_score', 'vision_blind_stable_score', 'text_stable_score')
 WHERE = ('out_dir', 'text_out_dir', 'data_dir')  # where a run reads and writes: not what experiment it is
 
 
@@ -118,7 +119,7 @@ def expand(cfg, passed):
     # folder is named by the text keys set away from train.py's defaults ('default' when none is), so that plans
     # sharing a runs_dir share it too
     defaults = vars(train.get_config([]))
-    text_keys = [k for k in defaults if k not in train.RUN_KEYS + train.IMAGE_KEYS + train.FINETUNE_KEYS + ('seed',)]
+    text_keys = [k for k in train.defining_keys(defaults, 'text') if k != 'seed']
     runs_dir = cfg['runs_dir'] or cfg['out_dir']
     runs = []
     for name, args, cell_cfg in cells:
@@ -202,7 +203,7 @@ def run_plan(runs):
         if os.path.exists(eval_path(r)):  # the same experiment as a cell this plan ran already
             print(f'[{n + 1}/{len(todo)}] {r["cell"]} seed {r["seed"]}: done, as {r.get("same_as")}', flush=True)
             continue
-        eta = f', ETA {train.format_time(np.mean(durations) * (len(todo) - n))}' if durations else ''
+        eta = f', ETA {format_time(np.mean(durations) * (len(todo) - n))}' if durations else ''
         print(f'[{n + 1}/{len(todo)}] {r["cell"]} seed {r["seed"]}: running ({n} done, {len(errors)} failed{eta})',
               flush=True)
         t0 = time.time()
@@ -214,8 +215,8 @@ def run_plan(runs):
         else:
             with open(eval_path(r)) as f:
                 e = json.load(f)
-            print(f'    done in {train.format_time(durations[-1])}: ' + ', '.join(
-                f'{k.replace("_stable_score", "")} {e[k]:.3f}' for k in SCORES if e[k] is not None), flush=True)
+            print(f'    done in {format_time(durations[-1])}: ' + ', '.join(
+                f'{name} {e[k]:.3f}' for k, (name, _, _) in STABLE_SCORES.items() if e[k] is not None), flush=True)
     return errors
 
 # -----------------------------------------------------------------------------
@@ -273,7 +274,7 @@ def results_table(results, baseline_name, times=None):
             continue
         spent = [sum(t.values()) for t in times.get(cell, [])]
         rows.append('| ' + ' | '.join([cell, str(len(evals))] + score_columns(evals, base) + [
-            new_seed_columns(evals), train.format_time(np.mean(spent)) if spent else '']) + ' |')
+            new_seed_columns(evals), format_time(np.mean(spent)) if spent else '']) + ' |')
     return '\n'.join(rows)
 
 
@@ -487,7 +488,7 @@ def main(args):
     errors = {} if cfg['report_only'] else run_plan(runs)
     table, failed = collect(cfg, runs, errors, skipped)
     print(f'\n{table}\n' + ('\n'.join(['failed or not run:'] + failed) + '\n' if failed else '') +
-          f'\nwritten to {cfg["out_dir"]}/results.{{json,md,png}} in {train.format_time(time.time() - t0)}')
+          f'\nwritten to {cfg["out_dir"]}/results.{{json,md,png}} in {format_time(time.time() - t0)}')
     return cfg['report_only'] or not failed
 
 

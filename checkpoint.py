@@ -9,7 +9,8 @@ Checkpoints of nanoVLP: one folder each, holding
 A checkpoint is written to {folder}.tmp, flushed to disk, and swapped in by two renames (the old one to
 {folder}.old, the new one in place), so a crash at any moment leaves a loadable checkpoint: the new one, the old one,
 or the old one as {folder}.old, which recover() puts back. Nothing here unpickles code: weights are safetensors and
-state.pt is read with torch.load(weights_only=True).
+state.pt is read with torch.load(weights_only=True). load_model() rebuilds the model a checkpoint describes (a GPT, or
+a VLM with its encoder) and loads its verified weights: the one way every script loads one.
 
 A finished stage is reused only when its fingerprint equals the one this run would write (check_fingerprint): edit
 model.py, the shapes world or a config key that defines the stage, and the old checkpoint is refused with what
@@ -33,6 +34,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_optimizer_state_dict)
+
+from encoders import build_encoder
+from model import GPT, VLM, GPTConfig
 
 
 def read_checkpoint_info(folder):
@@ -214,6 +218,46 @@ def check_shapes(skeleton, folder, encoder_saved=True):
     if wrong or missing or unexpected:
         raise ValueError(f'{path} does not hold the model its config.json describes: {len(wrong)} tensors of another '
                          f'shape {wrong[:3]}, missing {missing[:3]}, unexpected {unexpected[:3]}')
+
+
+def build_model(info, skeleton=False):
+    """
+    A GPT, or a VLM with its encoder, of the shape recorded in a checkpoint's config.json (weights: see below).
+    skeleton: every encoder random, nothing read from disk: for a model built on the meta device to compare shapes.
+    """
+    try:
+        gpt = GPT(GPTConfig(**info['model_args']))
+        if 'encoder' not in info:
+            return gpt
+        e = info['encoder']
+        name, scale, saved, frozen, img_size = e['name'], e['scale'], e['saved'], e['frozen'], e['img_size']
+        projector, image_token, inject_layer = e['projector'], e['image_token'], e['inject_layer']
+    except (TypeError, KeyError) as err:
+        raise ValueError(f'config.json does not describe a nanoVLP model ({type(err).__name__}: {err})') from None
+    # an encoder whose weights the checkpoint holds starts random; a frozen one is rebuilt from its recorded source,
+    # which must still be the file it was made with
+    weights = 'random' if saved or skeleton else e['weights']
+    for name_, digest in ({} if saved or skeleton else e.get('weights_digest', {})).items():
+        path = weights[name_] if isinstance(weights, dict) else weights
+        if not os.path.isfile(path) or file_digest(path) != digest:
+            raise ValueError(f'the frozen encoder of this checkpoint is rebuilt from {path}, which is missing or '
+                             f'is no longer the file it was trained with (pre-trained again?): restore that file, '
+                             f'or train the image stage again')
+    encoder = build_encoder(name, scale, weights, img_size, freeze=frozen)
+    return VLM(gpt, encoder, image_token, projector, inject_layer)
+
+
+def load_model(ckpt_dir, device='cpu'):
+    """
+    Rebuild the model saved in ckpt_dir; returns (model in eval mode, the checkpoint's config.json). Its shape is
+    checked against model.safetensors' header on the meta device first: a config.json that claims a larger model
+    than its weights is an error before anything is allocated.
+    """
+    info = read_checkpoint_info(ckpt_dir)
+    with torch.device('meta'):
+        check_shapes(build_model(info, skeleton=True), ckpt_dir, info.get('encoder', {}).get('saved', True))
+    model = load_weights(build_model(info), ckpt_dir, verify=False)  # check_shapes verified the file
+    return model.to(device).eval(), info
 
 
 def resume(found, made_by, model, allow_stale=False, warn=print):

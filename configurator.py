@@ -11,10 +11,13 @@ for it. check_ranges then holds every number to its range before any compute.
 """
 
 import ast
+import dataclasses
 import difflib
 import io
 import math
 import os
+import pprint
+import textwrap
 import tokenize
 
 
@@ -84,35 +87,62 @@ def unknown_key_error(key, known):
 def key_comments(source):
     """
     {key: its documentation} for the lines `key = value  # comment` of a script's source file: the comment beside a
-    key, or else the comment lines right above it.
+    key and the comment lines that continue it (directly below, up to a blank line or the next key), or, for a key
+    with no comment beside it, the comment lines right above it. A line of dashes separates sections.
     """
-    comments, above, pending, previous = {}, [], None, None
+    comments, above, key, inline, continues = {}, [], None, False, None
     with open(source) as f:
         text = f.read()
     for tok in tokenize.generate_tokens(io.StringIO(text).readline):
-        if tok.type == tokenize.COMMENT and tok.start[1] == 0:
+        line_comment = tok.type == tokenize.COMMENT and tok.start[1] == 0
+        if line_comment and tok.string.strip('#- ') == '' and '-' in tok.string:
+            above, continues = [], None  # a section rule
+        elif line_comment and continues:
+            comments[continues] += ' ' + tok.string.lstrip('# ')
+        elif line_comment:
             above.append(tok.string.lstrip('# '))
-        elif tok.type == tokenize.NAME and tok.start[1] == 0 and pending is None:
-            pending, block, above = tok.string, ' '.join(above), []
-        elif tok.type == tokenize.COMMENT and pending:
-            comments.setdefault(pending, tok.string.lstrip('# '))
+        elif tok.type == tokenize.NAME and tok.start[1] == 0 and key is None:
+            key, block, above, inline, continues = tok.string, ' '.join(above), [], False, None
+        elif tok.type == tokenize.COMMENT and key and not inline:
+            comments[key], inline = tok.string.lstrip('# '), True
         elif tok.type == tokenize.NEWLINE:
-            if pending and pending not in comments and block:
-                comments[pending] = block
-            pending = None
-        elif tok.type == tokenize.NL and previous in (tokenize.NL, tokenize.NEWLINE):
-            above = []  # a blank line: the comments above it are not about the next key
-        previous = tok.type
+            if key and not inline and block:
+                comments[key] = block
+            continues, key = (key if inline else None), None
+        elif tok.type == tokenize.NL and tok.line.strip() == '':
+            above, continues = [], None  # a blank line: what is above it is not about the next key
     return comments
 
 
-def help_text(config, source=None):
+def help_text(config, source=None, width=118):
+    """Every key, its default and its documentation (key_comments), the comments aligned and wrapped to width."""
     comments = key_comments(source) if source else {}
-    width = max(len(f'{k} = {v!r}') for k, v in config.items())
-    lines = [f'  {k} = {v!r}'.ljust(width + 4) + (f'# {comments[k]}' if k in comments else '').rstrip()
-             for k, v in config.items()]
-    return 'config keys, their defaults and what they do (set them in a config file or as --key=value):\n' + \
-        '\n'.join(lines)
+    column = 36
+    lines = ['config keys, their defaults and what they do (set them in a config file or as --key=value):']
+    for k, v in config.items():
+        head = f'  {k} = {v!r}'
+        if len(head) > width:  # a long default (a grid) on lines of its own
+            head = f'  {k} = ' + pprint.pformat(v, width=width - 4).replace('\n', '\n      ')
+        doc = textwrap.wrap(comments.get(k, ''), width - column - 2) or ['']
+        last = head.split('\n')[-1]
+        if len(last) + 2 > column:  # no room beside it: the comment goes below, at the column
+            lines.append(head)
+            lines += [' ' * column + f'# {d}' for d in doc if d]
+        else:
+            lines.append((head.ljust(column) if '\n' not in head else head + ' ' * (column - len(last))) +
+                         (f'# {doc[0]}' if doc[0] else ''))
+            lines += [' ' * column + f'# {d}' for d in doc[1:]]
+    return '\n'.join(line.rstrip() for line in lines)
+
+
+def config_class(name, config, types=None):
+    """
+    A dataclass of a script's config keys (script_config), each typed by its default or, for a None default, by
+    types: a run's config is an instance, config_class(...)(**configure(...)), so it names every key it has.
+    """
+    types = types or {}
+    return dataclasses.make_dataclass(name, [(k, types[k] if v is None and k in types else type(v))
+                                             for k, v in config.items()])
 
 
 def script_config(namespace):
@@ -153,11 +183,15 @@ def configure(args, config, source=None, types=None):
     return config
 
 
-def check_ranges(config, ranges):
+def check_ranges(config, ranges, choices=None):
     """
     Every number in config (and in its lists of numbers) must be finite and in its range: ranges maps a key to an
-    interval written '(0, 1]', '[0, 1)', '> 0' ...; a key not in ranges must be >= 0. Raises ConfigError.
+    interval written '(0, 1]', '[0, 1)', '> 0' ...; a key not in ranges must be >= 0. choices maps a key to the
+    values it may take. Raises ConfigError naming the key.
     """
+    for key, allowed in (choices or {}).items():
+        if config[key] not in allowed:
+            raise ConfigError(f'{key}={config[key]!r}: use one of {", ".join(allowed)}')
     for key, value in config.items():
         values = value if isinstance(value, (list, tuple)) else [value]
         for v in values:

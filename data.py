@@ -17,6 +17,8 @@ import numpy as np
 import tiktoken
 import torch
 
+from configurator import ConfigError
+
 # -----------------------------------------------------------------------------
 # tokenizers
 
@@ -200,6 +202,11 @@ def text_batch(tokens, batch_size, block_size, generator, rows=slice(None)):
 # n_conversations; caption_sample(i, enc, n_image_tokens, generator) and conversation_sample(i, enc, n_image_tokens),
 # each (tokens, loss mask, image refs); usable(ref), which decodes an image and counts a failure in skipped (a
 # Counter) by reason; pixels(refs), uint8 [len(refs), H, W, 3]. A new kind of image data implements these.
+# why a sample drawn for a batch was left out: images.decode_image's and read_image_file's reasons (BadImage), a
+# sample over block_size; every skip counter uses these keys (runtime.tally_counts sums them over the ranks)
+SKIP_REASONS = ('not an image', 'too large', 'too small', 'extreme aspect ratio', 'truncated or corrupt',
+                'missing file', 'unreadable file', 'outside its folder', 'not a regular file', 'file too large',
+                'longer than block_size')
 MAX_DRAWS = 1000  # draws in a row without a usable sample before a batch gives up: the image data is broken
 
 
@@ -249,6 +256,24 @@ def mixture_batch(source, enc, text_tokens, batch_size, block_size, n_image_toke
     return torch.stack(xs), torch.stack(ys), image_refs
 
 
+def caption_row_ratio(source, enc, block_size, n_image_tokens, image_ratio, of, instruct_ratio, seed, verbose=False):
+    """
+    The share of the image stage's rows that are image-caption rows: image_ratio itself when it counts rows (of=
+    'rows'), or the share of rows that makes image_ratio of the tokens image and caption tokens (of='tokens',
+    rows_for_token_share). A ConfigError when it leaves no room for instruct_ratio.
+    """
+    row_ratio = image_ratio
+    if of == 'tokens':
+        row_ratio, fill = rows_for_token_share(source, enc, block_size, n_image_tokens, image_ratio, seed)
+        if verbose:
+            print(f'image stage: image_ratio={image_ratio} of the tokens is {row_ratio:.4f} of the rows (a caption row '
+                  f'is {fill:.1%} image and caption tokens, a text row 100% text)', flush=True)
+    if row_ratio + instruct_ratio > 1:
+        raise ConfigError(f'image_ratio={image_ratio} needs {row_ratio:.3f} of the rows and instruct_ratio='
+                          f'{instruct_ratio} more: over 1')
+    return row_ratio
+
+
 def rows_for_token_share(source, enc, block_size, n_image_tokens, share, seed):
     """
     The share of rows that are image-caption rows when `share` of the tokens (padding aside) are to be image and
@@ -292,8 +317,8 @@ def finetune_plan(source, enc, block_size, n_image_tokens, epochs, seed, verbose
     """
     The fine-tuning epochs as rows of conversation indices: each epoch a shuffle of the conversations, packed greedily
     into rows of block_size tokens. Lengths are measured once; the rows are built when a batch is (finetune_row).
-    Conversations longer than a row are left out and counted in source.skipped. Returns [epoch][row] = [indices] and
-    the number left out.
+    Conversations longer than a row are left out, counted in source.skipped and, verbose, said. Returns
+    [epoch][row] = [indices].
     """
     lengths, t0, n = [], time.time(), source.n_conversations
     for i in range(n):  # LLaVA's 665k conversations take minutes: say how long
@@ -304,6 +329,8 @@ def finetune_plan(source, enc, block_size, n_image_tokens, epochs, seed, verbose
     too_long = sum(n + 1 > block_size for n in lengths)
     if too_long:
         source.skipped['longer than block_size'] += too_long
+        if verbose:
+            print(f'finetune: {too_long:,} conversations longer than block_size={block_size} left out', flush=True)
     plan = []
     for epoch in range(epochs):
         order = torch.randperm(len(lengths), generator=seeded_generator(seed, epoch, 0)).tolist()
@@ -319,7 +346,22 @@ def finetune_plan(source, enc, block_size, n_image_tokens, epochs, seed, verbose
         if row:
             rows.append(row)
         plan.append(rows)
-    return plan, too_long
+    return plan
+
+
+def finetune_split(rows_per_epoch, batch_size, text_ratio):
+    """
+    How a fine-tuning step's batch_size rows split: (n_conv packed conversation rows, n_text rows of plain text, steps
+    per epoch). LLaVA keeps text-only conversations in its mix for the reason the text rows are here: without them
+    fine-tuning erases the LM's text knowledge. A ConfigError when an epoch's rows do not fill one step.
+    """
+    n_text = round(batch_size * text_ratio)
+    n_conv = batch_size - n_text
+    steps_per_epoch = rows_per_epoch // max(n_conv, 1)
+    if n_conv == 0 or steps_per_epoch == 0:
+        raise ConfigError(f'the instruction set packs into {rows_per_epoch} rows, fewer than the {n_conv} a step '
+                          f'takes (batch_size={batch_size}, finetune_text_ratio={text_ratio}): lower either')
+    return n_conv, n_text, steps_per_epoch
 
 
 def finetune_row(source, enc, indices, block_size, n_image_tokens):

@@ -7,7 +7,7 @@ Image encoders for nanoVLP: thin adapters over timm models that turn uint8 image
 
 Families: siglip, dinov2, dino_siglip (the two fused channel-wise), vit (supervised), resnet, and patch (no
 pretrained encoder at all, just a learned patch projection). scale='paper' builds the models of the paper (see
-PAPER_MODELS); scale='tiny' builds the same timm model classes shrunk to a few hundred thousand parameters, so the
+ENCODERS); scale='tiny' builds the same timm model classes shrunk to a few hundred thousand parameters, so the
 whole study runs on a laptop CPU. Weights: 'random', 'hub' (timm download) or a path to a .safetensors file holding
 the full timm model's state dict (pretrain_encoders.py writes such files for the tiny encoders: train.py's
 encoder_weights='shapes' is one of them).
@@ -18,6 +18,7 @@ block with the class / register tokens removed and no final norm; a ResNet gives
 
 import hashlib
 import os
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -27,7 +28,6 @@ import timm
 from safetensors.torch import load_file
 from timm.layers import resample_abs_pos_embed
 
-ENCODERS = ('siglip', 'dinov2', 'dino_siglip', 'vit', 'resnet', 'patch')
 # the supervised ViT and ResNet are pre-trained on the shapes world's labels (pretrain_encoders.py): which of the
 # 24 color-shape pairs a scene holds, and its object count (4 classes). Their timm heads have that many outputs.
 SHAPES_CLASSES = 24 + 4
@@ -35,10 +35,10 @@ SHAPES_CLASSES = 24 + 4
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 HALF = (0.5, 0.5, 0.5)
 
-# The encoders of the paper. 'stride' is the patch size of a ViT, the total stride of the ResNet stage we tap.
-# mean/std are those the weights were trained with (timm's pretrained_cfg); note that the supervised augreg ViT
-# (Prismatic's 'in1k-vit-l') was trained on 0.5/0.5-normalized inputs, not ImageNet statistics.
-PAPER_MODELS = {
+# The encoders of the paper (ENCODERS[name].paper). 'stride' is the patch size of a ViT, the total stride of the
+# ResNet stage we tap. mean/std are those the weights were trained with (timm's pretrained_cfg); note that the
+# supervised augreg ViT (Prismatic's 'in1k-vit-l') was trained on 0.5/0.5-normalized inputs, not ImageNet statistics.
+_PAPER = {
     'siglip': dict(timm_id='vit_so400m_patch14_siglip_384.webli', img_size=384, stride=14,
                    num_tokens=729, dim=1152, mean=HALF, std=HALF),
     'dinov2': dict(timm_id='vit_large_patch14_reg4_dinov2.lvd142m', img_size=384, stride=14,
@@ -52,9 +52,10 @@ PAPER_MODELS = {
     'patch': dict(timm_id=None, img_size=224, stride=16, num_tokens=196, dim=768, mean=HALF, std=HALF),
 }
 
-# The tiny encoders: the very same timm entries with the size overridden, so a tiny checkpoint has the key layout of
-# the paper-scale one. Every family gives a 6x6 grid at 48 px. The ViTs are built with depth 4 and use 3 blocks.
-TINY_MODELS = {
+# The tiny encoders (ENCODERS[name].tiny): the very same timm entries with the size overridden, so a tiny checkpoint
+# has the key layout of the paper-scale one. Every family gives a 6x6 grid at 48 px. The ViTs are built with depth 4
+# and use 3 blocks.
+_TINY = {
     'siglip': dict(timm_id='vit_so400m_patch14_siglip_384', img_size=48, stride=8,  # no class token, MAP head
                    kwargs=dict(patch_size=8, embed_dim=96, depth=4, num_heads=4, mlp_ratio=4.0)),
     'dinov2': dict(timm_id='vit_large_patch14_reg4_dinov2', img_size=48, stride=8,  # class + 4 register tokens
@@ -143,6 +144,10 @@ class Encoder(nn.Module):
 class ViTFeatures(Encoder):
     """A timm VisionTransformer cut after its second-to-last block; returns the patch tokens of that block."""
 
+    @classmethod
+    def create(cls, entry, **kw):
+        return cls(create_timm_model(kw['name'], kw['scale'], kw['weights'], kw['img_size']), **kw)
+
     def __init__(self, model, **kw):
         super().__init__(num_tokens=model.patch_embed.num_patches, dim=model.embed_dim, **kw)
         # drop the last block, the final norm and the head / MAP pooling: an unfrozen encoder then has no
@@ -162,6 +167,10 @@ class ViTFeatures(Encoder):
 
 class ResNetFeatures(Encoder):
     """A timm ResNet cut after one stage; returns its feature map as H*W tokens of C channels."""
+
+    @classmethod
+    def create(cls, entry, **kw):
+        return cls(create_timm_model(kw['name'], kw['scale'], kw['weights'], kw['img_size']), entry['stage'], **kw)
 
     def __init__(self, model, stage, **kw):
         tap = RESNET_STAGES.index(stage) + 1  # timm's feature index: 0 is the stem
@@ -186,6 +195,10 @@ class ResNetFeatures(Encoder):
 
 class PatchProjection(Encoder):
     """No pretrained encoder: each patch x patch x 3 block of pixels goes through one learned linear map."""
+
+    @classmethod
+    def create(cls, entry, **kw):
+        return cls(entry['stride'], **kw)
 
     def __init__(self, patch, **kw):
         grid = kw['img_size'] // patch
@@ -255,9 +268,9 @@ def load_safetensors(model, path):
 
 def create_timm_model(family, scale, weights, img_size):
     """The full timm model of a family at a scale, with its weights; truncation happens later, in the adapter."""
-    cfg = PAPER_MODELS[family] if scale == 'paper' else TINY_MODELS[family]
+    cfg = ENCODERS[family].at(scale)
     kwargs = dict(cfg.get('kwargs', {}))
-    if family != 'resnet':
+    if ENCODERS[family].adapter is not ResNetFeatures:  # a ResNet takes any size; a ViT's position table is sized
         kwargs['img_size'] = img_size
     if weights == 'hub':
         if scale != 'paper':
@@ -283,45 +296,63 @@ def create_timm_model(family, scale, weights, img_size):
 # -----------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class EncoderSpec:
+    """One family of ENCODERS: the adapter that turns its model into tokens, and what to build at each scale."""
+    adapter: type  # an Encoder subclass with create(entry, name, scale, weights, img_size, mean, std), or for a
+    # fusion of `parts` one built from their encoders
+    paper: dict = field(default_factory=dict)  # scale='paper': timm id, resolution, stride, tokens, width, mean, std
+    tiny: dict = field(default_factory=dict)  # scale='tiny': the same timm entry shrunk (kwargs), 6x6 tokens at 48 px
+    pretrained: bool = True  # has weights of its own (hub, a file, the shapes pre-training); False: learned from
+    # scratch with the LM, so nothing to freeze or load, and it follows the LM's LR schedule (train.encoder_lr)
+    parts: tuple = ()  # the families whose features it fuses (dino_siglip); weights then come as {part: weights}
+
+    def at(self, scale):
+        return self.paper if scale == 'paper' else self.tiny
+
+
+# every encoder train.py's encoder key accepts, in the order the study lists them
+ENCODERS = {
+    'siglip': EncoderSpec(ViTFeatures, _PAPER['siglip'], _TINY['siglip']),
+    'dinov2': EncoderSpec(ViTFeatures, _PAPER['dinov2'], _TINY['dinov2']),
+    'dino_siglip': EncoderSpec(DinoSigLIP, parts=('dinov2', 'siglip')),
+    'vit': EncoderSpec(ViTFeatures, _PAPER['vit'], _TINY['vit']),
+    'resnet': EncoderSpec(ResNetFeatures, _PAPER['resnet'], _TINY['resnet']),
+    'patch': EncoderSpec(PatchProjection, _PAPER['patch'], _TINY['patch'], pretrained=False),
+}
+
+
 def build_encoder(name, scale='tiny', weights='random', img_size=None, freeze=True):
-    """Build the image encoder `name` (one of ENCODERS); see the module docstring for the arguments."""
+    """Build the image encoder `name` (a key of ENCODERS); see the module docstring for the arguments."""
     if name not in ENCODERS:
         raise ValueError(f"unknown encoder {name!r}; known encoders: {', '.join(ENCODERS)}")
     if scale not in ('tiny', 'paper'):
         raise ValueError(f"unknown encoder scale {scale!r}; use 'tiny' or 'paper'")
     if isinstance(weights, os.PathLike):
         weights = os.fspath(weights)
-
-    if name == 'dino_siglip':
+    spec = ENCODERS[name]
+    if spec.parts:
         if isinstance(weights, dict):
-            if set(weights) != {'dinov2', 'siglip'}:
-                raise ValueError(f"dino_siglip weights as a dict need exactly the keys 'dinov2' and 'siglip', "
+            if set(weights) != set(spec.parts):
+                raise ValueError(f"{name} weights as a dict need exactly the keys {', '.join(spec.parts)}, "
                                  f"got {sorted(weights)}")
-            halves = weights
         elif weights in ('random', 'hub'):
-            halves = {'dinov2': weights, 'siglip': weights}
+            weights = {part: weights for part in spec.parts}
         else:
-            raise ValueError(f"dino_siglip holds two models, so one weights path {weights!r} is ambiguous; pass "
-                             f"weights={{'dinov2': PATH, 'siglip': PATH}} (or 'random', 'hub')")
-        return DinoSigLIP(build_encoder('dinov2', scale, halves['dinov2'], img_size, freeze),
-                          build_encoder('siglip', scale, halves['siglip'], img_size, freeze))
-
-    cfg = PAPER_MODELS[name] if scale == 'paper' else TINY_MODELS[name]
-    img_size = img_size or cfg['img_size']
-    common = dict(name=name, scale=scale, weights=weights, img_size=img_size,
-                  mean=PAPER_MODELS[name]['mean'], std=PAPER_MODELS[name]['std'])
-    if name == 'patch':
+            raise ValueError(f"{name} holds {len(spec.parts)} models, so one weights path {weights!r} is ambiguous; "
+                             f"pass weights={{{', '.join(f'{p!r}: PATH' for p in spec.parts)}}} (or 'random', 'hub')")
+        return spec.adapter(*(build_encoder(part, scale, weights[part], img_size, freeze) for part in spec.parts))
+    if not spec.pretrained:
         if freeze:
-            raise ValueError("the patch encoder is a learned projection with nothing pretrained to freeze; "
-                             "set freeze_encoder=False")
+            raise ValueError(f"the {name} encoder is learned from scratch with nothing pretrained to freeze; "
+                             f"set freeze_encoder=False")
         if weights != 'random':
-            raise ValueError(f"the patch encoder is trained from scratch, so its weights must be 'random', "
+            raise ValueError(f"the {name} encoder is trained from scratch, so its weights must be 'random', "
                              f"got {weights!r}")
-        encoder = PatchProjection(cfg['stride'], **common)
-    elif name == 'resnet':
-        encoder = ResNetFeatures(create_timm_model(name, scale, weights, img_size), cfg['stage'], **common)
-    else:
-        encoder = ViTFeatures(create_timm_model(name, scale, weights, img_size), **common)
+    entry = spec.at(scale)
+    img_size = img_size or entry['img_size']
+    encoder = spec.adapter.create(entry, name=name, scale=scale, weights=weights, img_size=img_size,
+                                  mean=spec.paper['mean'], std=spec.paper['std'])
     return encoder.set_frozen(freeze)
 
 

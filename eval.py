@@ -21,10 +21,14 @@ import torch.nn.functional as F
 
 import data
 import shapes
-from checkpoint import check_shapes, file_digest, load_weights, read_checkpoint_info
+from checkpoint import load_model
 from configurator import configure, script_config
-from encoders import build_encoder
-from model import GPT, VLM, GPTConfig
+from model import VLM
+
+# the stable scores an eval.json holds: {key: (short name, modality, the tasks it averages)}
+STABLE_SCORES = {'vision_stable_score': ('vision', 'vision', 'tasks'),
+                 'vision_blind_stable_score': ('vision (blind)', 'vision', 'blind_tasks'),
+                 'text_stable_score': ('text', 'text', 'tasks')}
 
 # -----------------------------------------------------------------------------
 # config for `python eval.py`
@@ -36,50 +40,6 @@ bench_dir = 'bench'  # the folder holding the benchmarks' files in their publish
 limit = 0  # score at most this many items per benchmark (a seeded sample); 0: all
 eval_items = 0  # items per task of the shapes world's own tasks (up to 1000); 0: the checkpoint's run's eval_items
 # -----------------------------------------------------------------------------
-
-# -----------------------------------------------------------------------------
-# loading checkpoints
-
-
-def build_model(info, skeleton=False):
-    """
-    A GPT, or a VLM with its encoder, of the shape recorded in a checkpoint's config.json (weights: see below).
-    skeleton: every encoder random, nothing read from disk: for a model built on the meta device to compare shapes.
-    """
-    try:
-        gpt = GPT(GPTConfig(**info['model_args']))
-        if 'encoder' not in info:
-            return gpt
-        e = info['encoder']
-        name, scale, saved, frozen, img_size = e['name'], e['scale'], e['saved'], e['frozen'], e['img_size']
-        projector, image_token, inject_layer = e['projector'], e['image_token'], e['inject_layer']
-    except (TypeError, KeyError) as err:
-        raise ValueError(f'config.json does not describe a nanoVLP model ({type(err).__name__}: {err})') from None
-    # an encoder whose weights the checkpoint holds starts random; a frozen one is rebuilt from its recorded source,
-    # which must still be the file it was made with
-    weights = 'random' if saved or skeleton else e['weights']
-    for name_, digest in ({} if saved or skeleton else e.get('weights_digest', {})).items():
-        path = weights[name_] if isinstance(weights, dict) else weights
-        if not os.path.isfile(path) or file_digest(path) != digest:
-            raise ValueError(f'the frozen encoder of this checkpoint is rebuilt from {path}, which is missing or '
-                             f'is no longer the file it was trained with (pre-trained again?): restore that file, '
-                             f'or train the image stage again')
-    encoder = build_encoder(name, scale, weights, img_size, freeze=frozen)
-    return VLM(gpt, encoder, image_token, projector, inject_layer)
-
-
-def load_model(ckpt_dir, device='cpu'):
-    """
-    Rebuild the model saved in ckpt_dir; returns (model in eval mode, the checkpoint's config.json). Its shape is
-    checked against model.safetensors' header on the meta device first: a config.json that claims a larger model
-    than its weights is an error before anything is allocated.
-    """
-    info = read_checkpoint_info(ckpt_dir)
-    with torch.device('meta'):
-        check_shapes(build_model(info, skeleton=True), ckpt_dir, info.get('encoder', {}).get('saved', True))
-    model = load_weights(build_model(info), ckpt_dir, verify=False)  # check_shapes verified the file
-    return model.to(device).eval(), info
-
 
 # -----------------------------------------------------------------------------
 # multiple choice by log-likelihood
@@ -287,7 +247,7 @@ def format_table(results):
         lo, hi = t['ci95']
         lines.append(f"{name:<17}{t['modality']:<10}{t['accuracy']:>7.3f}{t['chance']:>8.3f}{t['centered']:>10.3f}  "
                      f"[{lo:+.3f}, {hi:+.3f}]{t['n']:>6}")
-    for key in ('vision_stable_score', 'vision_blind_stable_score', 'text_stable_score'):
+    for key in STABLE_SCORES:
         if key not in results:
             continue
         value, ci = results[key], results[key + '_ci95']
@@ -297,10 +257,8 @@ def format_table(results):
 
 
 def stable_scores_line(r):
-    """The stable scores of an eval.json, on one line: 'vision 0.520 | blind -0.327 | text stable score 0.869'."""
-    return ' | '.join(f'{name} {r[key]:.3f}' for name, key in (
-        ('vision', 'vision_stable_score'), ('blind', 'vision_blind_stable_score'),
-        ('text stable score', 'text_stable_score')) if r[key] is not None)
+    """The stable scores of an eval.json, on one line: 'vision 0.520 | vision (blind) -0.327 | text 0.869'."""
+    return ' | '.join(f'{name} {r[key]:.3f}' for key, (name, _, _) in STABLE_SCORES.items() if r[key] is not None)
 
 
 def saved_scores(folder, dataset, device, data_dir):
@@ -314,18 +272,18 @@ def saved_scores(folder, dataset, device, data_dir):
     return stable_scores_line(evaluate_checkpoint(folder, device, data_dir, verbose=False))
 
 
-def stable_score_table(rows):
-    """[(name, checkpoint folder)] -> the stable scores of those with an eval.json, with their intervals."""
+def stable_score_table(rows, title):
+    """[(name, checkpoint folder)] -> the stable scores of those with an eval.json, with their intervals, under a
+    title, and a blank line ('' when none has one)."""
     fmt = lambda r, k: 'n/a' if r.get(k) is None else f"{r[k]:.3f} [{r[k + '_ci95'][0]:+.3f}, {r[k + '_ci95'][1]:+.3f}]"
-    lines = [f"{'checkpoint':<16}{'vision':<26}{'vision (blind)':<26}{'text':<26}"]
+    lines = [f"{'checkpoint':<16}" + ''.join(f'{name:<26}' for name, _, _ in STABLE_SCORES.values())]
     for name, folder in rows:
         path = os.path.join(folder, 'eval.json')
         if os.path.exists(path):
             with open(path) as f:
                 r = json.load(f)
-            lines.append(f"{name:<16}{fmt(r, 'vision_stable_score'):<26}{fmt(r, 'vision_blind_stable_score'):<26}"
-                         f"{fmt(r, 'text_stable_score'):<26}")
-    return '\n'.join(lines)
+            lines.append(f"{name:<16}" + ''.join(f'{fmt(r, key):<26}' for key in STABLE_SCORES))
+    return f'\nstable scores with 95% intervals ({title}):\n' + '\n'.join(lines) + '\n' if len(lines) > 1 else ''
 
 
 def evaluate_checkpoint(ckpt_dir, device='cpu', data_dir='data', eval_items=0, verbose=True):

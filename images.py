@@ -32,10 +32,6 @@ MAX_ASPECT = 20  # a longer side over 20 times the shorter: a banner or a spacer
 MAX_IMAGE_BYTES = 64 * 2 ** 20  # an image file is read up to this many bytes; a larger one is refused
 MAX_CAPTION_BYTES = 64 * 2 ** 10  # a caption file over this is refused unread (a web caption is under 1 KB)
 IMAGE_EXTENSIONS = ('jpg', 'jpeg', 'png', 'webp')
-# why a sample drawn for a batch was left out: decode_image's and read_image_file's reasons, a sample over block_size
-SKIP_REASONS = ('not an image', 'too large', 'too small', 'extreme aspect ratio', 'truncated or corrupt',
-                'missing file', 'unreadable file', 'outside its folder', 'not a regular file', 'file too large',
-                'longer than block_size')
 
 
 class BadImage(ValueError):

@@ -20,6 +20,7 @@ except ImportError as e:
 
 import torch
 
+import checkpoint
 import data
 import eval as ev
 
@@ -33,7 +34,7 @@ class NanoVLP(LM):
         if str(device).startswith('cuda') and not torch.cuda.is_available():
             print(f'lm_harness: device={device} but no CUDA device here; running on the CPU', flush=True)
             device = 'cpu'  # lm_eval's command line passes cuda unless told otherwise
-        self.model, info = ev.load_model(ckpt, device)
+        self.model, info = checkpoint.load_model(ckpt, device)
         self.enc = data.get_tokenizer(info['tokenizer'])
         self.eot = data.special_id(self.enc, '<|endoftext|>')
         self.torch_device, self.max_gen_toks = device, int(max_gen_toks)  # LM has a device property of its own

@@ -187,14 +187,8 @@ class GPT(nn.Module):
         return [(p.new_zeros(shape), p.new_zeros(shape)) for _ in range(c.n_layer)]
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
-        """AdamW with weight decay on matrices only (not on norms' gains)."""
-        params = [p for p in self.parameters() if p.requires_grad]
-        groups = [
-            {'params': [p for p in params if p.dim() >= 2], 'weight_decay': weight_decay, 'peak_lr': learning_rate,
-             'schedule': 'lm'},
-            {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0, 'peak_lr': learning_rate, 'schedule': 'lm'},
-        ]
-        return make_adamw(groups, learning_rate, betas, device_type)
+        """AdamW with weight decay on matrices only (not on norms' gains); every group follows the 'lm' schedule."""
+        return make_adamw(param_groups(self, weight_decay, learning_rate, 'lm'), learning_rate, betas, device_type)
 
     def flops_per_token(self):
         """Training FLOPs per token: 6 per weight in a matmul, plus attention's QK^T and AV over a full context."""
@@ -240,6 +234,14 @@ def sample_next(logits, temperature, top_k):
         kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float('-inf'))
     return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1).squeeze(1)
+
+
+def param_groups(module, weight_decay, lr, schedule):
+    """A module's trainable parameters as AdamW groups: weight decay on matrices only (not on norms' gains or
+    biases). 'schedule' names the LR schedule the training loop sets each step's 'lr' from ('lm' or 'encoder')."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    return [{'params': [p for p in params if p.dim() >= 2], 'weight_decay': weight_decay, 'lr': lr, 'schedule': schedule},
+            {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0, 'lr': lr, 'schedule': schedule}]
 
 
 def make_adamw(groups, learning_rate, betas, device_type):
@@ -339,14 +341,8 @@ class VLM(nn.Module):
         its own LR schedule (the groups' 'schedule': 'lm' or 'encoder')."""
         if encoder_lr is None and any(p.requires_grad for p in self.encoder.parameters()):
             raise ValueError('a trainable encoder needs its own learning rate: pass encoder_lr')
-        groups = []
-        for module, lr, schedule in ((self.gpt, learning_rate, 'lm'), (self.projector, learning_rate, 'lm'),
-                                     (self.encoder, encoder_lr, 'encoder')):
-            params = [p for p in module.parameters() if p.requires_grad]
-            groups.append({'params': [p for p in params if p.dim() >= 2], 'weight_decay': weight_decay, 'peak_lr': lr,
-                           'schedule': schedule})
-            groups.append({'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0, 'peak_lr': lr,
-                           'schedule': schedule})
+        parts = (self.gpt, learning_rate, 'lm'), (self.projector, learning_rate, 'lm'), (self.encoder, encoder_lr, 'encoder')
+        groups = [g for module, lr, schedule in parts for g in param_groups(module, weight_decay, lr, schedule)]
         return make_adamw(groups, learning_rate, betas, device_type)
 
     def flops_per_token(self):

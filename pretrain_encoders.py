@@ -37,7 +37,7 @@ from safetensors.torch import save_file
 
 import shapes
 from configurator import configure, script_config
-from encoders import SHAPES_CLASSES, PAPER_MODELS, RESNET_STAGES, TINY_MODELS, build_encoder, create_timm_model, to_pixels
+from encoders import ENCODERS, RESNET_STAGES, SHAPES_CLASSES, build_encoder, create_timm_model, to_pixels
 
 # -----------------------------------------------------------------------------
 # config for `python pretrain_encoders.py`
@@ -48,7 +48,6 @@ data_dir = 'data'  # weights go to {data_dir}/shapes/encoders/<family>-seed<seed
 seed = 1337  # of the pre-training run (initial weights, batches); train.py uses the weights of its own seed
 # -----------------------------------------------------------------------------
 
-FAMILIES = ('siglip', 'dinov2', 'vit', 'resnet')
 # steps x batch per family, on 2 CPU cores: siglip about 2 min, dinov2 about 1.5 min, vit and resnet under 1 min.
 # The ViT learns far more from many small steps than from few large ones at the same compute: 1600 x 32 probes at
 # 0.85 pairs, 800 x 64 at 0.67, 400 x 128 at 0.33.
@@ -79,11 +78,17 @@ def class_labels(scenes):
     return pairs, torch.tensor([len(s) - 1 for s in scenes])
 
 # -----------------------------------------------------------------------------
-# the objectives: each is a module holding the timm model plus whatever only pre-training needs (heads, towers)
+# the objectives: each is a module holding the timm model plus whatever only pre-training needs (heads, towers),
+# built as Objective(model, scenes, rng); forward(pixels, idx) is the loss of the scenes idx
 
 
-class SupervisedObjective(nn.Module):
-    def __init__(self, model, scenes):
+class Objective(nn.Module):
+    def after_step(self, progress):
+        """Called after each optimizer step, progress = step / steps (an EMA teacher's update)."""
+
+
+class SupervisedObjective(Objective):
+    def __init__(self, model, scenes, rng):
         super().__init__()
         self.model = model
         self.pairs, self.counts = class_labels(scenes)
@@ -112,9 +117,9 @@ class ResNetObjective(SupervisedObjective):
     random layer2 features already bind color to shape (ReLU conjunctions), and the head four stages up pulls the
     stages near it; 300 or 600 steps left the layer2 probe where random init had it."""
 
-    def __init__(self, model, scenes, stage, dense_weight=1.0):
-        super().__init__(model, scenes)
-        self.tap = RESNET_STAGES.index(stage) + 1  # timm's feature index: 0 is the stem
+    def __init__(self, model, scenes, rng, dense_weight=1.0):
+        super().__init__(model, scenes, rng)
+        self.tap = RESNET_STAGES.index(ENCODERS['resnet'].tiny['stage']) + 1  # timm's feature index: 0 is the stem
         self.cell_head = nn.Conv2d(model.feature_info[self.tap]['num_chs'], N_PAIRS + 1, kernel_size=1)
         self.cells, self.dense_weight = cell_labels(scenes), dense_weight
 
@@ -148,7 +153,7 @@ class TextTower(nn.Module):
         return self.proj(self.norm((x * keep).sum(1) / keep.sum(1)))
 
 
-class SigLIPObjective(nn.Module):
+class SigLIPObjective(Objective):
     """SigLIP: every image-caption pair in the batch is a binary problem, matched (+1) or not (-1)."""
 
     def __init__(self, model, scenes, rng, captions_per_scene=4):
@@ -202,7 +207,7 @@ def sinkhorn(logits, iters=3):
     return (q * n).T
 
 
-class DINOObjective(nn.Module):
+class DINOObjective(Objective):
     """DINO (class token, across views) + iBOT (masked patch tokens) with an EMA teacher, centered by Sinkhorn-Knopp
     as in DINOv2, with a separate head for each (DINOv2's ibot_separate_head).
 
@@ -213,8 +218,8 @@ class DINOObjective(nn.Module):
     token has its own head: sharing one batch-norm head with the 36 patch tokens of each image left the class
     token's targets uniform even with LayerScale 1 (entropy 5.52 of log K = 5.55; 4.1 with its own head)."""
 
-    def __init__(self, model, n_prototypes=256, mask_ratio=0.4, student_temp=0.1, teacher_temp=0.04, momentum=0.996,
-                 layer_scale=1.0):
+    def __init__(self, model, scenes, rng, n_prototypes=256, mask_ratio=0.4, student_temp=0.1, teacher_temp=0.04,
+                 momentum=0.996, layer_scale=1.0):
         super().__init__()
         dim = model.embed_dim
         self.model = model
@@ -265,10 +270,16 @@ class DINOObjective(nn.Module):
         return cls_loss + patch_loss
 
     @torch.no_grad()
-    def update_teacher(self, momentum):
+    def after_step(self, progress):
+        momentum = 1 - (1 - self.momentum) * 0.5 * (1 + math.cos(math.pi * progress))  # to 1 on a cosine
         for teacher, student in zip(self.teacher, self.student()):
             for pt, ps in zip(teacher.parameters(), student.parameters()):
                 pt.lerp_(ps, 1 - momentum)
+
+
+# the families pre-trained on the shapes world, and each one's objective (encoders.ENCODERS: the families; a family
+# fused from others, like dino_siglip, uses their weights; one not pretrained, like patch, has nothing to pre-train)
+OBJECTIVES = {'siglip': SigLIPObjective, 'dinov2': DINOObjective, 'vit': SupervisedObjective, 'resnet': ResNetObjective}
 
 # -----------------------------------------------------------------------------
 
@@ -283,26 +294,20 @@ def pretrain(family, path, seed, steps=None, batch_size=None, lr=None, n_scenes=
     """Pre-train one family on the shapes world and save its timm state dict to path (a .safetensors); returns the
     path. seed draws the initial weights and the batches (the scenes are the same for every seed). Runs under its
     own RNG, so the caller's random state is left as it was."""
-    if family not in FAMILIES:
-        raise ValueError(f'nothing to pre-train for {family!r}: the pre-trained families are {", ".join(FAMILIES)}'
-                         f' (dino_siglip is dinov2 + siglip; patch is learned from scratch)')
+    if family not in OBJECTIVES:
+        raise ValueError(f'nothing to pre-train for {family!r}: the pre-trained families are {", ".join(OBJECTIVES)}'
+                         f' (a fused encoder uses its parts\' weights; patch is learned from scratch); give it an '
+                         f'objective in pretrain_encoders.OBJECTIVES, or use encoder_weights=random')
     budget = BUDGETS[family]
     steps, batch_size, lr = steps or budget['steps'], batch_size or budget['batch_size'], lr or budget['lr']
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         scenes, images, rng = make_scenes(n_scenes, SCENE_SEEDS['train'])
         model = create_timm_model(family, 'tiny', 'random', 48)
-        if family == 'siglip':
-            objective = SigLIPObjective(model, scenes, rng)
-        elif family == 'dinov2':
-            objective = DINOObjective(model)
-        elif family == 'resnet':
-            objective = ResNetObjective(model, scenes, TINY_MODELS['resnet']['stage'])
-        else:
-            objective = SupervisedObjective(model, scenes)
+        objective = OBJECTIVES[family](model, scenes, rng)
         params = [p for p in objective.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
-        cfg = PAPER_MODELS[family]
+        cfg = ENCODERS[family].paper  # the mean and std the family's inputs are normalized with
         images = torch.from_numpy(images)
         t0, losses = time.time(), []
         objective.train()
@@ -316,8 +321,7 @@ def pretrain(family, path, seed, steps=None, batch_size=None, lr=None, n_scenes=
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
-            if family == 'dinov2':
-                objective.update_teacher(1 - (1 - objective.momentum) * 0.5 * (1 + math.cos(math.pi * step / steps)))
+            objective.after_step(step / steps)
             losses.append(loss.item())
             if verbose and (step % 50 == 0 or step == steps - 1):
                 elapsed = time.time() - t0
@@ -350,12 +354,13 @@ def ensure_pretrained(family, data_dir, seed, verbose=True):
 def shapes_weights(encoder, data_dir, seed, verbose=True):
     """
     encoder_weights='shapes' as build_encoder takes it: the family's weights file (pre-trained here when missing),
-    a dict of the two halves' files for dino_siglip, and 'random' for patch (a projection learned from scratch).
+    a dict of its parts' files for a fused one (dino_siglip), and 'random' for one learned from scratch (patch).
     """
-    if encoder == 'patch':
+    spec = ENCODERS[encoder]
+    if not spec.pretrained:
         return 'random'
-    if encoder == 'dino_siglip':
-        return {half: ensure_pretrained(half, data_dir, seed, verbose) for half in ('dinov2', 'siglip')}
+    if spec.parts:
+        return {part: ensure_pretrained(part, data_dir, seed, verbose) for part in spec.parts}
     return ensure_pretrained(encoder, data_dir, seed, verbose)
 
 
@@ -395,7 +400,7 @@ def linear_probe(encoder, n_train=3000, n_test=1000, ridge=1e-3):
 def probe_table(data_dir, seed):
     rows = ['| encoder | pairs, random init | pairs, pre-trained | count, random init | count, pre-trained |',
             '|---|---|---|---|---|']
-    for family in FAMILIES:
+    for family in OBJECTIVES:
         torch.manual_seed(0)
         random_init = linear_probe(build_encoder(family, weights='random'))
         trained = linear_probe(build_encoder(family, weights=ensure_pretrained(family, data_dir, seed)))

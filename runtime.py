@@ -1,8 +1,10 @@
 """
-The runtime of a training run: device and process group, precision, DDP / FSDP / torch.compile around the model,
-the DataLoader of a stage's micro-batches, the optimizer steps themselves (train_steps: the weighted micro-batch
-loss, the non-finite guard every rank agrees on, the log lines) and rank-0-only logging. train.py's stages use
-these; none of them knows about stages.
+What a training run runs on: the device and process group (Runtime, fixed for the run), precision, DDP / FSDP /
+torch.compile around a model, the DataLoader of a stage's micro-batches, the pieces of an optimizer step that
+distributed training changes (scored-target counts, gradient sync, the clipped norm), saving and resuming a stage's
+checkpoints, and rank-0 logging (log lines, metrics.jsonl, wandb, the time of each part of a run).
+
+train.py's loop uses these; nothing here knows about stages, images or evaluation.
 """
 
 import json
@@ -11,7 +13,7 @@ import os
 import time
 from collections import Counter
 from contextlib import contextmanager, nullcontext
-from types import SimpleNamespace
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -19,15 +21,45 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
-from checkpoint import full_state, resume, save_checkpoint
+from checkpoint import full_state, load_optimizer_state, resume, save_checkpoint, set_rng_state
 from configurator import ConfigError
-from data import TOKEN_KINDS
-from images import SKIP_REASONS
+from data import SKIP_REASONS, TOKEN_KINDS
 from model import VLM
 
 
+class TrainingError(RuntimeError):
+    """A run that cannot go on (a non-finite loss): the message names the step, the stage and what to do."""
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """The fixed facts of a run: where it runs, as which rank, in which precision, how a step's batch is split."""
+    ddp: bool  # launched by torchrun: one process per rank
+    fsdp: bool  # the LM sharded over the ranks (else DDP replicates it)
+    rank: int
+    world_size: int
+    device: str  # 'cpu', 'cuda:0', ...
+    device_type: str  # 'cpu' or 'cuda'
+    dtype: str  # 'float32' or 'bfloat16' (autocast)
+    micro_batch: int  # rows per micro-step per rank
+    micro_steps: int  # micro-steps per optimizer step (gradient accumulation)
+    data_workers: int  # DataLoader processes
+    compile: bool
+    grad_checkpoint: bool
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+    def autocast(self):
+        """The precision context of a forward pass: bfloat16 autocast, or nothing for float32."""
+        if self.dtype == 'bfloat16':
+            return torch.autocast(device_type=self.device_type, dtype=torch.bfloat16)
+        return nullcontext()
+
+
 def setup_runtime(cfg):
-    """Device, DDP process group, autocast context; returns a namespace every stage uses."""
+    """The device, the process group (under torchrun) and the split of a step's batch over ranks and micro-steps."""
     ddp = int(os.environ.get('RANK', -1)) != -1
     dev = cfg.device if cfg.device != 'auto' else ('cuda' if torch.cuda.is_available() else 'cpu')
     rank, local_rank, world_size = 0, 0, 1
@@ -41,11 +73,6 @@ def setup_runtime(cfg):
             torch.cuda.set_device(dev)
         dist.init_process_group(backend='nccl' if dev.startswith('cuda') else 'gloo')
     device_type = 'cuda' if dev.startswith('cuda') else 'cpu'
-    dtype = cfg.dtype if cfg.dtype != 'auto' else ('bfloat16' if device_type == 'cuda' else 'float32')
-    if dtype == 'bfloat16':
-        autocast = torch.autocast(device_type=device_type, dtype=torch.bfloat16)
-    else:
-        autocast = nullcontext()
     if device_type == 'cuda':
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -54,22 +81,15 @@ def setup_runtime(cfg):
         raise ConfigError(f'batch_size={cfg.batch_size} is not divisible by {world_size} ranks x '
                           f'{cfg.gradient_accumulation_steps} gradient_accumulation_steps; make it a multiple of '
                           f'{per_step}')
-    workers = cfg.data_workers if cfg.data_workers is not None else (4 if device_type == 'cuda' else 0)
-    rt = SimpleNamespace(ddp=ddp, fsdp=cfg.fsdp, rank=rank, world_size=world_size, master=rank == 0, device=dev,
-                           device_type=device_type, autocast=autocast, micro_batch=cfg.batch_size // per_step,
-                           micro_steps=cfg.gradient_accumulation_steps, data_workers=workers,
-                           grad_checkpoint=cfg.grad_checkpoint, last_checkpoint=None, times={}, timing=[],
-                           metrics_path=None, wandb=None, global_step=0,
-                           compile=cfg.compile if cfg.compile is not None else device_type == 'cuda')
-    if cfg.wandb_log and rt.master:
-        import wandb  # optional: imported only when switched on
-        rt.wandb = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or cfg.out_dir, config=vars(cfg))
-    return rt
+    return Runtime(ddp=ddp, fsdp=cfg.fsdp, rank=rank, world_size=world_size, device=dev, device_type=device_type,
+                   dtype=cfg.dtype if cfg.dtype != 'auto' else ('bfloat16' if device_type == 'cuda' else 'float32'),
+                   micro_batch=cfg.batch_size // per_step, micro_steps=cfg.gradient_accumulation_steps,
+                   data_workers=cfg.data_workers if cfg.data_workers is not None else (4 if device_type == 'cuda' else 0),
+                   compile=cfg.compile if cfg.compile is not None else device_type == 'cuda',
+                   grad_checkpoint=cfg.grad_checkpoint)
 
 
 def close_runtime(rt):
-    if rt.wandb is not None:
-        rt.wandb.finish()
     if rt.ddp:
         dist.destroy_process_group()
 
@@ -92,21 +112,40 @@ def log(rt, *args):
         print(*args, flush=True)
 
 
-@contextmanager
-def timed(rt, part):
-    """
-    Add the wall time of the block to rt.times[part], less the time of the timed blocks inside it: the parts of a
-    run do not overlap, so they add up to its whole time.
-    """
-    start = time.time()
-    rt.timing.append(0.0)
-    try:
-        yield
-    finally:
-        inner, spent = rt.timing.pop(), time.time() - start
-        rt.times[part] = rt.times.get(part, 0.0) + spent - inner
-        if rt.timing:
-            rt.timing[-1] += spent
+# -----------------------------------------------------------------------------
+# where a run's time goes
+
+class Clock:
+    """The wall time of each part of a run (clock.part('text steps') around a block), parts never overlapping."""
+
+    def __init__(self, start_up=0.0):
+        self.times = {'start-up': start_up} if start_up else {}
+        self._inner = []  # per open part: the time of the parts inside it, which it does not count
+
+    @contextmanager
+    def part(self, name):
+        start = time.time()
+        self._inner.append(0.0)
+        try:
+            yield
+        finally:
+            inner, spent = self._inner.pop(), time.time() - start
+            self.times[name] = self.times.get(name, 0.0) + spent - inner
+            if self._inner:
+                self._inner[-1] += spent
+
+    def summary(self):
+        """The run's time and its parts, longest first, with their shares."""
+        total = sum(self.times.values())
+        lines = [f'  {part:<24}{format_time(t):>8}{t / max(total, 1e-9):>7.0%}'
+                 for part, t in sorted(self.times.items(), key=lambda kv: -kv[1])]
+        return '\n'.join([f'done in {format_time(total)}; where the time went:'] + lines +
+                         [f'  {"total":<24}{format_time(total):>8}'])
+
+    def save(self, path):
+        """{part: seconds} as JSON (ablate.py's table shows each cell's time)."""
+        with open(path, 'w') as f:
+            json.dump(self.times, f)
 
 
 def process_age():
@@ -120,17 +159,51 @@ def process_age():
         return 0.0
 
 
-def time_table(times):
-    """The parts of a run and their wall times, longest first, with their shares and the total."""
-    total = sum(times.values())
-    lines = [f'  {part:<24}{format_time(t):>8}{t / max(total, 1e-9):>7.0%}'
-             for part, t in sorted(times.items(), key=lambda kv: -kv[1])]
-    return '\n'.join(lines + [f'  {"total":<24}{format_time(total):>8}'])
-
-
 def format_time(seconds):
     seconds = int(seconds)
     return f'{seconds // 3600}h{seconds % 3600 // 60:02d}m' if seconds >= 3600 else f'{seconds // 60}m{seconds % 60:02d}s'
+
+
+# -----------------------------------------------------------------------------
+# a stage's log lines: printed, appended to its metrics.jsonl, sent to wandb
+
+def open_wandb(cfg, rt):
+    """A Weights & Biases run when wandb_log is on (rank 0; the package is optional), else None."""
+    if not (cfg.wandb_log and rt.master):
+        return None
+    import wandb  # optional: imported only when switched on
+    return wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or cfg.out_dir, config=vars(cfg))
+
+
+class Metrics:
+    """
+    A stage's log lines as JSON objects in its metrics.jsonl (rank 0), and with wandb on one step axis over all
+    stages (global_step). A stage that starts at step 0 starts a fresh file; a resumed one keeps the lines up to
+    the step it resumes from (the lines after it are logged again).
+    """
+
+    def __init__(self, rt, path, first, wandb_run=None, step_offset=0):
+        self.path = path if rt.master else None
+        self.wandb, self.step_offset = wandb_run, step_offset
+        if self.path is None:
+            return
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        kept = []
+        if first and os.path.exists(path):
+            with open(path) as f:
+                kept = [line for line in f if json.loads(line)['step'] <= first]
+        with open(path, 'w') as f:
+            f.writelines(kept)
+
+    def record(self, **values):
+        if self.path is None:
+            return
+        values['global_step'] = self.step_offset + values['step']
+        with open(self.path, 'a') as f:
+            f.write(json.dumps(values) + '\n')
+        if self.wandb is not None:
+            self.wandb.log({f"{values['stage']}/{k}": v for k, v in values.items() if k not in ('stage', 'step')
+                            and isinstance(v, (int, float))}, step=values['global_step'])
 
 
 def tally_counts(rt, tally):
@@ -141,7 +214,7 @@ def tally_counts(rt, tally):
     keys = SKIP_REASONS + TOKEN_KINDS
     unknown = set(tally) - set(keys)
     if unknown:
-        raise ValueError(f'tally keys {unknown} are neither in images.SKIP_REASONS nor in data.TOKEN_KINDS')
+        raise ValueError(f'tally keys {unknown} are neither in data.SKIP_REASONS nor in data.TOKEN_KINDS')
     counts = torch.tensor([float(tally[k]) for k in keys], device=rt.device)
     if rt.ddp:
         dist.all_reduce(counts)
@@ -151,35 +224,46 @@ def tally_counts(rt, tally):
             {k: counts[k] / tokens for k in TOKEN_KINDS} if tokens else {})
 
 
-def start_metrics(rt, path, first):
-    """Where a stage's log lines go: a fresh file for a stage that starts at step 0, and for a resumed one the lines
-    up to the step it resumes from (the lines after it are logged again)."""
-    rt.metrics_path = path
-    if not rt.master:
-        return
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    kept = []
-    if first and os.path.exists(path):
-        with open(path) as f:
-            kept = [line for line in f if json.loads(line)['step'] <= first]
-    with open(path, 'w') as f:
-        f.writelines(kept)
+class Progress:
+    """A stage's log lines: loss, LR, tokens/s, MFU, data wait, ETA, skipped samples and token shares since the last."""
+
+    def __init__(self, rt, stage, first, last, raw_model, tokens_per_step, peak_flops):
+        self.rt, self.stage, self.first, self.last = rt, stage, first, last
+        self.raw_model, self.tokens_per_step, self.peak_flops = raw_model, tokens_per_step, peak_flops
+        self.t_start = self.t_last = time.time()
+        self.step_last, self.losses, self.waited, self.tally = first, [], 0.0, Counter()
+
+    def next(self, batches, n):
+        """The next n micro-batches, the time spent waiting for them counted, their tallies added up."""
+        t = time.time()
+        micro_batches = [next(batches) for _ in range(n)]
+        self.waited += time.time() - t
+        for batch in micro_batches:
+            self.tally.update(batch[3])
+        return micro_batches
+
+    def line(self, done, optimizer, metrics):
+        rt, now = self.rt, time.time()
+        lr = optimizer.param_groups[0]['lr']
+        encoder_lr = next((g['lr'] for g in optimizer.param_groups if g['schedule'] == 'encoder'), None)
+        tok_s = self.tokens_per_step * (done - self.step_last) / (now - self.t_last)
+        mfu = self.raw_model.estimate_mfu(tok_s, self.peak_flops or None)
+        mean_loss = torch.stack(self.losses).mean().item() if self.losses else float('nan')  # nan: every step was bad
+        (skips, shares), wait = tally_counts(rt, self.tally), self.waited / (now - self.t_last)
+        log(rt, f'{self.stage} step {done}/{self.last} | loss {mean_loss:.4f} | lr {lr:.2e} | {tok_s:,.0f} tok/s | '
+                f'mfu {"n/a" if mfu is None else f"{mfu:.1%}"} | data wait {wait:.0%} | '
+                f'eta {format_time((self.last - done) * (now - self.t_start) / (done - self.first))}' +
+                (' | tokens so far: ' + ', '.join(f'{k} {v:.1%}' for k, v in shares.items()) if shares else '') +
+                (' | skipped so far: ' + ', '.join(f'{k} {n:,}' for k, n in skips.items()) if skips else ''))
+        metrics.record(stage=self.stage, step=done, loss=mean_loss, lr=lr,
+                       **({'encoder_lr': encoder_lr} if encoder_lr is not None else {}),
+                       tokens_per_s=tok_s, mfu=mfu, data_wait=wait, skipped=skips,
+                       **({'token_shares': shares} if shares else {}))
+        self.t_last, self.step_last, self.losses, self.waited = now, done, [], 0.0
 
 
-def record(rt, **values):
-    """
-    One log line's values, appended as a JSON object to the stage's metrics.jsonl (rt.metrics_path) and, with
-    wandb_log, sent to Weights & Biases: the curves of a run, for ablate.py's plots and for anyone's.
-    """
-    if not rt.master:
-        return
-    if rt.metrics_path:
-        with open(rt.metrics_path, 'a') as f:
-            f.write(json.dumps(values) + '\n')
-    if rt.wandb is not None:
-        rt.wandb.log({f"{values['stage']}/{k}": v for k, v in values.items() if k not in ('stage', 'step')
-                      and isinstance(v, (int, float))}, step=values['global_step'])
-
+# -----------------------------------------------------------------------------
+# batches, and the parts of an optimizer step that distributed training changes
 
 def batch_loader(rt, make, first, last):
     """
@@ -199,9 +283,27 @@ def batch_loader(rt, make, first, last):
                            pin_memory=rt.device_type == 'cuda', multiprocessing_context='fork' if workers else None))
 
 
+def to_device(rt, x, y, inputs):
+    return (x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True),
+            {k: v.to(rt.device, non_blocking=True) for k, v in inputs.items()})
+
+
+def scored_targets(rt, micro_batches):
+    """Each micro-batch's scored targets (y != -1) and their total over every rank and micro-step of the step."""
+    counts = [(y != -1).sum().item() for _, y, _, _ in micro_batches]
+    total = torch.tensor(float(sum(counts)), device=rt.device)
+    if rt.ddp:
+        dist.all_reduce(total)
+    return counts, total.clamp(min=1)
+
+
 @contextmanager
-def no_grad_sync(model):
-    """Accumulate this micro-step's gradients locally: no all-reduce (DDP) or reduce-scatter (FSDP) until the last."""
+def gradient_sync(model, now):
+    """Reduce the gradients over the ranks after this backward pass only when `now` (a step's last micro-step):
+    the others accumulate locally (DDP's no_sync, FSDP's requires_gradient_sync)."""
+    if now:
+        yield
+        return
     if isinstance(model, DDP):
         with model.no_sync():
             yield
@@ -216,22 +318,29 @@ def no_grad_sync(model):
             m.set_requires_gradient_sync(True, recurse=False)
 
 
+def clip_grad_norm(model, max_norm):
+    """The global gradient norm before clipping to max_norm (0: no clipping), the same float on every rank."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm or float('inf'))
+    return (norm.full_tensor() if hasattr(norm, 'full_tensor') else norm).item()  # FSDP: a DTensor
+
+
+@torch.no_grad()
+def mean_loss(rt, model, batches):
+    """The mean loss of model over batches of (inputs, targets), in eval mode and eager (no second compile for a
+    graph without gradients), the model put back in train mode after."""
+    model.eval()
+    losses = []
+    with torch.compiler.set_stance('force_eager'):
+        for x, y in batches:
+            with rt.autocast():
+                losses.append(model(x.to(rt.device), y.to(rt.device))[1].item())
+    model.train()
+    return sum(losses) / len(losses)
+
+
 def compile_count():
     """Graphs torch.compile has made in this process: each recompile and each graph break adds one."""
     return torch._dynamo.utils.counters['stats']['unique_graphs']
-
-
-def check_ranks_agree(rt, raw_model):
-    """Under DDP every rank must hold the same weights: compare a fingerprint of them across ranks."""
-    if not rt.ddp or rt.fsdp:  # FSDP ranks hold different shards by design
-        return
-    fingerprint = sum((i + 1) * p.detach().double().sum() for i, p in enumerate(raw_model.parameters()))
-    mine = fingerprint.reshape(1).to(rt.device)
-    every = [torch.zeros_like(mine) for _ in range(rt.world_size)]
-    dist.all_gather(every, mine)
-    if any(not torch.equal(other, mine) for other in every):
-        raise RuntimeError(f'the ranks hold different weights: fingerprints {[x.item() for x in every]}')
-    log(rt, f'weights identical on all {rt.world_size} ranks')
 
 
 def wrap_model(rt, raw_model):
@@ -267,117 +376,27 @@ def wrap_model(rt, raw_model):
     return raw_model
 
 
+def check_ranks_agree(rt, raw_model):
+    """Under DDP every rank must hold the same weights: compare a fingerprint of them across ranks."""
+    if not rt.ddp or rt.fsdp:  # FSDP ranks hold different shards by design
+        return
+    fingerprint = sum((i + 1) * p.detach().double().sum() for i, p in enumerate(raw_model.parameters()))
+    mine = fingerprint.reshape(1).to(rt.device)
+    every = [torch.zeros_like(mine) for _ in range(rt.world_size)]
+    dist.all_gather(every, mine)
+    if any(not torch.equal(other, mine) for other in every):
+        raise RuntimeError(f'the ranks hold different weights: fingerprints {[x.item() for x in every]}')
+    log(rt, f'weights identical on all {rt.world_size} ranks')
+
+
 # -----------------------------------------------------------------------------
-# the optimizer steps of a stage, and its checkpoints
+# a stage's checkpoints
 
-class TrainingError(RuntimeError):
-    """A run that cannot go on (a non-finite loss): the message names the step, the stage and what to do."""
-
-
-def train_steps(rt, stage, model, raw_model, optimizer, batches, schedules, first, last, on_step, val_loss,
-                tokens_per_step, cfg):
-    """
-    Optimizer steps first .. last-1 on the micro-batches (x, y, inputs, skipped) from batches (batch_loader), where
-    skipped counts the samples left out while building it (bad images); schedules[name](step) is the LR factor a
-    param group multiplies its peak_lr by, name its 'schedule' ('lm', or 'encoder' for a trained encoder's); on_step(step_done) runs after each step (checkpoints). A step whose gradient is
-    not finite is not applied; after max_bad_steps of them the run stops (TrainingError).
-    """
-    bad_steps = 0
-    accum = rt.micro_steps
-    t_start, t_last, step_last = time.time(), time.time(), first
-    losses, waited, tally = [], 0.0, Counter()
-    compiles = compile_count() if rt.compile else 0
-    for step in range(first, last):
-        for group in optimizer.param_groups:
-            group['lr'] = group['peak_lr'] * schedules[group.get('schedule', 'lm')](step)
-        t = time.time()
-        micro_batches = [next(batches) for _ in range(accum)]
-        waited += time.time() - t
-        # the step's loss is the mean over all its scored targets, on every rank and micro-step: each micro-batch's
-        # mean loss is weighted by its share of them (rows of captions and conversations score unequal numbers),
-        # so the gradient does not depend on how the batch is split over ranks and micro-steps
-        counts = [(y != -1).sum().item() for _, y, _, _ in micro_batches]
-        for batch in micro_batches:
-            tally.update(batch[3])
-        total = torch.tensor(float(sum(counts)), device=rt.device)
-        if rt.ddp:
-            dist.all_reduce(total)
-        step_loss = 0.0  # this rank's mean over its scored targets, for the log
-        for micro, (x, y, inputs, _) in enumerate(micro_batches):
-            x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
-            inputs = {k: v.to(rt.device, non_blocking=True) for k, v in inputs.items()}
-            with nullcontext() if micro == accum - 1 else no_grad_sync(model):
-                with rt.autocast:
-                    _, loss = model(x, y, **inputs)
-                # DDP and FSDP average the ranks' gradients: scale by world_size to make that average a sum
-                (loss * (counts[micro] * rt.world_size / total.clamp(min=1))).backward()
-            step_loss = step_loss + loss.detach() * counts[micro] / max(sum(counts), 1)
-        # the global gradient norm (clipped to grad_clip, when set) is the same on every rank, so every rank agrees
-        # on whether a step is bad; a NaN or inf loss makes it NaN too
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float('inf'))
-        norm = norm.full_tensor() if hasattr(norm, 'full_tensor') else norm  # FSDP: a DTensor
-        done = step + 1
-        if math.isfinite(norm.item()):
-            optimizer.step()
-            losses.append(step_loss)
-        else:
-            bad_steps += 1
-            if bad_steps > cfg.max_bad_steps:
-                raise TrainingError(
-                    f'{stage} stage, step {done}: the loss or its gradient is not finite (loss {loss.item()}, gradient '
-                    f'norm {norm.item()}). The last good checkpoint is {rt.last_checkpoint or "none (none written yet)"}'
-                    f'; nothing after it was written. Resume from it with init_from=resume (a lower learning rate or '
-                    f'grad_clip may help), or set max_bad_steps to skip such batches')
-            log(rt, f'{stage} step {done}: non-finite loss or gradient, batch skipped '
-                    f'({bad_steps} of max_bad_steps={cfg.max_bad_steps})')
-        optimizer.zero_grad(set_to_none=True)
-        if done % cfg.log_interval == 0 or done == last:
-            now = time.time()
-            dt = (now - t_last) / (done - step_last)
-            tok_s = tokens_per_step / dt
-            mfu = raw_model.estimate_mfu(tok_s, cfg.peak_flops or None)
-            mean_loss = torch.stack(losses).mean().item() if losses else float('nan')  # nan: every step was bad
-            (skips, shares), lr = tally_counts(rt, tally), optimizer.param_groups[0]['lr']
-            log(rt, f'{stage} step {done}/{last} | loss {mean_loss:.4f} | lr {lr:.2e} | '
-                    f'{tok_s:,.0f} tok/s | mfu {"n/a" if mfu is None else f"{mfu:.1%}"} | '
-                    f'data wait {waited / (now - t_last):.0%} | '
-                    f'eta {format_time((last - done) * (now - t_start) / (done - first))}' +
-                    (' | tokens so far: ' + ', '.join(f'{k} {v:.1%}' for k, v in shares.items()) if shares else '') +
-                    (' | skipped so far: ' + ', '.join(f'{k} {n:,}' for k, n in skips.items()) if skips else ''))
-            encoder_lr = [g['lr'] for g in optimizer.param_groups if g.get('schedule') == 'encoder' and g['params']]
-            record(rt, stage=stage, step=done, global_step=rt.global_step + done, loss=mean_loss, lr=lr,
-                   **({'encoder_lr': encoder_lr[0]} if encoder_lr else {}),
-                   tokens_per_s=tok_s, mfu=mfu, data_wait=waited / (now - t_last), skipped=skips,
-                   **({'token_shares': shares} if shares else {}))
-            t_last, step_last, losses, waited = now, done, [], 0.0
-        if val_loss is not None and cfg.eval_interval and (done % cfg.eval_interval == 0 or done == last):
-            loss_val = val_loss()
-            log(rt, f'{stage} step {done}: val loss {loss_val:.4f}')
-            record(rt, stage=stage, step=done, global_step=rt.global_step + done, val_loss=loss_val)
-        on_step(done)
-    rt.global_step += last  # wandb wants one step axis over all stages
-    if rt.compile:
-        log(rt, f'{stage} stage: torch.compile made {compile_count() - compiles} new graph(s)')
-
-
-def resume_point(rt, stage, raw_model, made_by, found, allow_stale):
-    """
-    The newest of a stage's finished checkpoints `found` ([(step, path)]), loaded into raw_model (checkpoint.resume),
-    for init_from='resume'. Returns the step to start from and its state.pt (0, None: none to resume from).
-    """
-    if not found:
-        log(rt, f'{stage} stage: no checkpoint to resume from, starting at step 0')
-        return 0, None
-    step, rt.last_checkpoint, state = resume(found, made_by, raw_model, allow_stale, warn=lambda m: log(rt, m))
-    log(rt, f'{stage} stage: resuming from {rt.last_checkpoint} at step {step}')
-    return step, state
-
-
-def save_stage_checkpoint(rt, folder, raw_model, optimizer, info, files=()):
+def save_stage_checkpoint(rt, folder, raw_model, optimizer, info, last_good, files=()):
     """
     Every rank gathers (FSDP), rank 0 writes (with copies of files, such as the stage's metrics.jsonl). The folder
     becomes the stage's last good checkpoint, so weights that are not finite (a step applied with a NaN update) stop
-    the run instead: every rank checks its own.
+    the run instead, naming last_good: every rank checks its own.
     """
     finite = torch.tensor(float(all(bool(torch.isfinite(p.to_local() if hasattr(p, 'to_local') else p).all())
                                     for p in raw_model.parameters())), device=rt.device)
@@ -385,9 +404,42 @@ def save_stage_checkpoint(rt, folder, raw_model, optimizer, info, files=()):
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
     if not finite.item():
         raise TrainingError(f'{info["stage"]} stage, step {info["step"]}: the weights hold NaN or inf, so {folder} was '
-                            f'not written. The last good checkpoint is {rt.last_checkpoint or "none"}; resume from it '
+                            f'not written. The last good checkpoint is {last_good or "none"}; resume from it '
                             f'with init_from=resume and a lower learning rate')
     weights, optimizer_state = full_state(raw_model, optimizer)
     if rt.master:
         save_checkpoint(folder, weights, optimizer_state, info, files)
-    rt.last_checkpoint = folder
+
+
+def start_training(rt, stage, raw_model, make_optimizer, found, made_by, allow_stale):
+    """
+    The module to train and its optimizer (make_optimizer()), resumed from the newest of the finished
+    checkpoints `found` ([(step, path)], init_from='resume'; none: from step 0): its weights loaded into raw_model
+    first (checkpoint.resume, which checks its fingerprint), then the model wrapped (wrap_model), the optimizer built
+    on the wrapped parameters and given its state, and the RNGs set. Returns (model, optimizer, first step, the
+    checkpoint it resumed from or None).
+    """
+    first, folder, state = 0, None, None
+    if found:
+        first, folder, state = resume(found, made_by, raw_model, allow_stale, warn=lambda m: log(rt, m))
+        log(rt, f'{stage} stage: resuming from {folder} at step {first}')
+    model = wrap_model(rt, raw_model)
+    optimizer = make_optimizer()
+    if state is not None:
+        load_optimizer_state(raw_model, optimizer, state['optimizer'], sharded=rt.fsdp)
+        set_rng_state(state['rng'])
+    return model, optimizer, first, folder
+
+
+def bad_step(rt, stage, done, loss, norm, last_good, bad_steps, max_bad_steps):
+    """A step whose loss or gradient is not finite, the run's bad_steps-th, was skipped: said, and bad_steps
+    returned; past max_bad_steps a TrainingError instead."""
+    if bad_steps > max_bad_steps:
+        last = last_good or 'none (none written yet)'
+        raise TrainingError(f'{stage} stage, step {done}: the loss or its gradient is not finite (loss {loss.item()}, '
+                            f'gradient norm {norm}). The last good checkpoint is {last}; nothing after it was written. '
+                            f'Resume from it with init_from=resume (a lower learning rate or grad_clip may help), or '
+                            f'set max_bad_steps to skip such batches')
+    log(rt, f'{stage} step {done}: non-finite loss or gradient, batch skipped ({bad_steps} of '
+            f'max_bad_steps={max_bad_steps})')
+    return bad_steps

@@ -16,6 +16,7 @@ import sys
 import numpy as np
 import torch
 
+import checkpoint
 import data
 import eval as ev
 import shapes
@@ -45,7 +46,7 @@ def shapes_scene(seed, size):
 
 def main(cfg):
     torch.manual_seed(cfg['seed'])
-    model, info = ev.load_model(cfg['ckpt'], cfg['device'])
+    model, info = checkpoint.load_model(cfg['ckpt'], cfg['device'])
     enc = data.get_tokenizer(info['tokenizer'])
     stop = data.special_id(enc, '<|endoftext|>')
     images = None

@@ -1,45 +1,41 @@
 """
 Train nanoVLP stage by stage: text pre-training, then (with an image encoder) image injection and instruction
-fine-tuning, each followed by evaluation.
+fine-tuning, each checkpoint scored as it is saved.
 
     python train.py --stages=text                      # text pre-training on the shapes world: out/text/ckpt_020 ...
     python train.py config/dino_siglip_unfrozen.py     # one cell of the encoder ablation
     torchrun --standalone --nproc_per_node=2 train.py  # DDP: nccl on CUDA, gloo on CPU
-    python train.py config/scale_79m.py config/siglip_frozen.py --dataset=data/dclm --image_data='datacomp/*.tar' \
-        --instruct_data=llava/llava_v1_5_mix665k.json   # real data (README: Reproducing the paper)
     python train.py --help                             # every key below, its default and its comment
 
-Every global in the config section below is a key that config files and --key=value flags set (configurator.py).
-A run prepares what it reads (prepare.py), then runs each stage of `stages` through one loop (run_stage), starting
-from the checkpoint the stage before wrote; a finished stage is reused only when its fingerprint matches.
+Top to bottom: the config keys; the LR schedules (the paper's injection rule); the stages, each a function stating
+its model, batches, length and LR (a Stage), and their table (STAGES); the one loop every stage runs through
+(train_stage: batch, forward, backward, clip, step, LR, log, checkpoint, evaluate); main. Real data: README.
 """
 
-import json
 import math
 import os
 import sys
 from collections import Counter
-from dataclasses import asdict
-from types import SimpleNamespace
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Optional
 
-import numpy as np
 import torch
 
 import data
 import prepare
-import shapes
+import runtime
 from checkpoint import (FolderLocked, StaleCheckpoint, acquire_lock, check_fingerprint, finished_checkpoints,
-                        is_checkpoint, load_optimizer_state, prune, release_lock, set_rng_state)
-from configurator import ConfigError, check_ranges, configure, script_config
+                        is_checkpoint, load_model, prune, release_lock)
+from configurator import ConfigError, config_class, configure, script_config
 from encoders import ENCODERS, build_encoder
-from eval import load_model, saved_scores, stable_score_table
+from eval import saved_scores, stable_score_table
 from model import GPT, PRESETS, VLM, GPTConfig
-from runtime import (TrainingError, barrier, batch_loader, check_ranks_agree, close_runtime, format_time, log,
-                     process_age, resume_point, save_stage_checkpoint, setup_runtime, start_metrics, time_table, timed,
-                     train_steps, wrap_model)
+from prepare import checkpoint_of, frac_name, frac_step, stage_outputs, steps_dir
+from runtime import Clock, Metrics, Progress, TrainingError, log
 
 # -----------------------------------------------------------------------------
-# config
+# config: every key of a run, its default and what it means (prepare.check_config holds them to their ranges)
+
 # I/O
 out_dir = 'out'  # this run's image and finetune stages write to {out_dir}/image and {out_dir}/finetune
 text_out_dir = 'out/text'  # the text stage's checkpoints; ablation cells that share it share one text stage
@@ -49,8 +45,7 @@ allow_stale = False  # reuse a finished stage although its fingerprint differs (
 evaluate = True  # score each checkpoint a stage saves on the dataset's tasks (eval.json); False: later, with eval.py
 eval_interval = 100  # steps between validation-loss estimates
 eval_iters = 10  # batches per validation-loss estimate
-eval_items = 500  # items scored per task of the shapes world, text and vision, the same first ones every time (up to
-# 1000): past 200 seeds, not questions, dominate the spread (docs/results.md, "How many questions and seeds")
+eval_items = 500  # items scored per task of the shapes world (the same first ones every time; up to 1000)
 log_interval = 25  # steps between log lines
 ckpt_interval = 100  # steps between a stage's periodic checkpoints, which init_from='resume' continues from; 0: none
 keep_last = 2  # periodic checkpoints kept per stage, the newest; the text stage's save_fracs ones are never deleted
@@ -58,14 +53,17 @@ max_bad_steps = 0  # steps with a non-finite loss or gradient to skip (batch dro
 wandb_log = False  # also send the log lines to Weights & Biases (pip install wandb; WANDB_MODE=offline works)
 wandb_project = 'nanovlp'  # its project
 wandb_run_name = ''  # its run name; '': out_dir
+
 # data
 dataset = 'shapes'  # 'shapes' (the embedded world, written under data_dir first) or a folder from corpora.py
 data_dir = 'data'  # where the shapes world, its renders, the shapes encoders and every cache are kept
+
 # model
 model = 'demo'  # a preset of model.PRESETS: demo, 79m, 1b
 block_size = 256  # context length in tokens
 qk_norm = True  # RMSNorm on each head's queries and keys
 tie_embeddings = False  # the paper's OpenLM models keep input and output embeddings separate
+
 # text stage
 text_iters = 400  # optimizer steps of text pre-training
 save_fracs = [0.2, 0.4, 0.6, 0.8, 1.0]  # fractions of text_iters with a checkpoint: the candidate injection points
@@ -78,9 +76,9 @@ weight_decay = 0.1  # AdamW's, on matrices only
 beta1 = 0.9  # AdamW's
 beta2 = 0.95  # AdamW's
 grad_clip = 1.0  # clip the global gradient norm to this; 0 disables
+
 # image stage
-image_inject_frac = 0.8  # the image injection point: the text checkpoint (a value of save_fracs) that gets the images;
-# 0: images from scratch, the mixture from step 0 with the text stage's warmup and peak LR (no text stage runs)
+image_inject_frac = 0.8  # the image injection point: a value of save_fracs, or 0: images from scratch (no text stage)
 image_iters = 300  # optimizer steps of the image stage
 image_ratio = 0.1  # share of the image stage's data that is image-caption data, counted as image_ratio_of says
 image_ratio_of = 'rows'  # 'rows' (sequences) or 'tokens' (image and caption tokens among all, padding aside)
@@ -102,10 +100,12 @@ instruct_images = ''  # the folder instruct_data's image paths start from; '': t
 scene_size = 48  # shapes-world pictures are rendered at this many pixels; the encoder resizes to its own size
 caption_scenes = 8000  # shapes-world scenes with captions for the image stage (a fixed set: features can be cached)
 conversations = 6000  # shapes-world instruction conversations (fine-tuning, and instruct_ratio in the image stage)
+
 # finetune stage
 finetune_epochs = 3  # passes over the instruction conversations
 finetune_lr = 1e-3  # peak LR of fine-tuning (re-warmed)
 finetune_text_ratio = 0.25  # fraction of each fine-tuning batch that is plain text, so text is not forgotten
+
 # system
 device = 'auto'  # 'auto' (cuda when available), 'cpu', 'cuda', 'cuda:1', ...
 dtype = 'auto'  # 'auto' (bfloat16 on CUDA, float32 on CPU), 'bfloat16', 'float32'
@@ -117,103 +117,87 @@ peak_flops = 0.0  # the device's peak FLOP/s for MFU; 0 looks it up (A100, H100)
 seed = 1337  # every stage's initialization and batches
 # -----------------------------------------------------------------------------
 
-TYPES = {'compile': bool, 'data_workers': int}  # the keys whose default is None
-# every number must be finite and >= 0; these keys are held to narrower ranges
-RANGES = {k: '> 0' for k in ('text_iters', 'image_iters', 'batch_size', 'gradient_accumulation_steps', 'block_size',
-                             'learning_rate', 'image_lr', 'finetune_lr', 'encoder_lr', 'finetune_epochs', 'keep_last',
-                             'scene_size', 'caption_scenes', 'conversations', 'eval_iters', 'log_interval')}
-RANGES.update(save_fracs='(0, 1]', image_inject_frac='[0, 1]', image_ratio='[0, 1]', instruct_ratio='[0, 1]',
-              finetune_text_ratio='[0, 1)', beta1='[0, 1)', beta2='[0, 1)')
-# The keys that define a stage are every key but these: a key not listed defines every stage, so a new key can only
-# make a stage be trained again, never reused stale. RUN_KEYS change how or where a run is carried out, not what a
-# checkpoint holds; IMAGE_KEYS are read by the image and finetune stages only, FINETUNE_KEYS by fine-tuning only.
-RUN_KEYS = ('out_dir', 'text_out_dir', 'data_dir', 'stages', 'init_from', 'allow_stale', 'evaluate', 'eval_items',
-            'eval_interval', 'eval_iters', 'log_interval', 'ckpt_interval', 'keep_last', 'max_bad_steps', 'wandb_log',
-            'wandb_project', 'wandb_run_name', 'save_fracs', 'gradient_accumulation_steps', 'device', 'dtype',
-            'compile', 'fsdp', 'grad_checkpoint', 'data_workers', 'peak_flops')
-IMAGE_KEYS = ('image_inject_frac', 'image_iters', 'image_ratio', 'image_ratio_of', 'instruct_ratio', 'image_lr',
-              'rewarm_iters', 'encoder', 'encoder_scale', 'encoder_weights', 'freeze_encoder', 'encoder_lr',
-              'projector', 'image_inject_layer', 'cache_features', 'image_data', 'caption_key', 'instruct_data',
-              'instruct_images', 'scene_size', 'caption_scenes', 'conversations')
-FINETUNE_KEYS = ('finetune_epochs', 'finetune_lr', 'finetune_text_ratio')
-STAGES = ('text', 'image', 'finetune')
-LONGEST_CAPTION = 200  # bytes: four objects in the longest phrasing, with room to spare
+Config = config_class('Config', script_config(globals()), {'compile': bool, 'data_workers': int})
 
 
 def get_config(args):
     """Defaults, then config files and --key=value flags, then every check that needs no compute."""
-    cfg = SimpleNamespace(**configure(args, script_config(globals()), source=__file__, types=TYPES))
-    check_ranges(vars(cfg), RANGES)
-    stages = cfg.stages.split(',')
-    for stage in stages:
-        if stage not in STAGES:
-            raise ConfigError(f'stages={cfg.stages!r}: unknown stage {stage!r}; the stages are {", ".join(STAGES)}')
-    for key, allowed in (('model', PRESETS), ('encoder', ENCODERS), ('dtype', ('auto', 'float32', 'bfloat16')),
-                         ('init_from', ('scratch', 'resume')), ('image_ratio_of', ('rows', 'tokens'))):
-        if getattr(cfg, key) not in allowed:
-            raise ConfigError(f'{key}={getattr(cfg, key)!r}: use one of {", ".join(allowed)}')
-    steps = [frac_step(f, cfg.text_iters) for f in cfg.save_fracs]
-    if not steps or len(set(steps)) != len(steps) or min(steps) < 1:
-        raise ConfigError(f'save_fracs={cfg.save_fracs} with text_iters={cfg.text_iters} gives checkpoint steps '
-                          f'{steps}: they must be distinct and >= 1; raise text_iters')
-    if not 0 < cfg.eval_items <= shapes.EVAL_ITEMS:
-        raise ConfigError(f'eval_items={cfg.eval_items}: the shapes world has 1 to {shapes.EVAL_ITEMS} items per task')
-    if cfg.image_ratio + cfg.instruct_ratio > 1:
-        raise ConfigError(f'image_ratio={cfg.image_ratio} and instruct_ratio={cfg.instruct_ratio} sum to more than 1')
-    if cfg.encoder == 'patch' and cfg.freeze_encoder:
-        raise ConfigError('encoder=patch is a learned projection with nothing to freeze: set freeze_encoder=False')
-    if {'image', 'finetune'} & set(stages):
-        if cfg.image_inject_frac not in cfg.save_fracs + [0]:
-            raise ConfigError(f'image_inject_frac={cfg.image_inject_frac} is not 0 or one of save_fracs='
-                              f'{cfg.save_fracs}: images can only be injected at a saved text checkpoint, or from scratch')
-        enc_tokens = prepare.encoder_shape(cfg).num_tokens
-        prepare.check_inputs(cfg)
-        before = {'image': 'text', 'finetune': 'image'}.get(stages[0])  # the first stage's input must exist already
-        if before and not from_scratch(cfg, stages[0]) and not is_checkpoint(stage_folder(cfg, before,
-                                                                                          cfg.image_inject_frac)):
-            raise ConfigError(f'{stage_folder(cfg, before, cfg.image_inject_frac)} does not exist: run the {before} '
-                              f'stage first (the default stages=text,image,finetune runs each in turn)')
-        if enc_tokens + LONGEST_CAPTION + 1 > cfg.block_size:
-            raise ConfigError(f'block_size={cfg.block_size} cannot hold one image ({enc_tokens} tokens) and a caption '
-                              f'(up to {LONGEST_CAPTION} tokens): raise block_size to at least '
-                              f'{enc_tokens + LONGEST_CAPTION + 1}')
+    cfg = Config(**configure(args, script_config(globals()), source=__file__, types=Config.__annotations__))
+    names = cfg.stages.split(',')
+    unknown = [name for name in names if name not in STAGES]
+    if unknown:
+        raise ConfigError(f'stages={cfg.stages!r}: unknown stage {unknown[0]!r}; the stages are {", ".join(STAGES)}')
+    prepare.check_config(cfg, images=any(STAGES[name].reads_images for name in names))  # ranges, choices, files
+    before = STAGES[names[0]].after  # the first stage's input must exist already
+    if before and not from_scratch(cfg, names[0]) and not is_checkpoint(checkpoint_of(cfg, before)):
+        raise ConfigError(f'{checkpoint_of(cfg, before)} does not exist: run the {before} stage first (the default '
+                          f'stages=text,image,finetune runs each in turn)')
     return cfg
 
 
-def from_scratch(cfg, stage):
-    """Whether `stage` starts from fresh weights: the text stage, and the image stage at image_inject_frac=0."""
-    return stage == 'text' or (stage == 'image' and cfg.image_inject_frac == 0)
+# -----------------------------------------------------------------------------
+# the learning rate: each schedule is a function of the step that returns the LR itself
 
-
-def frac_step(frac, iters):
-    return round(frac * iters)
-
-
-def frac_name(frac):
-    return f'ckpt_{round(frac * 100):03d}'
-
-
-def cosine_lr(step, peak, warmup, total, floor, start=None):
-    """
-    Linear warmup to peak over `warmup` steps, then cosine decay to `floor` at `total`. With start given there is
-    no warmup: the cosine runs from start (e.g. the LR a text checkpoint had reached) down to floor.
-    """
-    if start is None and step < warmup:
+def cosine_lr(step, peak, warmup, total, floor):
+    """Linear warmup to peak over `warmup` steps (none for 0), then a cosine down to floor at step `total`."""
+    if step < warmup:
         return peak * (step + 1) / (warmup + 1)
-    top = peak if start is None else start
-    begin = warmup if start is None else 0
-    progress = min(1.0, (step - begin) / max(1, total - begin))
-    return floor + 0.5 * (1.0 + math.cos(math.pi * progress)) * (top - floor)
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return floor + 0.5 * (1.0 + math.cos(math.pi * progress)) * (peak - floor)
 
 
-def fingerprint(cfg, stage, prep):
-    """The fingerprint a stage's checkpoints carry (prepare.fingerprint), with the config keys that define it."""
-    later = {'text': IMAGE_KEYS + FINETUNE_KEYS, 'image': FINETUNE_KEYS, 'finetune': ()}[stage]
-    return prepare.fingerprint(cfg, stage, prep, {k: v for k, v in vars(cfg).items() if k not in RUN_KEYS + later})
+def text_schedule(cfg):
+    return lambda step: cosine_lr(step, cfg.learning_rate, cfg.warmup_iters, cfg.text_iters, cfg.min_lr)
+
+
+def image_schedule(cfg):
+    """
+    The paper's injection rule. Images injected into a text checkpoint before the end of its run (0 < frac < 1)
+    continue its schedule: from the LR the text stage had reached at the injection step, a cosine down to min_lr
+    over the image steps, the cooldown the text run would have had. Injected into the fully trained LM (frac 1.0):
+    re-warm up to image_lr, then down to min_lr. From scratch (frac 0): the text stage's own schedule.
+    """
+    if cfg.image_inject_frac == 0:
+        return lambda step: cosine_lr(step, cfg.learning_rate, cfg.warmup_iters, cfg.image_iters, cfg.min_lr)
+    if cfg.image_inject_frac == 1.0:
+        return lambda step: cosine_lr(step, cfg.image_lr, cfg.rewarm_iters, cfg.image_iters, cfg.min_lr)
+    reached = text_schedule(cfg)(frac_step(cfg.image_inject_frac, cfg.text_iters))
+    return lambda step: cosine_lr(step, reached, 0, cfg.image_iters, cfg.min_lr)
+
+
+def encoder_schedule(cfg, iters, lm_schedule):
+    """
+    A trained encoder's LR in the image and finetune stages. A pre-trained one has its own: a warmup over
+    rewarm_iters (its first gradients come through a projector that is still random) up to encoder_lr, then a
+    cosine down to encoder_lr * min_lr / learning_rate (the LM's floor-to-peak ratio). It does not take the LR the
+    LM had reached at the injection point: an encoder that starts to train needs a warmup, not the tail of a
+    cooldown. One learned from scratch (patch) is a new part of the model like the projector: the LM's schedule.
+    """
+    if not ENCODERS[cfg.encoder].pretrained:
+        return lm_schedule
+    floor = cfg.encoder_lr * cfg.min_lr / cfg.learning_rate
+    return lambda step: cosine_lr(step, cfg.encoder_lr, cfg.rewarm_iters, iters, floor)
 
 
 # -----------------------------------------------------------------------------
-# the stages: each states its pieces (model, batches, LR, iterations, checkpoints) for run_stage
+# the stages: each function states its pieces in a Stage, which train_stage runs
+
+@dataclass
+class Stage:
+    model: torch.nn.Module  # what trains (a GPT or a VLM), unwrapped: its parameter names are the checkpoint's
+    batch: Callable  # (step, rows) -> inputs, targets, model inputs, tally: the rows `rows` (a slice) of step's batch
+    iters: int  # optimizer steps
+    lr: Callable  # step -> the LR of the LM and the projector
+    encoder_lr: Optional[Callable] = None  # step -> the LR of a trained encoder
+    val_loss: Optional[Callable] = None  # () -> the validation loss, every eval_interval steps
+    info: dict = field(default_factory=dict)  # what config.json says of the model beyond the run's config
+
+    def optimizer(self, cfg, device_type):
+        """AdamW over the trainable parameters, each group tagged with the schedule the loop sets its LR from."""
+        encoder = {'encoder_lr': self.encoder_lr(0)} if self.encoder_lr else {}
+        return self.model.configure_optimizers(cfg.weight_decay, self.lr(0), (cfg.beta1, cfg.beta2), device_type,
+                                               **encoder)
+
 
 def new_gpt(cfg, rt, prep):
     torch.manual_seed(cfg.seed)
@@ -222,263 +206,243 @@ def new_gpt(cfg, rt, prep):
 
 
 def text_stage(cfg, rt, prep):
-    raw_model = new_gpt(cfg, rt, prep)
-    log(rt, f'text stage: {cfg.model} GPT, {raw_model.num_params():,} parameters '
-            f'({raw_model.num_params(non_embedding=True):,} without the input embedding)')
+    gpt = new_gpt(cfg, rt, prep)
+    log(rt, f'text stage: {cfg.model} GPT, {gpt.num_params():,} parameters '
+            f'({gpt.num_params(non_embedding=True):,} without the input embedding)')
     train_tokens, val_tokens = data.open_shard(prep.folder, 'train'), data.open_shard(prep.folder, 'val')
 
-    def make(step, rows):
+    def batch(step, rows):
         x, y = data.text_batch(train_tokens, cfg.batch_size, cfg.block_size, data.seeded_generator(cfg.seed, step),
                                rows)
         return x, y, {}, Counter()
 
-    @torch.no_grad()
-    def val_loss():
-        raw_model.eval()
-        gen = torch.Generator().manual_seed(0)  # the same batches every time, so the curve compares like with like
-        losses = []
-        with torch.compiler.set_stance('force_eager'):  # eval mode and no grad: no second compile for it
-            for _ in range(cfg.eval_iters):
-                x, y = data.text_batch(val_tokens, rt.micro_batch, cfg.block_size, gen)
-                with rt.autocast:
-                    losses.append(raw_model(x.to(rt.device), y.to(rt.device))[1].item())
-        raw_model.train()
-        return float(np.mean(losses))
+    def val_loss():  # the same batches every time, so the curve compares like with like
+        gen = torch.Generator().manual_seed(0)
+        return runtime.mean_loss(rt, gpt, (data.text_batch(val_tokens, rt.micro_batch, cfg.block_size, gen)
+                                           for _ in range(cfg.eval_iters)))
 
-    peak = cfg.learning_rate
-    return SimpleNamespace(model=raw_model, make=make, iters=cfg.text_iters, peak=peak, val_loss=val_loss,
-                           lr_at=lambda step: cosine_lr(step, peak, cfg.warmup_iters, cfg.text_iters, cfg.min_lr) / peak,
-                           info={'model_args': asdict(raw_model.config)})
-
-
-def image_schedule(cfg):
-    """
-    The image stage's peak LR and LR factor per step. Below 1.0 the text schedule continues from the LR it had
-    reached at the injection point down to min_lr (the paper's cooldown); at 1.0 it re-warms up to image_lr; at 0
-    (from scratch) it is the text stage's schedule: warmup_iters up to learning_rate, then down to min_lr.
-    """
-    if cfg.image_inject_frac == 0:
-        peak = cfg.learning_rate
-        return peak, lambda step: cosine_lr(step, peak, cfg.warmup_iters, cfg.image_iters, cfg.min_lr) / peak
-    if cfg.image_inject_frac < 1.0:
-        reached = cosine_lr(frac_step(cfg.image_inject_frac, cfg.text_iters), cfg.learning_rate, cfg.warmup_iters,
-                            cfg.text_iters, cfg.min_lr)
-        peak = cfg.learning_rate
-        return peak, lambda step: cosine_lr(step, peak, 0, cfg.image_iters, cfg.min_lr, start=reached) / peak
-    peak = cfg.image_lr
-    return peak, lambda step: cosine_lr(step, peak, cfg.rewarm_iters, cfg.image_iters, cfg.min_lr) / peak
+    return Stage(gpt, batch, cfg.text_iters, text_schedule(cfg), val_loss=val_loss,
+                 info={'model_args': asdict(gpt.config)})
 
 
 def image_stage(cfg, rt, prep):
     if from_scratch(cfg, 'image'):
         text_ckpt, gpt = 'a new LM (images from scratch)', new_gpt(cfg, rt, prep)
     else:
-        text_ckpt = stage_input(cfg, rt, prep, 'text')
-        gpt = load_model(text_ckpt, rt.device)[0]  # shapes checked against the file, then its verified weights
+        text_ckpt, gpt = stage_input(cfg, rt, prep, 'image')
     torch.manual_seed(cfg.seed)
     encoder = build_encoder(cfg.encoder, cfg.encoder_scale, prep.weights, freeze=cfg.freeze_encoder)
-    raw_model = VLM(gpt, encoder, data.special_id(prep.enc, '<|image|>'), cfg.projector, cfg.image_inject_layer)
-    raw_model = raw_model.to(rt.device).train()
+    vlm = VLM(gpt, encoder, data.special_id(prep.enc, '<|image|>'), cfg.projector, cfg.image_inject_layer)
+    vlm = vlm.to(rt.device).train()
     log(rt, f'image stage: {cfg.encoder} ({"frozen" if encoder.frozen else "trained"}, {encoder.num_tokens} tokens '
             f'x {encoder.dim}) into {text_ckpt}, {cfg.image_iters} steps at image ratio {cfg.image_ratio}')
     features = prepare.feature_cache(cfg, prep, encoder)
     text_tokens = data.open_shard(prep.folder, 'train')
-    row_ratio = cfg.image_ratio
-    if cfg.image_ratio_of == 'tokens':
-        row_ratio, fill = data.rows_for_token_share(prep.source, prep.enc, cfg.block_size, encoder.num_tokens,
-                                                    cfg.image_ratio, cfg.seed)
-        log(rt, f'image stage: image_ratio={cfg.image_ratio} of the tokens is {row_ratio:.4f} of the rows '
-                f'(a caption row is {fill:.1%} image and caption tokens, a text row 100% text)')
-    if row_ratio + cfg.instruct_ratio > 1:
-        raise ConfigError(f'image_ratio={cfg.image_ratio} needs {row_ratio:.3f} of the rows and instruct_ratio='
-                          f'{cfg.instruct_ratio} more: over 1')
+    row_ratio = data.caption_row_ratio(prep.source, prep.enc, cfg.block_size, encoder.num_tokens, cfg.image_ratio,
+                                       cfg.image_ratio_of, cfg.instruct_ratio, cfg.seed, verbose=rt.master)
 
-    def make(step, rows):
+    def batch(step, rows):
         x, y, refs = data.mixture_batch(prep.source, prep.enc, text_tokens, cfg.batch_size, cfg.block_size,
                                         encoder.num_tokens, row_ratio, cfg.instruct_ratio,
                                         data.seeded_generator(cfg.seed + 1, step), rows)
         return x, y, data.batch_inputs(prep.source, features, refs), data.token_kinds(x, y, prep.enc)
 
-    peak, lr_at = image_schedule(cfg)
-    return SimpleNamespace(model=raw_model, make=data.counting_skips(prep.source, make), iters=cfg.image_iters,
-                           peak=peak, lr_at=lr_at, val_loss=None, info=prepare.vlm_info(cfg, raw_model))
+    lr = image_schedule(cfg)
+    return Stage(vlm, data.counting_skips(prep.source, batch), cfg.image_iters, lr,
+                 encoder_schedule(cfg, cfg.image_iters, lr), info=prepare.vlm_info(cfg, vlm))
 
 
 def finetune_stage(cfg, rt, prep):
-    image_ckpt = stage_input(cfg, rt, prep, 'image')
     torch.manual_seed(cfg.seed)
-    raw_model = load_model(image_ckpt, rt.device)[0].train()
-    n_image_tokens, source, enc = raw_model.encoder.num_tokens, prep.source, prep.enc
-    features = prepare.feature_cache(cfg, prep, raw_model.encoder)
+    vlm = stage_input(cfg, rt, prep, 'finetune')[1].train()
+    n_image_tokens, source, enc = vlm.encoder.num_tokens, prep.source, prep.enc
+    features = prepare.feature_cache(cfg, prep, vlm.encoder)
     text_tokens = data.open_shard(prep.folder, 'train')
-    epochs, too_long = data.finetune_plan(source, enc, cfg.block_size, n_image_tokens, cfg.finetune_epochs,
-                                          cfg.seed + 2, verbose=rt.master)
-    if too_long:
-        log(rt, f'finetune stage: {too_long:,} conversations longer than block_size={cfg.block_size} left out')
-    # each optimizer step: n_conv rows of conversations and n_text rows of plain text (LLaVA keeps text-only
-    # conversations in its mix for the same reason: without them fine-tuning erases the LM's text knowledge)
-    n_text = round(cfg.batch_size * cfg.finetune_text_ratio)
-    n_conv = cfg.batch_size - n_text
-    steps_per_epoch = len(epochs[0]) // max(n_conv, 1)
-    if n_conv == 0 or steps_per_epoch == 0:
-        raise ConfigError(f'the instruction set packs into {len(epochs[0])} rows, fewer than the {n_conv} a step '
-                          f'takes (batch_size={cfg.batch_size}, finetune_text_ratio={cfg.finetune_text_ratio}): '
-                          f'lower either')
+    epochs = data.finetune_plan(source, enc, cfg.block_size, n_image_tokens, cfg.finetune_epochs, cfg.seed + 2,
+                                verbose=rt.master)
+    n_conv, n_text, steps_per_epoch = data.finetune_split(len(epochs[0]), cfg.batch_size, cfg.finetune_text_ratio)
     iters = steps_per_epoch * cfg.finetune_epochs
     log(rt, f'finetune stage: {source.n_conversations:,} conversations in {len(epochs[0])} rows, '
             f'{cfg.finetune_epochs} epochs = {iters} steps of {n_conv} conversation + {n_text} text rows')
 
-    def make(step, rows):
+    def batch(step, rows):
         epoch, s = divmod(step, steps_per_epoch)
         return data.finetune_batch(source, enc, epochs[epoch][s * n_conv:(s + 1) * n_conv], text_tokens, n_text,
                                    cfg.block_size, n_image_tokens, features, data.seeded_generator(cfg.seed + 2, step),
                                    rows)
 
-    lr_at = lambda step: cosine_lr(step, cfg.finetune_lr, cfg.rewarm_iters, iters, cfg.min_lr) / cfg.finetune_lr
-    return SimpleNamespace(model=raw_model, make=data.counting_skips(source, make), iters=iters, peak=cfg.finetune_lr,
-                           lr_at=lr_at, val_loss=None, info=prepare.vlm_info(cfg, raw_model))
+    lr = lambda step: cosine_lr(step, cfg.finetune_lr, cfg.rewarm_iters, iters, cfg.min_lr)  # re-warmed
+    return Stage(vlm, data.counting_skips(source, batch), iters, lr, encoder_schedule(cfg, iters, lr),
+                 info=prepare.vlm_info(cfg, vlm))
 
 
-STAGE_BUILDERS = {'text': text_stage, 'image': image_stage, 'finetune': finetune_stage}
+@dataclass(frozen=True)
+class StageKind:
+    build: Callable  # (cfg, rt, prep) -> Stage
+    after: Optional[str]  # the stage whose checkpoint it starts from; None: fresh weights
+    keys: tuple = ()  # config keys it is the first stage to read: they do not define the stages before it
+    reads_images: bool = False  # its fingerprint holds the encoder weights and the image data
+    code: tuple = ()  # modules beyond prepare.STAGE_CODE whose code decides its checkpoints
 
 
-def stage_folder(cfg, stage, frac=None):
-    """Where a stage's checkpoint goes: {text_out_dir}/ckpt_080 (frac 0.8 of the text stage), {out_dir}/image ..."""
-    return os.path.join(cfg.text_out_dir, frac_name(frac)) if stage == 'text' else os.path.join(cfg.out_dir, stage)
+# the stages, in the order a run takes them (stages='text,image,finetune'); a new stage is one entry here
+STAGES = {
+    'text': StageKind(text_stage, after=None),
+    'image': StageKind(image_stage, after='text', reads_images=True, keys=(
+        'image_inject_frac', 'image_iters', 'image_ratio', 'image_ratio_of', 'instruct_ratio', 'image_lr',
+        'rewarm_iters', 'encoder', 'encoder_scale', 'encoder_weights', 'freeze_encoder', 'encoder_lr', 'projector',
+        'image_inject_layer', 'cache_features', 'image_data', 'caption_key', 'instruct_data', 'instruct_images',
+        'scene_size', 'caption_scenes', 'conversations')),
+    'finetune': StageKind(finetune_stage, after='image', reads_images=True, keys=(
+        'finetune_epochs', 'finetune_lr', 'finetune_text_ratio')),
+}
 
 
-def stage_input(cfg, rt, prep, stage):
-    """The checkpoint of `stage` that the next stage starts from: it must exist and be current (its fingerprint)."""
-    folder = stage_folder(cfg, stage, cfg.image_inject_frac)
+def defining_keys(config, name):
+    """
+    The config keys (of a dict) that define stage `name`'s checkpoints: all but prepare.RUN_KEYS (how and where a
+    run is carried out) and the keys that later stages are the first to read. A key listed nowhere defines every
+    stage, so a new key can only make a stage be trained again, never reused stale.
+    """
+    later = [k for n in list(STAGES)[list(STAGES).index(name) + 1:] for k in STAGES[n].keys]
+    return {k: v for k, v in config.items() if k not in prepare.RUN_KEYS and k not in later}
+
+
+def fingerprint(cfg, name, prep):
+    """The fingerprint a stage's checkpoints carry (prepare.fingerprint), with the config keys that define it."""
+    kind = STAGES[name]
+    return prepare.fingerprint(cfg, prep, defining_keys(vars(cfg), name), kind.code, kind.reads_images)
+
+
+def from_scratch(cfg, name):
+    """Whether stage `name` starts from fresh weights: the text stage, and the image stage at image_inject_frac=0."""
+    return STAGES[name].after is None or (name == 'image' and cfg.image_inject_frac == 0)
+
+
+def stage_input(cfg, rt, prep, name):
+    """The checkpoint stage `name` starts from, loaded: (folder, model). It must exist and be current."""
+    before = STAGES[name].after
+    folder = checkpoint_of(cfg, before)
     if not is_checkpoint(folder):
-        raise ConfigError(f'{folder} does not exist: run the {stage} stage first (stages={stage},... with the same '
+        raise ConfigError(f'{folder} does not exist: run the {before} stage first (stages={before},... with the same '
                           f'settings; the default stages=text,image,finetune runs each in turn)')
-    check_fingerprint(folder, fingerprint(cfg, stage, prep), cfg.allow_stale, warn=lambda m: log(rt, m))
-    return folder
-
-
-def steps_dir(cfg, stage):
-    """A stage's periodic checkpoints: {text_out_dir}/steps, {out_dir}/image_steps, {out_dir}/finetune_steps."""
-    return os.path.join(cfg.text_out_dir, 'steps') if stage == 'text' else os.path.join(cfg.out_dir, f'{stage}_steps')
+    check_fingerprint(folder, fingerprint(cfg, before, prep), cfg.allow_stale, warn=lambda m: log(rt, m))
+    return folder, load_model(folder, rt.device)[0]  # shapes checked against the file, then its verified weights
 
 
 # -----------------------------------------------------------------------------
-# the one loop every stage runs through
+# the training loop: every stage runs through it
 
-def run_stage(cfg, rt, prep, stage):
-    """Reuse a finished, current stage; otherwise build it, resume or start it, train it, save and score it."""
-    with timed(rt, f'{stage} set-up'):
-        run = setup_stage(cfg, rt, prep, stage)
-    if run is None:
-        return
-    spec, saves = run.spec, run.saves
-
-    def on_step(done):
-        if done in saves:
-            if done == spec.iters:
-                check_ranks_agree(rt, spec.model)
-            with timed(rt, f'{stage} checkpoints'):  # a stage's own folder carries its curves
-                save_stage_checkpoint(rt, saves[done], spec.model, run.optimizer, run.info_at(done),
-                                      files=[rt.metrics_path] if stage != 'text' and rt.master else [])
-            with timed(rt, f'{stage} evaluation'):  # rank 0 scores it (eval.json beside it), the others wait
-                scores = saved_scores(saves[done], cfg.dataset, rt.device, cfg.data_dir) if cfg.evaluate and rt.master \
-                    else 'not scored (evaluate=False): python eval.py --ckpt=FOLDER'
-                log(rt, f'{stage} stage: saved {saves[done]} | {scores}')
-                barrier(rt)
-        elif cfg.ckpt_interval and done % cfg.ckpt_interval == 0:  # a checkpoint to resume from
-            folder = steps_dir(cfg, stage)
-            with timed(rt, f'{stage} checkpoints'):
-                save_stage_checkpoint(rt, os.path.join(folder, f'step_{done:06d}'), spec.model, run.optimizer,
-                                      run.info_at(done))
-                if rt.master:
-                    prune(folder, cfg.keep_last)
-                barrier(rt)
-
-    # log lines as JSON: {text_out_dir}/metrics.jsonl; an image or finetune stage's go into its checkpoint at the end
-    start_metrics(rt, os.path.join(cfg.text_out_dir if stage == 'text' else steps_dir(cfg, stage), 'metrics.jsonl'),
-                  run.first)
-    with timed(rt, f'{stage} steps'):
-        train_steps(rt, stage, run.model, spec.model, run.optimizer, batch_loader(rt, spec.make, run.first, spec.iters),
-                    run.schedules, run.first, spec.iters, on_step, spec.val_loss, cfg.batch_size * cfg.block_size, cfg)
-
-
-def setup_stage(cfg, rt, prep, stage):
-    """None when the stage is finished and current; else its pieces, built, wrapped and resumed where it stopped."""
-    made_by = fingerprint(cfg, stage, prep)
-    # {step: folder} of the checkpoints the stage is there to write (None: its last step)
-    outputs = ({frac_step(f, cfg.text_iters): stage_folder(cfg, stage, f) for f in cfg.save_fracs} if stage == 'text'
-               else {None: stage_folder(cfg, stage)})
-    finished = [f for f in outputs.values() if is_checkpoint(f)]
-    for folder in finished:  # another run's checkpoints are never overwritten (nor reused) blind
-        check_fingerprint(folder, made_by, cfg.allow_stale, warn=lambda m: log(rt, m))
-    if len(finished) == len(outputs):
-        log(rt, f'{stage} stage: already complete in {os.path.dirname(finished[0])}, reusing it')
-        return None
-    spec = STAGE_BUILDERS[stage](cfg, rt, prep)
-    info_at = lambda done: {'stage': stage, 'step': done, 'iters': spec.iters, 'config': vars(cfg),
-                            'tokenizer': prep.enc.name.removeprefix('nanovlp_'), 'fingerprint': made_by, **spec.info}
-    first, state = 0, None
-    if cfg.init_from == 'resume':  # the stage's periodic checkpoints, and the text stage's save_fracs ones too
-        found = finished_checkpoints(steps_dir(cfg, stage)) + (finished_checkpoints(cfg.text_out_dir)
-                                                               if stage == 'text' else [])
-        first, state = resume_point(rt, stage, spec.model, made_by, found, cfg.allow_stale)
-    model = wrap_model(rt, spec.model)
-    extra, schedules = {}, {'lm': spec.lr_at}  # each param group's LR: its peak_lr times its schedule's factor
-    if stage != 'text':
-        extra['encoder_lr'], schedules['encoder'] = encoder_schedule(cfg, spec)
-    optimizer = spec.model.configure_optimizers(cfg.weight_decay, spec.peak, (cfg.beta1, cfg.beta2), rt.device_type,
-                                                **extra)
-    if state is not None:
-        load_optimizer_state(spec.model, optimizer, state['optimizer'], sharded=rt.fsdp)
-        set_rng_state(state['rng'])
-    return SimpleNamespace(spec=spec, model=model, optimizer=optimizer, schedules=schedules, first=first, info_at=info_at,
-                           saves={spec.iters if step is None else step: f for step, f in outputs.items()})
-
-
-def encoder_schedule(cfg, spec):
+def train_stage(cfg, rt, clock, prep, name, wandb_run=None, step_offset=0):
     """
-    The peak LR and the LR factor per step of a trained encoder in the image and finetune stages. A pre-trained one
-    has its own: a linear warmup over rewarm_iters (its first gradients come through a projector that is still
-    random) up to encoder_lr, then a cosine down to encoder_lr * min_lr / learning_rate (the LM's floor-to-peak
-    ratio) at the stage's end. It does not take the LR the LM had reached at the injection point: an encoder that
-    starts to train needs a warmup, not the tail of a cooldown. The patch encoder is a projection learned from
-    scratch, a new part of the model like the projector: it follows the LM's schedule.
+    Reuse stage `name` when it is finished and current; otherwise build it, resume it where it stopped, and train it
+    to its end, saving and scoring its checkpoints. Returns the steps it trained (wandb's axis runs over stages).
     """
-    if cfg.encoder == 'patch':
-        return spec.peak, spec.lr_at
-    floor = cfg.encoder_lr * cfg.min_lr / cfg.learning_rate
-    return cfg.encoder_lr, lambda step: cosine_lr(step, cfg.encoder_lr, cfg.rewarm_iters, spec.iters, floor) / cfg.encoder_lr
+    with clock.part(f'{name} set-up'):
+        made_by, folders = fingerprint(cfg, name, prep), stage_outputs(cfg, name)
+        finished = [f for f in folders.values() if is_checkpoint(f)]
+        for folder in finished:  # another run's checkpoints are never overwritten (nor reused) blind
+            check_fingerprint(folder, made_by, cfg.allow_stale, warn=lambda m: log(rt, m))
+        if len(finished) == len(folders):
+            log(rt, f'{name} stage: already complete in {os.path.dirname(finished[0])}, reusing it')
+            return 0
+        stage = STAGES[name].build(cfg, rt, prep)
+        saves = {frac_step(frac, stage.iters): folder for frac, folder in folders.items()}
+        # init_from='resume': from the newest of the stage's periodic checkpoints (and the text stage's save_fracs ones)
+        found = [] if cfg.init_from != 'resume' else finished_checkpoints(steps_dir(cfg, name)) + (
+            finished_checkpoints(cfg.text_out_dir) if name == 'text' else [])
+        model, optimizer, first, last_good = runtime.start_training(
+            rt, name, stage.model, lambda: stage.optimizer(cfg, rt.device_type), found, made_by, cfg.allow_stale)
+    info = lambda done: {'stage': name, 'step': done, 'iters': stage.iters, 'config': vars(cfg), 'fingerprint': made_by,
+                         'tokenizer': prep.enc.name.removeprefix('nanovlp_'), **stage.info}
+    metrics = Metrics(rt, os.path.join(cfg.text_out_dir if name == 'text' else steps_dir(cfg, name), 'metrics.jsonl'),
+                      first, wandb_run, step_offset)  # an image or finetune stage's go into its checkpoint at the end
+    batches = runtime.batch_loader(rt, stage.batch, first, stage.iters)
+    progress = Progress(rt, name, first, stage.iters, stage.model, cfg.batch_size * cfg.block_size, cfg.peak_flops)
+    bad_steps, compiles = 0, runtime.compile_count() if rt.compile else 0
+    with clock.part(f'{name} steps'):
+        for step in range(first, stage.iters):
+            for group in optimizer.param_groups:  # each param group's LR from its schedule
+                group['lr'] = (stage.encoder_lr if group['schedule'] == 'encoder' else stage.lr)(step)
+            micro_batches = progress.next(batches, rt.micro_steps)  # built ahead by the DataLoader workers
+            # the step's loss is the mean over all its scored targets, on every rank and micro-step: each micro-batch's
+            # mean loss is weighted by its share of them (rows of captions and conversations score unequal numbers),
+            # so the gradient does not depend on how the batch is split over ranks and micro-steps
+            counts, total = runtime.scored_targets(rt, micro_batches)
+            step_loss = 0.0  # this rank's mean over its scored targets, for the log
+            for micro, (x, y, inputs, _) in enumerate(micro_batches):
+                x, y, inputs = runtime.to_device(rt, x, y, inputs)
+                with runtime.gradient_sync(model, now=micro == len(micro_batches) - 1):
+                    with rt.autocast():
+                        _, loss = model(x, y, **inputs)
+                    # DDP and FSDP average the ranks' gradients: scale by world_size to make that average a sum
+                    (loss * (counts[micro] * rt.world_size / total)).backward()
+                step_loss = step_loss + loss.detach() * counts[micro] / max(sum(counts), 1)
+            # the global gradient norm (clipped to grad_clip, when set) is the same on every rank, so every rank
+            # agrees on whether a step is bad; a NaN or inf loss makes it NaN too
+            norm, done = runtime.clip_grad_norm(model, cfg.grad_clip), step + 1
+            if math.isfinite(norm):
+                optimizer.step()
+                progress.losses.append(step_loss)
+            else:  # skipped; past max_bad_steps a TrainingError
+                bad_steps = runtime.bad_step(rt, name, done, loss, norm, last_good, bad_steps + 1, cfg.max_bad_steps)
+            optimizer.zero_grad(set_to_none=True)
+            if done % cfg.log_interval == 0 or done == stage.iters:
+                progress.line(done, optimizer, metrics)
+            if stage.val_loss and cfg.eval_interval and (done % cfg.eval_interval == 0 or done == stage.iters):
+                loss_val = stage.val_loss()
+                log(rt, f'{name} step {done}: val loss {loss_val:.4f}')
+                metrics.record(stage=name, step=done, val_loss=loss_val)
+            if done in saves or (cfg.ckpt_interval and done % cfg.ckpt_interval == 0):
+                # a checkpoint the stage is there to write (saved, then scored), or a periodic one to resume from
+                folder = saves.get(done, os.path.join(steps_dir(cfg, name), f'step_{done:06d}'))
+                if done == stage.iters:
+                    runtime.check_ranks_agree(rt, stage.model)
+                with clock.part(f'{name} checkpoints'):  # a stage's own folder carries its curves
+                    runtime.save_stage_checkpoint(rt, folder, stage.model, optimizer, info(done), last_good, files=[
+                        metrics.path] if done in saves and name != 'text' and rt.master else [])
+                    if done not in saves and rt.master:
+                        prune(steps_dir(cfg, name), cfg.keep_last)
+                last_good = folder
+                with clock.part(f'{name} evaluation'):  # rank 0 scores it (eval.json beside it), the others wait
+                    if done in saves:
+                        log(rt, f'{name} stage: saved {folder} | ' + (saved_scores(
+                            folder, cfg.dataset, rt.device, cfg.data_dir) if cfg.evaluate and rt.master else
+                            'not scored (evaluate=False): python eval.py --ckpt=FOLDER'))
+                    runtime.barrier(rt)
+    if rt.compile:
+        log(rt, f'{name} stage: torch.compile made {runtime.compile_count() - compiles} new graph(s)')
+    return stage.iters
 
 
 # -----------------------------------------------------------------------------
 
 def main(cfg):
-    rt = setup_runtime(cfg)
-    rt.times['start-up'] = process_age()  # the interpreter, torch's import, the config
-    locks = []
+    rt = runtime.setup_runtime(cfg)
+    clock = Clock(start_up=runtime.process_age())  # the interpreter, torch's import, the config
+    wandb_run, locks = runtime.open_wandb(cfg, rt), []
     try:
         for folder in sorted({cfg.out_dir, cfg.text_out_dir}) if rt.master else ():
             locks.append(acquire_lock(folder))  # one writer per folder: a second run stops here, naming this one
-        with timed(rt, 'preparation'):
-            prep = prepare.prepare(cfg, rt)
-        stages = cfg.stages.split(',')
-        for stage in stages:
-            if stage == 'text' and 'image' in stages and from_scratch(cfg, 'image'):
+        with clock.part('preparation'):  # rank 0 makes what is missing, then the others open it
+            prep = runtime.master_first(rt, lambda: prepare.prepare_run(cfg, verbose=rt.master))
+        names, trained = cfg.stages.split(','), 0
+        for name in names:
+            if name == 'text' and 'image' in names and from_scratch(cfg, 'image'):
                 log(rt, 'text stage: not needed, image_inject_frac=0 trains the LM from scratch on the mixture')
                 continue
-            run_stage(cfg, rt, prep, stage)
-        table = stable_score_table([(f'text {frac_name(cfg.image_inject_frac)}' if s == 'text' else s,
-                                     stage_folder(cfg, s, cfg.image_inject_frac)) for s in STAGES])
-        if rt.master and stages != ['text'] and table.count('\n'):  # a row below the header: a stage was scored
-            print(f'\nstable scores with 95% intervals ({cfg.out_dir}):\n{table}')
-        log(rt, f'done in {format_time(sum(rt.times.values()))}; where the time went:\n{time_table(rt.times)}')
-        if rt.master:  # for ablate.py's table
-            with open(os.path.join(cfg.out_dir, 'times.json'), 'w') as f:
-                json.dump(rt.times, f)
+            trained += train_stage(cfg, rt, clock, prep, name, wandb_run, trained)
+        table = stable_score_table([(f'text {frac_name(cfg.image_inject_frac)}' if name == 'text' else name,
+                                     checkpoint_of(cfg, name)) for name in STAGES], cfg.out_dir)
+        log(rt, (table if names != ['text'] else '') + clock.summary())  # times.json: for ablate.py's table
+        if rt.master:
+            clock.save(os.path.join(cfg.out_dir, 'times.json'))
     finally:
         for path in locks:
             release_lock(path)
-        close_runtime(rt)
+        if wandb_run is not None:
+            wandb_run.finish()
+        runtime.close_runtime(rt)
 
 
 if __name__ == '__main__':

@@ -91,7 +91,7 @@ def test_fsdp_checkpoints_load_into_one_process_and_back(single, sharded, shapes
 
 def test_fsdp_needs_torchrun():
     with pytest.raises(train.ConfigError, match='launch with torchrun'):
-        train.setup_runtime(train.get_config(['--fsdp=True']))
+        train.runtime.setup_runtime(train.get_config(['--fsdp=True']))
 
 
 @pytest.mark.slow

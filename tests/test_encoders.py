@@ -10,7 +10,7 @@ import torch.nn as nn
 from safetensors.torch import save_file
 
 import encoders
-from encoders import ENCODERS, PAPER_MODELS, TINY_MODELS, DinoSigLIP, build_encoder
+from encoders import ENCODERS, DinoSigLIP, build_encoder
 
 VITS = ('siglip', 'dinov2', 'vit')
 
@@ -30,7 +30,7 @@ def images(b=2, h=40, w=56, seed=0):
 def tiny_timm(family, img_size=48):
     """The full timm model of a tiny family, weights jolted so that every block matters (DINOv2's layer scale
     starts at 1e-5, which would hide a wrong block count behind a tight tolerance)."""
-    cfg = TINY_MODELS[family]
+    cfg = ENCODERS[family].tiny
     kwargs = dict(cfg['kwargs'], **({} if family == 'resnet' else {'img_size': img_size}))
     model = timm.create_model(cfg['timm_id'], pretrained=False, **kwargs).eval()
     with torch.no_grad():
@@ -289,7 +289,7 @@ def test_argument_errors():
 
 
 def test_paper_table():
-    for family, row in PAPER_MODELS.items():
+    for family, row in ((f, s.paper) for f, s in ENCODERS.items() if s.paper):
         if row['timm_id'] is not None:
             assert timm.is_model(row['timm_id']) and row['timm_id'] in timm.list_pretrained(row['timm_id'])
         with torch.device('meta'):  # the real architectures, without allocating their weights

@@ -3,6 +3,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+import checkpoint
 import data
 import eval as ev
 from model import GPTConfig
@@ -68,4 +69,4 @@ def test_bootstrap_interval_narrows_with_more_items():
 
 def test_missing_checkpoint_names_path_and_command(tmp_path):
     with pytest.raises(FileNotFoundError, match=r'no checkpoint at .*nowhere.*python train.py --stages=text'):
-        ev.load_model(str(tmp_path / 'nowhere'))
+        checkpoint.load_model(str(tmp_path / 'nowhere'))

@@ -76,7 +76,7 @@ def test_a_frozen_encoder_rebuilt_from_a_changed_file_is_refused(tmp_path):
     save_file({'x': torch.ones(2)}, path)  # pre-trained again after the checkpoint was made (minutes later)
     os.utime(path, ns=(os.stat(path).st_atime_ns, os.stat(path).st_mtime_ns + 10 ** 9))
     with pytest.raises(ValueError, match='no longer the file it was trained with'):
-        ev.build_model(info)
+        checkpoint.build_model(info)
 
 
 def test_a_checkpoint_without_its_frozen_encoder_loads_it_from_the_recorded_file(tmp_path):
@@ -94,6 +94,6 @@ def test_a_checkpoint_without_its_frozen_encoder_loads_it_from_the_recorded_file
     weights, state = checkpoint.full_state(vlm, vlm.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 'cpu'))
     assert not any(k.startswith('encoder.') for k in weights)  # the file holds the rest only
     checkpoint.save_checkpoint(str(tmp_path / 'ck'), weights, state, info)
-    loaded, _ = ev.load_model(str(tmp_path / 'ck'))
+    loaded, _ = checkpoint.load_model(str(tmp_path / 'ck'))
     for (k, a), (_, b) in zip(vlm.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), k

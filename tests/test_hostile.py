@@ -216,7 +216,7 @@ def test_a_config_json_claiming_a_huge_model_fails_before_allocating(tmp_path):
     info = json.load(open(os.path.join(ckpt, 'config.json')))
     info['model_args'].update(n_layer=64, n_head=64, n_embd=8192)  # 50 GB of float32 if it were built
     json.dump(info, open(os.path.join(ckpt, 'config.json'), 'w'))
-    proc = run_capped(f'import eval\ntry:\n    eval.load_model("{ckpt}")\nexcept ValueError as e:\n    print(e)')
+    proc = run_capped(f'import checkpoint\ntry:\n    checkpoint.load_model("{ckpt}")\nexcept ValueError as e:\n    print(e)')
     assert proc.returncode == 0 and 'does not hold the model its config.json describes' in proc.stdout, \
         proc.stderr[-500:]
 
@@ -252,10 +252,10 @@ def test_damaged_checkpoint_files_are_named(tmp_path):
     raw[-5] ^= 1  # one bit of one weight
     open(weights, 'wb').write(raw)
     with pytest.raises(ValueError, match=r'model.safetensors does not match the checksum'):
-        ev.load_model(ckpt)
+        checkpoint.load_model(ckpt)
     open(weights, 'wb').write(raw[:len(raw) // 2])  # truncated
     with pytest.raises(ValueError, match=r'model.safetensors does not match the checksum'):
-        ev.load_model(ckpt)
+        checkpoint.load_model(ckpt)
     state = os.path.join(ckpt, 'state.pt')
     open(state, 'wb').write(open(state, 'rb').read()[:100])
     with pytest.raises(ValueError, match=r'state.pt does not match the checksum'):
@@ -266,10 +266,10 @@ def test_damaged_checkpoint_files_are_named(tmp_path):
     with pytest.raises(RuntimeError, match=r'cannot read .*state.pt: it is truncated or corrupt'):
         checkpoint.load_state(ckpt)
     with pytest.raises(ValueError, match=r'model.safetensors is truncated or corrupt'):
-        ev.load_model(ckpt)
+        checkpoint.load_model(ckpt)
     open(os.path.join(ckpt, 'config.json'), 'w').write('{"stage": "text", ')
     with pytest.raises(ValueError, match=r'config.json is not valid JSON'):
-        ev.load_model(ckpt)
+        checkpoint.load_model(ckpt)
 
 
 def test_malformed_llava_records_are_counted_and_a_malformed_file_named(tmp_path):

@@ -59,7 +59,7 @@ def test_the_harness_and_eval_py_agree_item_by_item(ckpt, tmp_path):
     out = lm_eval.simple_evaluate(model=lm_harness.NanoVLP(ckpt), tasks=['nanovlp_piqa_local'], log_samples=True,
                                   task_manager=TaskManager(include_path=str(tmp_path / 'tasks')))
     samples = sorted(out['samples']['nanovlp_piqa_local'], key=lambda s: s['doc_id'])
-    model, info = ev.load_model(ckpt)
+    model, info = checkpoint.load_model(ckpt)
     items, _ = benchmarks.read_task('piqa', str(tmp_path))
     raw, norm = ev.multiple_choice(model, data.get_tokenizer('bytes'), items, 'cpu')
     assert [s['acc'] for s in samples] == raw and [s['acc_norm'] for s in samples] == norm

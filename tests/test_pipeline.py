@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoint
 import data
 import shapes
 import eval as ev
@@ -98,8 +99,9 @@ def test_packing_never_splits_and_fits_block(world, enc, shapes_dir):
         runs = [r for row in x for r in image_runs(row, image)]
         assert all(r == N for r in runs)  # every image whole
         assert len(runs) == len(ids)  # one image id per image, in order
-    plan, too_long = data.finetune_plan(world, enc, 256, N, epochs=2, seed=0)
-    assert too_long == 0
+    skipped = world.skipped['longer than block_size']
+    plan = data.finetune_plan(world, enc, 256, N, epochs=2, seed=0)
+    assert world.skipped['longer than block_size'] == skipped  # every conversation fits
     assert sorted(i for row in plan[1] for i in row) == list(range(world.n_conversations))  # each exactly once
     assert plan[0] != plan[1]  # reshuffled every epoch
     rows = [data.finetune_row(world, enc, indices, 256, N) for indices in plan[0]]
@@ -134,15 +136,16 @@ def test_slices_of_a_step_are_the_single_process_mixture(world, enc, shapes_dir)
 
 def test_image_stage_lr_continues_or_rewarms():
     cfg = train.get_config(['--text_iters=100', '--warmup_iters=10', '--image_iters=50', '--image_inject_frac=0.6'])
-    peak, lr_at = train.image_schedule(cfg)
-    reached = train.cosine_lr(60, cfg.learning_rate, 10, 100, cfg.min_lr)
-    assert peak * lr_at(0) == pytest.approx(reached)  # no warmup: the text schedule's LR at step 60
-    assert peak * lr_at(50) == pytest.approx(cfg.min_lr)
-    assert all(lr_at(s) >= lr_at(s + 1) for s in range(50))  # and only down from there
+    lr = train.image_schedule(cfg)
+    reached = train.text_schedule(cfg)(60)
+    assert reached == pytest.approx(train.cosine_lr(60, cfg.learning_rate, 10, 100, cfg.min_lr)) and reached < 3e-3
+    assert lr(0) == pytest.approx(reached)  # no warmup: the text schedule's LR at step 60
+    assert lr(50) == pytest.approx(cfg.min_lr)
+    assert all(lr(s) >= lr(s + 1) for s in range(50))  # and only down from there
     cfg = train.get_config(['--image_iters=50', '--image_inject_frac=1.0', '--rewarm_iters=5', '--image_lr=1e-3'])
-    peak, lr_at = train.image_schedule(cfg)
-    assert peak == 1e-3 and peak * lr_at(0) == pytest.approx(1e-3 / 6) and peak * lr_at(5) == pytest.approx(1e-3)
-    assert peak * lr_at(50) == pytest.approx(cfg.min_lr)
+    lr = train.image_schedule(cfg)
+    assert lr(0) == pytest.approx(1e-3 / 6) and lr(5) == pytest.approx(1e-3)  # re-warmed to image_lr
+    assert lr(50) == pytest.approx(cfg.min_lr)
 
 
 def test_token_kinds_of_a_mixture(world, enc, shapes_dir):
@@ -159,16 +162,16 @@ def test_token_kinds_of_a_mixture(world, enc, shapes_dir):
 
 def test_images_from_scratch_and_the_encoder_schedule():
     cfg = train.get_config(['--image_iters=50', '--image_inject_frac=0', '--warmup_iters=10'])
-    peak, lr_at = train.image_schedule(cfg)  # the text stage's schedule: its warmup and peak, over the image stage
-    assert peak == cfg.learning_rate and peak * lr_at(10) == pytest.approx(cfg.learning_rate)
-    assert lr_at(0) < lr_at(5) < lr_at(10) and peak * lr_at(50) == pytest.approx(cfg.min_lr)
+    lr = train.image_schedule(cfg)  # the text stage's schedule: its warmup and peak, over the image stage
+    assert lr(10) == pytest.approx(cfg.learning_rate)
+    assert lr(0) < lr(5) < lr(10) and lr(50) == pytest.approx(cfg.min_lr)
     cfg = train.get_config(['--image_iters=50', '--freeze_encoder=False', '--encoder_lr=1e-4', '--rewarm_iters=5'])
-    spec = type('Spec', (), dict(iters=50, peak=3e-3, lr_at=lambda step: 0.2))
-    peak, lr_at = train.encoder_schedule(cfg, spec)  # its own warmup and cosine, not the LM's reached 0.2
-    assert peak == 1e-4 and lr_at(0) == pytest.approx(1 / 6) and lr_at(5) == pytest.approx(1.0)
-    assert peak * lr_at(50) == pytest.approx(1e-4 * cfg.min_lr / cfg.learning_rate)
+    lm = lambda step: 6e-4
+    lr = train.encoder_schedule(cfg, 50, lm)  # its own warmup and cosine, not the LM's reached LR
+    assert lr(0) == pytest.approx(1e-4 / 6) and lr(5) == pytest.approx(1e-4)
+    assert lr(50) == pytest.approx(1e-4 * cfg.min_lr / cfg.learning_rate)
     patch = train.get_config(['--encoder=patch', '--freeze_encoder=False'])
-    assert train.encoder_schedule(patch, spec) == (3e-3, spec.lr_at)  # learned from scratch: the LM's schedule
+    assert train.encoder_schedule(patch, 50, lm) is lm  # learned from scratch: the LM's schedule
 
 
 def test_bad_injection_point_and_block_size_fail_before_training():
@@ -233,7 +236,7 @@ def test_all_stages_end_to_end(tmp_path, shapes_dir, encoder, freeze, extra, cap
         assert set(result['tasks']) == set(shapes.VISION_TASKS) | set(shapes.TEXT_TASKS)
         assert result['eval_items'] == 20 and {t['n'] for t in result['tasks'].values()} == {20}
         assert result['tasks']['position']['chance'] == pytest.approx(1 / 9)
-    model, info = ev.load_model(os.path.join(out, 'finetune'))
+    model, info = checkpoint.load_model(os.path.join(out, 'finetune'))
     assert info['encoder']['name'] == encoder and model.encoder.frozen == freeze
     for folder, stage, steps in (('text', 'text', 10), ('image', 'image', 4), ('finetune', 'finetune', None)):
         if folder == 'text' and from_scratch:

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.usefixtures('one_thread')  # tests/conftest.py
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('family', P.FAMILIES)
+@pytest.mark.parametrize('family', P.OBJECTIVES)
 def test_objective_lowers_its_loss_and_weights_load_as_path(family, tmp_path):
     state = torch.random.get_rng_state()
     path = P.pretrain(family, str(tmp_path / f'{family}.safetensors'), 0, steps=40, batch_size=16, lr=1e-3,
@@ -51,7 +51,7 @@ def test_dino_teacher_reads_the_image():
     # with timm's LayerScale of 1e-5 the class token ignores the image and the teacher's targets are uniform from
     # the first step; the objective starts LayerScale at 1, so different scenes get different targets
     model = encoders.create_timm_model('dinov2', 'tiny', 'random', 48)
-    objective = P.DINOObjective(model)
+    objective = P.DINOObjective(model, scenes=None, rng=None)
     pixels = encoders.to_pixels(P.make_scenes(32, seed=4)[1], 48, (0.5,) * 3, (0.5,) * 3)
     with torch.no_grad():
         t_cls, _ = objective.tokens(*objective.teacher, pixels)

@@ -2,6 +2,7 @@
 Reliability: SIGKILL at any step and resume bit for bit, a kill while a checkpoint is written, the NaN guard,
 refusing pickled objects, and config errors before any compute.
 """
+import dataclasses
 import json
 import os
 import random
@@ -114,11 +115,11 @@ def test_kill_while_a_checkpoint_is_written_keeps_the_previous(tmp_path, where):
     script = STALL.format(root=ROOT, folder=folder, where=where)
     assert run_and_kill([sys.executable, '-c', script], 'stalled')
     assert checkpoint.read_checkpoint_info(folder)['step'] == 1  # recovered from ckpt.old after a rename kill
-    loaded, info = ev.load_model(folder)
+    loaded, info = checkpoint.load_model(folder)
     fresh = model.GPT(model.GPTConfig(**info['model_args']))
     assert not torch.equal(loaded.lm_head.weight, fresh.lm_head.weight)  # it holds trained, saved weights ...
     assert checkpoint.load_state(folder)['step'] == 1  # ... from step 1, not the half-written step 2
-    gpt, _ = ev.load_model(folder)
+    gpt, _ = checkpoint.load_model(folder)
     opt = gpt.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 'cpu')
     checkpoint.save_checkpoint(folder, *checkpoint.full_state(gpt, opt), dict(info, step=3))  # writing goes on
     assert checkpoint.read_checkpoint_info(folder)['step'] == 3 and sorted(os.listdir(tmp_path)) == ['ckpt']
@@ -167,7 +168,7 @@ def test_a_pickled_callable_in_state_is_refused(tmp_path):
 def test_config_errors_name_the_key_before_compute(monkeypatch, tmp_path):
     def fail(*a, **k):
         raise AssertionError('compute started')
-    monkeypatch.setattr(train, 'setup_runtime', fail)
+    monkeypatch.setattr(train.runtime, 'setup_runtime', fail)
     (tmp_path / 'broken.safetensors').write_bytes(b'not a safetensors file')
     cases = {
         '--text_iters=0': 'text_iters=0: must be > 0',
@@ -189,8 +190,9 @@ def test_config_errors_name_the_key_before_compute(monkeypatch, tmp_path):
 
 def test_dino_siglip_grids_that_differ_are_a_config_error(monkeypatch):
     import encoders
-    siglip = encoders.TINY_MODELS['siglip']
-    monkeypatch.setitem(encoders.TINY_MODELS, 'siglip', dict(siglip, kwargs=dict(siglip['kwargs'], patch_size=16)))
+    siglip = encoders.ENCODERS['siglip']
+    monkeypatch.setitem(encoders.ENCODERS, 'siglip', dataclasses.replace(
+        siglip, tiny=dict(siglip.tiny, kwargs=dict(siglip.tiny['kwargs'], patch_size=16))))
     with pytest.raises(ConfigError, match=r"encoder='dino_siglip'.*one patch grid"):
         train.get_config(['--encoder=dino_siglip'])
 

@@ -36,7 +36,7 @@ def test_text_stage_writes_checkpoints_in_design_format(tmp_path, shapes_dir, ca
     for name in ('ckpt_050', 'ckpt_100'):
         assert sorted(os.listdir(os.path.join(out, name))) == ['config.json', 'eval.json', 'model.safetensors',
                                                                 'state.pt']
-    info = ev.read_checkpoint_info(os.path.join(out, 'ckpt_050'))
+    info = checkpoint.read_checkpoint_info(os.path.join(out, 'ckpt_050'))
     assert (info['stage'], info['step'], info['tokenizer']) == ('text', 6, 'bytes')
     assert all(not k.startswith(('_orig_mod', 'module')) for k in weights(os.path.join(out, 'ckpt_100')))
     printed = capsys.readouterr().out
@@ -63,7 +63,7 @@ def test_checkpoint_round_trip_is_exact(tmp_path):
     opt.step()
     info = {'stage': 'text', 'step': 1, 'tokenizer': 'bytes', 'model_args': vars(gpt.config), 'config': {}}
     checkpoint.save_checkpoint(str(tmp_path / 'ck'), *checkpoint.full_state(gpt, opt), info)
-    loaded, _ = ev.load_model(str(tmp_path / 'ck'))
+    loaded, _ = checkpoint.load_model(str(tmp_path / 'ck'))
     for (k, a), (_, b) in zip(gpt.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), k
     assert loaded.lm_head.weight is loaded.wte.weight
@@ -99,7 +99,7 @@ def test_finished_text_stage_is_reused_and_other_settings_refused(tmp_path, shap
 
 def test_config_errors_before_compute(tmp_path):
     with pytest.raises(ConfigError, match='not divisible'):
-        train.setup_runtime(train.get_config(['--batch_size=6', '--gradient_accumulation_steps=4']))
+        train.runtime.setup_runtime(train.get_config(['--batch_size=6', '--gradient_accumulation_steps=4']))
     with pytest.raises(ConfigError, match="unknown stage 'txt'"):
         train.get_config(['--stages=txt'])
     with pytest.raises(ConfigError, match='must be distinct'):
@@ -109,11 +109,13 @@ def test_config_errors_before_compute(tmp_path):
 
 
 def test_cosine_schedule():
-    lr = lambda s, **kw: train.cosine_lr(s, peak=1.0, warmup=10, total=110, floor=0.1, **kw)
+    lr = lambda s: train.cosine_lr(s, peak=1.0, warmup=10, total=110, floor=0.1)
     assert lr(0) == pytest.approx(1 / 11) and lr(9) == pytest.approx(10 / 11)
     assert lr(10) == pytest.approx(1.0) and lr(60) == pytest.approx(0.55) and lr(110) == pytest.approx(0.1)
-    # continuing from a reached LR: no warmup, from start down to the floor
-    assert lr(0, start=0.4) == pytest.approx(0.4) and lr(110, start=0.4) == pytest.approx(0.1)
+    # no warmup: from the peak (a reached LR) straight down to the floor
+    assert train.cosine_lr(0, 0.4, 0, 110, 0.1) == pytest.approx(0.4)
+    assert train.cosine_lr(55, 0.4, 0, 110, 0.1) == pytest.approx(0.25)
+    assert train.cosine_lr(110, 0.4, 0, 110, 0.1) == pytest.approx(0.1)
 
 
 def test_log_lines_go_to_metrics_jsonl_and_to_wandb_when_switched_on(tmp_path, shapes_dir, monkeypatch):

@@ -97,7 +97,7 @@ def test_optimizer_groups_follow_freezing():
     opt = unfrozen.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 'cpu', encoder_lr=1e-4)
     enc_ids = {id(p) for p in unfrozen.encoder.parameters()}
     enc_groups = [g for g in opt.param_groups if any(id(p) in enc_ids for p in g['params'])]
-    assert enc_groups and all(g['peak_lr'] == 1e-4 for g in enc_groups)
+    assert enc_groups and all(g['lr'] == 1e-4 and g['schedule'] == 'encoder' for g in enc_groups)
     with pytest.raises(ValueError, match='encoder_lr'):
         unfrozen.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 'cpu')
 
