@@ -1,22 +1,17 @@
 """
-Run a plan of training cells over seeds and collect their stable scores: a table of means over seeds with intervals
-and significance against a baseline cell (Student's t over seeds, the questions' error added: stats.py), how many
-seeds and questions a difference needs, and plots of vision against text and of the loss curves.
+Run a plan of training cells over seeds and say what they show: each cell's stable scores over its seeds, its
+differences from a baseline cell and the plan's primary contrasts, judged by one model for the plan (stats.py: cells
+fixed, seeds random, seeds and questions crossed), with Holm-adjusted p and the smallest difference each detects.
 
     python ablate.py                                  # the encoder ablation: 4 encoders x frozen/trained + patch
     python ablate.py config/ablate_injection.py       # a sweep of the paper's own axes (see config/ablate_*.py)
     python ablate.py --image_iters=100 --seeds=[1,2,3,4,5]  # any train.py key passes to every cell
 
-Every cell is one `python train.py` run in its own process (one cell's crash cannot take down the others), writing
-to {runs_dir}/<cell>/seed<seed>; cells with the same text settings share one text stage. Finished cells (their
-finetune/eval.json exists) are skipped on rerun, so an interrupted plan resumes where it stopped; plans that share a
-runs_dir run an experiment they have in common once, whatever its name in each. Outputs in out_dir: results.json
-(every run's cell, seed, folder, arguments, eval.json and times), results.md (the table), results.png (vision
-against text), curves.png (every cell's loss curves) and, for a grid with one numeric key, sweep.png (both scores
-against it); the plots need matplotlib.
-
-    python ablate.py config/ablate_encoder_lr.py --runs_dir=out/runs --out_dir=out/encoder_lr  # reuses the
-                                                   # frozen cells `--runs_dir=out/runs --out_dir=out/encoder` ran
+The plan is checked whole first (its cells, baseline, primary contrasts). Every cell is one `python train.py` run in
+its own process, in {runs_dir}/<cell>/seed<seed>; cells with the same text settings share one text stage. Finished
+runs are skipped, so an interrupted plan resumes; plans that share a runs_dir run an experiment they have in common
+once. Outputs in out_dir: results.json, results.md (the tables), results.png (vision against text), curves.png (loss
+curves) and, for a grid with one numeric key, sweep.png (both scores against it); the plots need matplotlib.
 """
 
 import glob
@@ -30,6 +25,7 @@ import time
 
 import numpy as np
 
+import plots
 import stats
 import train
 from configurator import ConfigError, configure, script_config
@@ -41,6 +37,7 @@ from runtime import format_time
 out_dir = 'out/ablate'  # results.json, .md, .png, curves.png and, for a sweep, sweep.png
 runs_dir = ''  # each cell runs in {runs_dir}/<cell>/seed<seed> ('' = out_dir), beside its cell.json (its resolved
 # config); a run whose cell.json equals that of a run already in runs_dir, under any name, is that run
+
 # the grid: every combination of its values is a cell; a list of such dicts is the union of their products. The key
 # 'config' takes train.py config files: the cell is that file, exactly what `python train.py FILE` runs (a test
 # checks it), and is named by it; every other key is a train.py key. Combinations train.py rejects are skipped and
@@ -49,12 +46,17 @@ grid = [{'config': ['config/siglip_frozen.py', 'config/siglip_unfrozen.py', 'con
                     'config/dino_siglip_unfrozen.py', 'config/vit_frozen.py', 'config/vit_unfrozen.py',
                     'config/resnet_frozen.py', 'config/resnet_unfrozen.py', 'config/patch.py']}]
 baseline = ''  # the cell the others are compared with, by name ('siglip_frozen'); '' = the first
+
+# the plan's primary contrasts, declared before it runs: (cell, versus, modality) for each finding of the paper it
+# tests, corrected together (Holm); every other comparison is exploratory. A grid of your own has none unless it
+# names its own
+primary = [('siglip_frozen', 'patch', 'vision'), ('siglip_unfrozen', 'siglip_frozen', 'vision'),
+           ('dino_siglip_frozen', 'siglip_frozen', 'vision')]
 report_only = False  # True: run nothing, write the table and plots of the runs finished so far (while a plan runs)
-seeds = [1, 2, 3]  # every cell runs once per seed (each seed reseeds every stage and the shapes encoders); 3 detect a
-# text difference of about 0.06 and a vision one of about 0.19, 5 seeds 0.03 and 0.10 (docs/results.md, "What 3
-# seeds can detect")
+study = []  # plans' out_dirs: run nothing, Holm-correct all their primary contrasts together into {out_dir}/study.md
+seeds = [1, 2, 3]  # every cell runs once per seed (each seed reseeds every stage and the shapes encoders)
 # -----------------------------------------------------------------------------
-ABLATE_KEYS = ('out_dir', 'runs_dir', 'grid', 'baseline', 'report_only', 'seeds')
+ABLATE_KEYS = tuple(script_config(globals()))
 WHERE = ('out_dir', 'text_out_dir', 'data_dir')  # where a run reads and writes: not what experiment it is
 
 
@@ -220,235 +222,121 @@ def run_plan(runs):
     return errors
 
 # -----------------------------------------------------------------------------
-# the table
+# the tables: one model per plan (stats.PlanModel), each score's mean over seeds and each contrast's test
 
 
-def score_columns(evals, base):
-    """A cell's three scores (mean over its seeds [95% interval]) and its vision and text differences from the
-    baseline cell (p), all by Student's t over seeds with the questions' own error added (stats.over_seeds)."""
-    shown, deltas = [], []
-    for key, tasks, modality in (('vision_stable_score', 'tasks', 'vision'),
-                                 ('vision_blind_stable_score', 'blind_tasks', 'vision'),
-                                 ('text_stable_score', 'tasks', 'text')):
-        if evals[0][key] is None:
-            shown.append('n/a')
-            deltas += [''] if tasks == 'tasks' else []  # every row keeps its columns
-            continue
-        runs = [{'tasks': e[tasks]} for e in evals]
-        mean, ci, _ = stats.over_seeds(runs, modality)
-        shown.append(f'{mean:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]')
-        if tasks == 'tasks':
-            if not base or base is evals or base[0][key] is None or len(base) != len(evals):
-                deltas.append('')
-                continue
-            diff, _, p = stats.over_seeds(runs, modality, baseline=base)
-            deltas.append(f'{diff:+.3f} (p={p:.3f})' if p >= 0.001 else f'{diff:+.3f} (p<0.001)')
-    return shown + deltas
+def fmt_p(p):
+    return f'{p:.3f}' if p >= 0.001 else '<0.001'
 
 
-def new_seed_columns(evals):
-    """Where one more seed's vision and text stable scores will land (stats.new_seed_interval), or 'n/a'."""
-    shown = []
-    for key in ('vision_stable_score', 'text_stable_score'):
-        scores = [e[key] for e in evals if e[key] is not None]
-        ci = stats.new_seed_interval(scores) if len(scores) == len(evals) else None
-        shown.append('n/a' if ci is None else f'[{ci[0]:.3f}, {ci[1]:.3f}]')
-    return '; '.join(shown)
+def fmt_delta(est):
+    """A contrast as 'Δ [95 % interval] (p)', or '' when there is none."""
+    return '' if est is None else f'{est.value:+.3f} [{est.ci95[0]:+.3f}, {est.ci95[1]:+.3f}] (p={fmt_p(est.p)})'
+
+
+def plan_models(results):
+    """{stable score key: stats.PlanModel} over the cells that have it: one model per score for the whole plan."""
+    models = {}
+    for key, (_, modality, tasks) in STABLE_SCORES.items():
+        scored = {cell: seeds for cell, seeds in results.items() if seeds and next(iter(seeds.values()))[key] is not None}
+        if scored:
+            models[key] = stats.PlanModel(scored, modality, tasks)
+    return models
+
+
+def contrast(models, key, cell, versus):
+    """cell minus versus on one stable score, or None when either has no seed scored."""
+    model = models.get(key)
+    if model is None or cell == versus or not {cell, versus} <= set(model.results):
+        return None
+    return model.contrast({cell: 1, versus: -1})
 
 
 def results_table(results, baseline_name, times=None):
     """
-    results: {cell: [eval.json of each finished seed]} -> markdown rows: each score's mean over seeds with a 95%
-    interval, and the differences to baseline_name with p, both by Student's t over seeds with the questions' error
-    added (stats.over_seeds), so they include the spread between seeds (a cell with one seed: items only); where one more seed will land (a
-    prediction interval, wider than the mean's); times: {cell: [times.json of each seed]}, each cell's wall time per
-    seed (mean over its seeds).
+    results: {cell: {seed: eval.json}} -> markdown rows: each stable score's mean over the cell's seeds with its
+    95 % interval (stats.cell_mean: seeds and questions), its vision and text differences from the baseline cell with
+    their intervals, p and the exact 80 % minimum detectable effect (the plan's model, stats.PlanModel), where one
+    more seed's scores will land (a prediction interval on the same questions) and the wall time per seed.
     """
-    base, times = results.get(baseline_name), times or {}
+    models, times = plan_models(results), times or {}
     header = ['cell', 'seeds', 'vision', 'blind vision', 'text', f'Δ vision vs {baseline_name} (p)', 'Δ text (p)',
-              'a new seed: vision; text', 'time per seed']
+              'detectable Δ: vision; text', 'a new seed: vision; text', 'time per seed']
     rows = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
-    for cell, evals in results.items():
-        if not evals:
+    for cell, seeds in results.items():
+        if not seeds:
             rows.append('| ' + ' | '.join([cell, '0', 'no seed finished'] + [''] * (len(header) - 3)) + ' |')
             continue
+        evals = list(seeds.values())
+        means = []
+        for key, (_, modality, tasks) in STABLE_SCORES.items():
+            est = stats.cell_mean(evals, modality, tasks) if evals[0][key] is not None else None
+            means.append('n/a' if est is None else f'{est.value:.3f} [{est.ci95[0]:.3f}, {est.ci95[1]:.3f}]')
+        deltas = [contrast(models, key, cell, baseline_name) for key in ('vision_stable_score', 'text_stable_score')]
+        detectable = '; '.join('' if d is None else f'{d.mde:.3f}' for d in deltas) if any(deltas) else ''
+        new_seed = []
+        for key in ('vision_stable_score', 'text_stable_score'):
+            ci = stats.new_seed_interval([e[key] for e in evals]) if evals[0][key] is not None else None
+            new_seed.append('n/a' if ci is None else f'[{ci[0]:.3f}, {ci[1]:.3f}]')
         spent = [sum(t.values()) for t in times.get(cell, [])]
-        rows.append('| ' + ' | '.join([cell, str(len(evals))] + score_columns(evals, base) + [
-            new_seed_columns(evals), format_time(np.mean(spent)) if spent else '']) + ' |')
+        rows.append('| ' + ' | '.join([cell, str(len(evals))] + means + [fmt_delta(d) for d in deltas] + [
+            detectable, '; '.join(new_seed), format_time(np.mean(spent)) if spent else '']) + ' |')
+    model = next(iter(models.values()), None)
+    if model is not None:
+        rows.append(f'\n(one model for the plan: {len(model.cells)} cells x seeds {model.seeds}, cells fixed and seeds '
+                    f'random; a cell outside it is compared by a paired test over the seeds it shares)')
     return '\n'.join(rows)
 
 
-def power_table(results, baseline_name, sizes=(100, 200, 500, 1000), seeds=(3, 5)):
+def primary_table(results, primary):
     """
-    How the spread between seeds falls as the questions per task grow, and the smallest difference from the
-    baseline that a plan of 3 or 5 (`seeds`) seeds per cell detects (stats.detectable: the table's own t test,
-    two-sided 5 %, 80 % power). Spreads are pooled over the cells with 2 or more seeds: of one seed's score (sd), and
-    of a cell's difference from the baseline seed by seed (sd Δ: seed s of both cells shares its text stage and
-    encoders, which pairing cancels); the questions add their own error (stats.item_se). Markdown, or '' when no
-    cell has 2 seeds.
+    The plan's primary contrasts, declared in its config before it ran ((cell, versus, modality): the paper's
+    finding it tests): each estimate with its 95 % interval, raw and Holm-adjusted p over the family, the exact 80 %
+    minimum detectable effect and the model and df it was judged with. Markdown and the rows as dicts.
     """
-    cells = {c: e for c, e in results.items() if len(e) >= 2 and stats.scored(e)}
-    if not cells:
-        return ''
-    base = cells.get(baseline_name)
-    paired = [c for c in cells if base and c != baseline_name and len(cells[c]) == len(base)]
-    most = min(len(t['scores']) for evals in cells.values() for e in evals for t in e['tasks'].values())
-    pooled = lambda groups: float(np.sqrt(sum(np.sum((np.array(g) - np.mean(g)) ** 2) for g in groups) /
-                                          sum(len(g) - 1 for g in groups)))
-    each = ' / '.join(str(k) for k in seeds)
-    rows = [f'| questions per task | sd vision | sd text | sd Δ vision | sd Δ text | detectable Δ vision ({each} '
-            f'seeds) | detectable Δ text ({each} seeds) |', '|---|---|---|---|---|---|---|']
-    for n in [n for n in sizes if n <= most]:
-        sds = [pooled([[stats.seed_score(e, m, n) for e in evals] for evals in cells.values()])
-               for m in ('vision', 'text')]
-        shown, detectable = [f'{v:.3f}' for v in sds], []
-        for m in ('vision', 'text'):
-            if not paired:
-                shown.append('n/a')
-                detectable.append('n/a')
-                continue
-            sd_delta = pooled([[stats.seed_score(a, m, n) - stats.seed_score(b, m, n)
-                                for a, b in zip(cells[c], base)] for c in paired])
-            se_items = np.sqrt(np.mean([stats.item_se(cells[c], m, base, n) ** 2 for c in paired]))
-            shown.append(f'{sd_delta:.3f}')
-            detectable.append(' / '.join(f'{stats.detectable(sd_delta, se_items, k):.3f}' for k in seeds))
-        rows.append(f'| {n} | ' + ' | '.join(shown + detectable) + ' |')
-    return '\n'.join(rows) + '\n\n(detectable: with that many seeds per cell, paired with the baseline\'s)'
+    models = plan_models(results)
+    found = [((c, v, m), contrast(models, f'{m}_stable_score', c, v)) for c, v, m in primary]
+    tested = [(c, e) for c, e in found if e is not None]
+    adjusted = dict(zip(range(len(tested)), stats.holm([e.p for _, e in tested])))
+    rows = ['| primary contrast | score | Δ [95 % interval] | p | Holm p | detectable Δ | model (df) |',
+            '|---|---|---|---|---|---|---|']
+    records = []
+    for i, ((cell, versus, modality), est) in enumerate(tested):
+        rows.append(f'| {cell} − {versus} | {modality} | {est.value:+.3f} [{est.ci95[0]:+.3f}, {est.ci95[1]:+.3f}] | '
+                    f'{fmt_p(est.p)} | {fmt_p(adjusted[i])} | {est.mde:.3f} | {est.model} ({est.df:.1f}) |')
+        records.append(dict(cell=cell, versus=versus, modality=modality, estimate=est.value, ci95=list(est.ci95),
+                            p=est.p, holm_p=adjusted[i], mde=est.mde, df=est.df, model=est.model, seeds=est.seeds))
+    rows += [f'| {c} − {v} | {m} | not scored yet | | | | |' for (c, v, m), e in found if e is None]
+    return '\n'.join(rows), records
 
 
-def pyplot(path):
-    """matplotlib's pyplot, or None (it is optional: the tables are written without it)."""
-    try:
-        import matplotlib
-        matplotlib.use('Agg')
-        import matplotlib.pyplot as plt
-        return plt
-    except ImportError:
-        print(f'matplotlib is not installed: no {os.path.basename(path)} (pip install matplotlib)')
-        return None
+def check_plan(cfg, runs):
+    """The plan as a whole, before its first cell runs: its baseline and its primary contrasts name cells it has,
+    each on a score it measures. Returns the baseline's name."""
+    cells = list(dict.fromkeys(r['cell'] for r in runs))
+    if cfg['grid'] != grid and cfg['primary'] == primary:  # a grid of one's own: the default plan's contrasts go
+        cfg['primary'] = []
+    baseline_name = cfg['baseline'] or cells[0]
+    if baseline_name not in cells:
+        raise ConfigError(f'baseline={baseline_name!r} is not a cell of the plan; its cells are: {", ".join(cells)}')
+    for entry in cfg['primary']:
+        if not (isinstance(entry, (list, tuple)) and len(entry) == 3 and entry[2] in ('vision', 'text')):
+            raise ConfigError(f'primary: {entry!r} is not (cell, versus, modality) with modality vision or text')
+        missing = [c for c in entry[:2] if c not in cells]
+        if missing:
+            raise ConfigError(f'primary: {entry!r} names {", ".join(map(repr, missing))}, not a cell of the plan '
+                              f'(its cells: {", ".join(cells)}); name its cells, or --primary=[]')
+    return baseline_name
 
 
-def read_curve(path):
-    """(steps, losses) of a stage's metrics.jsonl; empty when the file is missing."""
-    if not os.path.exists(path):
-        return [], []
-    with open(path) as f:
-        lines = [json.loads(line) for line in f if line.strip()]
-    points = [(v['step'], v['loss']) for v in lines if 'loss' in v]
-    return [p[0] for p in points], [p[1] for p in points]
-
-
-def plot_curves(runs, path):
-    """The training loss of every cell's image and finetune stages (mean over its seeds), one panel per stage."""
-    plt = pyplot(path)
-    if plt is None:
-        return False
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for ax, stage in zip(axes, ('image', 'finetune')):
-        for cell in dict.fromkeys(r['cell'] for r in runs):
-            curves = [read_curve(os.path.join(r['out_dir'], stage, 'metrics.jsonl')) for r in runs if r['cell'] == cell]
-            curves = [c for c in curves if c[0]]
-            if curves:
-                n = min(len(c[0]) for c in curves)  # seeds of a cell log at the same steps
-                ax.plot(curves[0][0][:n], np.mean([c[1][:n] for c in curves], axis=0), label=cell, lw=1.2)
-        ax.set_title(f'{stage} stage')
-        ax.set_xlabel('step')
-        ax.set_ylabel('training loss (mean over seeds)')
-        ax.grid(alpha=0.3)
-    if axes[1].lines:  # cells that logged no curve (failed, or runs from before metrics.jsonl) draw nothing
-        axes[1].legend(fontsize=7, loc='upper left', bbox_to_anchor=(1.02, 1.0), frameon=False)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
-
-
-def plot(results, path):
-    """Each cell's text against its vision score, mean over seeds with 95 % intervals."""
-    plt = pyplot(path)
-    if plt is None:
-        return False
-    fig, ax = plt.subplots(figsize=(9, 5))
-    for cell, evals in results.items():
-        if not stats.scored(evals):
-            continue
-        # the mean over seeds and its 95% interval over seeds and items, as in the table
-        (x, (x0, x1), _), (y, (y0, y1), _) = (stats.over_seeds(evals, m) for m in ('vision', 'text'))
-        xerr, yerr = [[x - x0], [x1 - x]], [[y - y0], [y1 - y]]
-        ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt='o', capsize=3, label=cell)
-    ax.legend(fontsize=7, loc='upper left', bbox_to_anchor=(1.02, 1.0), frameon=False)  # labels never overlap
-    ax.set_xlabel('vision stable score')
-    ax.set_ylabel('text stable score')
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
-
-
-def swept_key(cells):
-    """The one grid key whose values are numbers (the axis of a sweep: image_inject_frac, encoder_lr), or None."""
-    keys = {k for c in cells for k, v in c.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    return keys.pop() if len(keys) == 1 else None
-
-
-def sweep_lines(cells, results, key):
-    """{label: [(value, evals), ...]}: the scored cells that set `key`, by their other keys, in the key's order;
-    and {label: evals}: the scored cells that leave it unset (the LR plan's frozen ones)."""
-    lines, levels = {}, {}
-    for cell in cells:
-        evals = results.get(cell_name(cell))
-        if not stats.scored(evals):
-            continue
-        rest = cell_name({k: v for k, v in cell.items() if k != key})
-        if key in cell:
-            lines.setdefault(rest, []).append((cell[key], evals))
-        else:
-            levels[rest] = evals
-    return {label: sorted(points, key=lambda p: p[0]) for label, points in lines.items()}, levels
-
-
-def plot_sweep(cells, results, path):
-    """Both stable scores against the swept key, mean over seeds with 95 % intervals: the paper's own figures."""
-    key = swept_key(cells)
-    lines, levels = sweep_lines(cells, results, key) if key else ({}, {})  # no numeric key: the encoder plan
-    plt = pyplot(path) if lines else None
-    if plt is None:
-        return False
-    values = sorted({x for points in lines.values() for x, _ in points})
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for ax, modality in zip(axes, ('vision', 'text')):
-        for label, points in lines.items():
-            means = [stats.over_seeds(evals, modality) for _, evals in points]
-            xs, ys = [x for x, _ in points], [m for m, _, _ in means]
-            yerr = [[m - lo for m, (lo, _), _ in means], [hi - m for m, (_, hi), _ in means]]
-            ax.errorbar(xs, ys, yerr=yerr, fmt='o-', capsize=3, label=label)
-        for i, (label, evals) in enumerate(levels.items()):  # a cell off the axis (frozen): a level to compare with;
-            # the i-th level takes the i-th line's color, as a plan lists its families in one order on and off the axis
-            ax.axhline(stats.over_seeds(evals, modality)[0], color=f'C{i % 10}', ls='--', lw=1, label=label)
-        if values[0] > 0 and values[-1] / values[0] >= 100:  # LRs: equal ratios, equal steps
-            ax.set_xscale('log')
-        ax.set_xticks(values, [f'{x:g}' for x in values])  # the values the plan ran
-        ax.set_xlabel(key)
-        ax.set_ylabel(f'{modality} stable score (mean over seeds, 95 % interval)')
-        ax.grid(alpha=0.3)
-    if len(lines) + len(levels) > 1:  # one line needs no legend
-        axes[1].legend(fontsize=7, loc='upper left', bbox_to_anchor=(1.02, 1.0), frameon=False)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
-
-
-def collect(cfg, runs, errors, skipped=()):
+def collect(cfg, runs, errors, baseline_name, skipped=()):
     results, times, records = {}, {}, []
     for i, r in enumerate(runs):
-        evals = results.setdefault(r['cell'], [])
+        seeds = results.setdefault(r['cell'], {})
         record = dict(cell=r['cell'], seed=r['seed'], out_dir=r['out_dir'], args=r['args'])
         if os.path.exists(eval_path(r)):
             with open(eval_path(r)) as f:
-                record['eval'] = json.load(f)
-            evals.append(record['eval'])
+                record['eval'] = seeds[r['seed']] = json.load(f)
             times_path = os.path.join(r['out_dir'], 'times.json')  # where the cell's run spent its time
             if os.path.exists(times_path):
                 with open(times_path) as f:
@@ -457,36 +345,60 @@ def collect(cfg, runs, errors, skipped=()):
         else:
             record['error'] = errors.get(i, 'not run')
         records.append(record)
-    baseline_name = cfg['baseline'] or runs[0]['cell']
-    if baseline_name not in results:
-        raise ConfigError(f'baseline={baseline_name!r} is not a cell; the cells are: {", ".join(results)}')
+    table = results_table(results, baseline_name, times)
+    primary, contrasts = primary_table(results, cfg['primary']) if cfg['primary'] else ('', [])
+    if primary:  # declared before the plan ran: the paper's findings it tests, corrected together (Holm)
+        table = primary + '\n\n' + table
     os.makedirs(cfg['out_dir'], exist_ok=True)
     with open(os.path.join(cfg['out_dir'], 'results.json'), 'w') as f:
-        json.dump(records, f)
-    table = results_table(results, baseline_name, times)
-    power = power_table(results, baseline_name)
-    if power:  # how many questions and seeds it takes: docs/results.md, "How many questions"
-        table += '\n\nseed-to-seed spread by questions per task, pooled over the cells:\n\n' + power
+        json.dump({'runs': records, 'primary': contrasts, 'baseline': baseline_name}, f)
     failed = [f'- {rec["cell"]} seed {rec["seed"]}: {rec["error"]}' for rec in records if 'error' in rec]
     with open(os.path.join(cfg['out_dir'], 'results.md'), 'w') as f:
         f.write(table + '\n' + ('\nfailed or not run:\n' + '\n'.join(failed) + '\n' if failed else '') +
                 ('\nskipped (train.py rejects the combination):\n' + '\n'.join(f'- {s}' for s in skipped) + '\n'
                  if skipped else ''))
-    plot(results, os.path.join(cfg['out_dir'], 'results.png'))
-    plot_curves(runs, os.path.join(cfg['out_dir'], 'curves.png'))
-    plot_sweep(grid_cells(cfg['grid']), results, os.path.join(cfg['out_dir'], 'sweep.png'))
+    plots.scores(results, os.path.join(cfg['out_dir'], 'results.png'))
+    plots.curves(runs, os.path.join(cfg['out_dir'], 'curves.png'))
+    plots.sweep({cell_name(c): c for c in grid_cells(cfg['grid'])}, results, os.path.join(cfg['out_dir'], 'sweep.png'))
     return table, failed
+
+
+def study_table(plan_dirs):
+    """The primary contrasts of several plans (their results.json) as one family: raw and Holm-adjusted p over the
+    whole study, beside each plan's own."""
+    entries = []
+    for folder in plan_dirs:
+        path = os.path.join(folder, 'results.json')
+        if not os.path.isfile(path):
+            raise ConfigError(f'study: no results.json in {folder} (run or report that plan first)')
+        with open(path) as f:
+            entries += [(folder, c) for c in json.load(f).get('primary', [])]
+    adjusted = stats.holm([c['p'] for _, c in entries])
+    rows = ['| plan | primary contrast | score | Δ [95 % interval] | p | Holm p (study) | Holm p (plan) | detectable Δ |',
+            '|---|---|---|---|---|---|---|---|']
+    rows += [f'| {folder} | {c["cell"]} − {c["versus"]} | {c["modality"]} | {c["estimate"]:+.3f} [{c["ci95"][0]:+.3f}, '
+             f'{c["ci95"][1]:+.3f}] | {fmt_p(c["p"])} | {fmt_p(holm)} | {fmt_p(c["holm_p"])} | {c["mde"]:.3f} |'
+             for (folder, c), holm in zip(entries, adjusted)]
+    return '\n'.join(rows)
 
 
 def main(args):
     own, passed = split_args(args)
     cfg = configure(own, script_config(globals()), source=__file__)
+    if cfg['study']:
+        table = study_table(cfg['study'])
+        os.makedirs(cfg['out_dir'], exist_ok=True)
+        with open(os.path.join(cfg['out_dir'], 'study.md'), 'w') as f:
+            f.write(table + '\n')
+        print(f'{table}\n\nwritten to {cfg["out_dir"]}/study.md')
+        return True
     runs, skipped = expand(cfg, passed)
+    baseline_name = check_plan(cfg, runs)
     for reason in skipped:
         print(f'skipped {reason}')
     t0 = time.time()
     errors = {} if cfg['report_only'] else run_plan(runs)
-    table, failed = collect(cfg, runs, errors, skipped)
+    table, failed = collect(cfg, runs, errors, baseline_name, skipped)
     print(f'\n{table}\n' + ('\n'.join(['failed or not run:'] + failed) + '\n' if failed else '') +
           f'\nwritten to {cfg["out_dir"]}/results.{{json,md,png}} in {format_time(time.time() - t0)}')
     return cfg['report_only'] or not failed

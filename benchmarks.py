@@ -26,11 +26,11 @@ import os
 import random
 import re
 import string
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import data
 
-TEXT_TASKS = ('arc_easy', 'arc_challenge', 'hellaswag', 'piqa', 'winogrande', 'openbookqa')
-VISION_TASKS = ('vqav2', 'gqa', 'textvqa', 'pope', 'vizwiz')
 POPE_SPLITS = ('random', 'popular', 'adversarial')
 # LLaVA-1.5's instruction for short answers: the benchmarks' answers are a word or a phrase
 SHORT_ANSWER = '\nAnswer the question using a single word or phrase.'
@@ -121,31 +121,37 @@ def winogrande_item(r):
             'answer': choice({'1': 0, '2': 1}.get(r['answer']), 2, 'answer')}
 
 
-def read_text_task(task, folder):
-    if task in ('arc_easy', 'arc_challenge'):
-        path = path_in(folder, 'ARC-Easy-Test.jsonl' if task == 'arc_easy' else 'ARC-Challenge-Test.jsonl')
-        return items_of(path, read_jsonl(path), question_choices)
-    if task == 'openbookqa':
-        path = path_in(folder, 'test.jsonl')
-        return items_of(path, read_jsonl(path), lambda r: question_choices(r, stem_only=True))
-    if task == 'hellaswag':
-        path = path_in(folder, 'hellaswag_val.jsonl')
-        return items_of(path, read_jsonl(path), hellaswag_item)
-    if task == 'piqa':
-        path, labels_path = path_in(folder, 'valid.jsonl'), path_in(folder, 'valid-labels.lst')
-        records = read_jsonl(path)
-        with open(labels_path) as f:
-            labels = [line.strip() for line in f if line.strip()]
-        if len(labels) != len(records):
-            raise ValueError(f'{folder}: {len(records)} questions in valid.jsonl but {len(labels)} labels in '
-                             f'valid-labels.lst')
-        return items_of(path, zip(records, labels), lambda rl: {
-            'prompt': f"Question: {rl[0]['goal']}\nAnswer:", 'choices': [' ' + rl[0]['sol1'], ' ' + rl[0]['sol2']],
-            'answer': choice({'0': 0, '1': 1}.get(rl[1]), 2, 'label')})
-    if task == 'winogrande':
-        path = path_in(folder, 'dev.jsonl')
-        return items_of(path, read_jsonl(path), winogrande_item)
-    raise ValueError(f'unknown text benchmark {task!r}: {", ".join(TEXT_TASKS)}')
+def read_arc(folder, name):
+    path = path_in(folder, name)
+    return items_of(path, read_jsonl(path), question_choices), {}
+
+
+def read_openbookqa(folder):
+    path = path_in(folder, 'test.jsonl')
+    return items_of(path, read_jsonl(path), lambda r: question_choices(r, stem_only=True)), {}
+
+
+def read_hellaswag(folder):
+    path = path_in(folder, 'hellaswag_val.jsonl')
+    return items_of(path, read_jsonl(path), hellaswag_item), {}
+
+
+def read_piqa(folder):
+    path, labels_path = path_in(folder, 'valid.jsonl'), path_in(folder, 'valid-labels.lst')
+    records = read_jsonl(path)
+    with open(labels_path) as f:
+        labels = [line.strip() for line in f if line.strip()]
+    if len(labels) != len(records):
+        raise ValueError(f'{folder}: {len(records)} questions in valid.jsonl but {len(labels)} labels in '
+                         f'valid-labels.lst')
+    return items_of(path, zip(records, labels), lambda rl: {
+        'prompt': f"Question: {rl[0]['goal']}\nAnswer:", 'choices': [' ' + rl[0]['sol1'], ' ' + rl[0]['sol2']],
+        'answer': choice({'0': 0, '1': 1}.get(rl[1]), 2, 'label')}), {}
+
+
+def read_winogrande(folder):
+    path = path_in(folder, 'dev.jsonl')
+    return items_of(path, read_jsonl(path), winogrande_item), {}
 
 
 # -----------------------------------------------------------------------------
@@ -157,46 +163,51 @@ def answer_list(answers):
     return answers
 
 
-def read_vision_task(task, folder):
-    """A vision benchmark's items, and what the run should record about how they were read (version, prompt)."""
-    if task == 'vqav2':
-        qpath = path_in(folder, 'v2_OpenEnded_mscoco_val2014_questions.json')
-        apath = path_in(folder, 'v2_mscoco_val2014_annotations.json')
-        annotations = {a['question_id']: a for a in items_of(apath, read_json(apath)['annotations'], dict)}
-        return items_of(qpath, read_json(qpath)['questions'], lambda q: {
-            'image': os.path.join(folder, 'val2014', f"COCO_val2014_{int(q['image_id']):012d}.jpg"),
-            'question': q['question'] + SHORT_ANSWER,
-            'answers': answer_list([a['answer'] for a in annotations[q['question_id']]['answers']])}), {}
-    if task == 'gqa':
-        path = path_in(folder, 'testdev_balanced_questions.json')
-        return items_of(path, [q for _, q in sorted(read_json(path).items())], lambda q: {
-            'image': os.path.join(folder, 'images', f"{q['imageId']}.jpg"), 'question': q['question'] + SHORT_ANSWER,
-            'answers': answer_list([q['answer']])}), {}
-    if task == 'textvqa':
-        path = path_in(folder, 'TextVQA_0.5.1_val.json')
-        prompts, how = textvqa_prompts(folder)
-        return items_of(path, read_json(path)['data'], lambda r: {
-            'image': os.path.join(folder, 'train_images', f"{r['image_id']}.jpg"),
-            'question': prompts.get((r['image_id'], r['question'].lower()))
-            or ocr_prompt(r['question'], r.get('ocr_tokens')), 'answers': answer_list(r['answers'])}), {'prompt': how}
-    if task == 'vizwiz':
-        path = path_in(folder, 'val.json')
-        prompt = "\nWhen the provided information is insufficient, respond with 'Unanswerable'." + SHORT_ANSWER
-        return items_of(path, read_json(path), lambda r: {
-            'image': os.path.join(folder, 'val', r['image']), 'question': r['question'] + prompt,
-            'answers': answer_list([a['answer'] for a in r['answers']])}), {}
-    if task == 'pope':
-        items, counts = [], []
-        for split in POPE_SPLITS:
-            path = path_in(folder, f'coco_pope_{split}.json')
-            records = read_jsonl(path)
-            counts.append(len(records))
-            items += items_of(path, records, lambda r: pope_item(r, folder, split))
-        version = POPE_VERSIONS.get(tuple(counts), f'unknown: {dict(zip(POPE_SPLITS, counts))} questions')
-        return items, {'version': version, 'questions': dict(zip(POPE_SPLITS, counts)),
-                       'protocol': "the likelier of 'Yes' and 'No' as the answer (TRI-ML vlm-evaluation); "
-                                   "accuracy is the mean of the three splits'"}
-    raise ValueError(f'unknown vision benchmark {task!r}: {", ".join(VISION_TASKS)}')
+def read_vqav2(folder):
+    qpath = path_in(folder, 'v2_OpenEnded_mscoco_val2014_questions.json')
+    apath = path_in(folder, 'v2_mscoco_val2014_annotations.json')
+    annotations = {a['question_id']: a for a in items_of(apath, read_json(apath)['annotations'], dict)}
+    return items_of(qpath, read_json(qpath)['questions'], lambda q: {
+        'image': os.path.join(folder, 'val2014', f"COCO_val2014_{int(q['image_id']):012d}.jpg"),
+        'question': q['question'] + SHORT_ANSWER,
+        'answers': answer_list([a['answer'] for a in annotations[q['question_id']]['answers']])}), {}
+
+
+def read_gqa(folder):
+    path = path_in(folder, 'testdev_balanced_questions.json')
+    return items_of(path, [q for _, q in sorted(read_json(path).items())], lambda q: {
+        'image': os.path.join(folder, 'images', f"{q['imageId']}.jpg"), 'question': q['question'] + SHORT_ANSWER,
+        'answers': answer_list([q['answer']])}), {}
+
+
+def read_textvqa(folder):
+    path = path_in(folder, 'TextVQA_0.5.1_val.json')
+    prompts, how = textvqa_prompts(folder)
+    return items_of(path, read_json(path)['data'], lambda r: {
+        'image': os.path.join(folder, 'train_images', f"{r['image_id']}.jpg"),
+        'question': prompts.get((r['image_id'], r['question'].lower())) or ocr_prompt(r['question'], r.get('ocr_tokens')),
+        'answers': answer_list(r['answers'])}), {'prompt': how}
+
+
+def read_vizwiz(folder):
+    path = path_in(folder, 'val.json')
+    prompt = "\nWhen the provided information is insufficient, respond with 'Unanswerable'." + SHORT_ANSWER
+    return items_of(path, read_json(path), lambda r: {
+        'image': os.path.join(folder, 'val', r['image']), 'question': r['question'] + prompt,
+        'answers': answer_list([a['answer'] for a in r['answers']])}), {}
+
+
+def read_pope(folder):
+    items, counts = [], []
+    for split in POPE_SPLITS:
+        path = path_in(folder, f'coco_pope_{split}.json')
+        records = read_jsonl(path)
+        counts.append(len(records))
+        items += items_of(path, records, lambda r: pope_item(r, folder, split))
+    version = POPE_VERSIONS.get(tuple(counts), f'unknown: {dict(zip(POPE_SPLITS, counts))} questions')
+    return items, {'version': version, 'questions': dict(zip(POPE_SPLITS, counts)),
+                   'protocol': "the likelier of 'Yes' and 'No' as the answer (TRI-ML vlm-evaluation); "
+                               "accuracy is the mean of the three splits'"}
 
 
 def pope_item(r, folder, split):
@@ -230,19 +241,19 @@ def textvqa_prompts(folder):
 
 def check_tasks(tasks):
     """An unknown task name is an error that lists the known ones (before any model is loaded)."""
-    unknown = [t for t in tasks if t not in TEXT_TASKS + VISION_TASKS]
+    unknown = [t for t in tasks if t not in BENCHMARKS]
     if unknown:
         raise ValueError(f'unknown task {", ".join(map(repr, unknown))}; the tasks are: vision '
-                         f'{", ".join(VISION_TASKS)}; text {", ".join(TEXT_TASKS)}')
+                         f'{", ".join(tasks_of("vision"))}; text {", ".join(tasks_of("text"))}')
 
 
 def read_task(task, bench_dir, limit=0, seed=0):
     """
-    A benchmark's items, with limit a fixed seeded subset of that many (the same on every call), and what to record
-    of how they were read (the files' version, the prompt).
+    A benchmark's items, read from BENCH/<task>/, with limit a fixed seeded subset of that many (the same on every
+    call), and what to record of how they were read (the files' version, the prompt).
     """
     folder = os.path.join(bench_dir, task)
-    items, how = (read_text_task(task, folder), {}) if task in TEXT_TASKS else read_vision_task(task, folder)
+    items, how = BENCHMARKS[task].read(folder)
     if not items:
         raise ValueError(f'{folder} holds no {task} items')
     if limit and limit < len(items):
@@ -376,3 +387,35 @@ def pope_splits(said_yes, items):
                       'yes_ratio': sum(p for p, _ in pairs) / len(pairs), 'chance': max(share_yes, 1 - share_yes),
                       'n': len(pairs)}
     return out
+
+
+# -----------------------------------------------------------------------------
+# the registry: eval.py runs a task by its entry here
+
+@dataclass(frozen=True)
+class Benchmark:
+    read: Callable  # folder -> (items, how they were read): the publisher's files under BENCH/<task>/
+    modality: str  # 'text' or 'vision': the stable score it counts towards
+    # how eval.run_benchmarks answers an item: 'choice' (the likeliest of its choices, as lm-evaluation-harness),
+    # 'generate' (a greedy answer, then score), 'yes_no' (the likelier of 'Yes' and 'No', POPE's protocol)
+    protocol: str
+    score: Optional[Callable] = None  # 'generate': (prediction, item) -> the item's accuracy, as its reference scores
+
+
+BENCHMARKS = {
+    'vqav2': Benchmark(read_vqav2, 'vision', 'generate', lambda p, it: vqav2_accuracy(p, it['answers'])),
+    'gqa': Benchmark(read_gqa, 'vision', 'generate', lambda p, it: gqa_accuracy(p, it['answers'][0])),
+    'textvqa': Benchmark(read_textvqa, 'vision', 'generate', lambda p, it: textvqa_accuracy(p, it['answers'])),
+    'pope': Benchmark(read_pope, 'vision', 'yes_no'),
+    'vizwiz': Benchmark(read_vizwiz, 'vision', 'generate', lambda p, it: vizwiz_accuracy(p, it['answers'])),
+    'arc_easy': Benchmark(lambda folder: read_arc(folder, 'ARC-Easy-Test.jsonl'), 'text', 'choice'),
+    'arc_challenge': Benchmark(lambda folder: read_arc(folder, 'ARC-Challenge-Test.jsonl'), 'text', 'choice'),
+    'hellaswag': Benchmark(read_hellaswag, 'text', 'choice'),
+    'piqa': Benchmark(read_piqa, 'text', 'choice'),
+    'winogrande': Benchmark(read_winogrande, 'text', 'choice'),
+    'openbookqa': Benchmark(read_openbookqa, 'text', 'choice'),
+}
+
+
+def tasks_of(modality):
+    return tuple(name for name, b in BENCHMARKS.items() if b.modality == modality)

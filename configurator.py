@@ -114,15 +114,16 @@ def key_comments(source):
     return comments
 
 
-def help_text(config, source=None, width=118):
+def help_text(config, source=None, width=132):
     """Every key, its default and its documentation (key_comments), the comments aligned and wrapped to width."""
     comments = key_comments(source) if source else {}
     column = 36
     lines = ['config keys, their defaults and what they do (set them in a config file or as --key=value):']
     for k, v in config.items():
         head = f'  {k} = {v!r}'
-        if len(head) > width:  # a long default (a grid) on lines of its own
-            head = f'  {k} = ' + pprint.pformat(v, width=width - 4).replace('\n', '\n      ')
+        if len(head) > width:  # a long default (a grid) over lines of its own, aligned after `key = `
+            prefix = f'  {k} = '
+            head = prefix + pprint.pformat(v, width=width - len(prefix)).replace('\n', '\n' + ' ' * len(prefix))
         doc = textwrap.wrap(comments.get(k, ''), width - column - 2) or ['']
         last = head.split('\n')[-1]
         if len(last) + 2 > column:  # no room beside it: the comment goes below, at the column

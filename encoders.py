@@ -104,6 +104,7 @@ def to_pixels(images, img_size, mean, std):
 
 class Encoder(nn.Module):
     """What every adapter shares: preprocessing, freezing, encode(). Subclasses implement features(pixels)."""
+    sized = False  # whether its timm model is built for one input size (img_size passed to timm.create_model)
 
     def __init__(self, name, scale, weights, img_size, num_tokens, dim, mean, std):
         super().__init__()
@@ -143,6 +144,7 @@ class Encoder(nn.Module):
 
 class ViTFeatures(Encoder):
     """A timm VisionTransformer cut after its second-to-last block; returns the patch tokens of that block."""
+    sized = True
 
     @classmethod
     def create(cls, entry, **kw):
@@ -270,7 +272,7 @@ def create_timm_model(family, scale, weights, img_size):
     """The full timm model of a family at a scale, with its weights; truncation happens later, in the adapter."""
     cfg = ENCODERS[family].at(scale)
     kwargs = dict(cfg.get('kwargs', {}))
-    if ENCODERS[family].adapter is not ResNetFeatures:  # a ResNet takes any size; a ViT's position table is sized
+    if ENCODERS[family].adapter.sized:  # a ViT's position table is made for one size; a ResNet takes any
         kwargs['img_size'] = img_size
     if weights == 'hub':
         if scale != 'paper':

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 import data
 import shapes
 from checkpoint import load_model
+from stats import centered
 from configurator import configure, script_config
 from model import VLM
 
@@ -114,10 +115,6 @@ def multiple_choice(model, enc, items, device):
 
 # -----------------------------------------------------------------------------
 # scores and intervals
-
-def centered(accuracy, chance):
-    return (accuracy - chance) / (1.0 - chance)
-
 
 def bootstrap_means(scores, n_boot, rng):
     """n_boot bootstrap resamples of the mean of scores."""
@@ -327,11 +324,13 @@ def run_benchmarks(model, enc, tasks, bench_dir, device='cpu', limit=0, seed=0):
     rng = np.random.default_rng(seed)
     results, skipped = {}, Counter()
     for task in tasks:
+        bench = bm.BENCHMARKS[task]
         items, how = bm.read_task(task, bench_dir, limit, seed)
-        if task in bm.TEXT_TASKS:
+        if bench.protocol == 'choice':
             raw, norm = multiple_choice(model, enc, items, device)
             chance = float(np.mean([1 / len(it['choices']) for it in items]))
-            results[task] = task_result('text', raw, chance, rng, accuracy_norm=float(np.mean(norm)) if norm else None)
+            results[task] = task_result(bench.modality, raw, chance, rng,
+                                        accuracy_norm=float(np.mean(norm)) if norm else None)
             continue
         if not isinstance(model, VLM):
             raise ValueError(f'{task} needs a model with an image encoder; this checkpoint is text-only')
@@ -344,14 +343,12 @@ def run_benchmarks(model, enc, tasks, bench_dir, device='cpu', limit=0, seed=0):
             except BadImage as e:
                 skipped[f'{task}: {e}'] += 1
         prompts = [data.question_prompt(enc, it['question'], model.encoder.num_tokens) for it in kept]
-        if task == 'pope':
+        if bench.protocol == 'yes_no':
             results[task] = pope_result(model, enc, prompts, images, kept, device, rng, **how)
             continue
         predictions = answer(model, enc, prompts, images, device)
-        score = {'vqav2': bm.vqav2_accuracy, 'textvqa': bm.textvqa_accuracy, 'vizwiz': bm.vizwiz_accuracy,
-                 'gqa': lambda p, answers: bm.gqa_accuracy(p, answers[0])}[task]
-        scores = [score(p, it['answers']) for p, it in zip(predictions, kept)]
-        results[task] = task_result('vision', scores, 0.0, rng, predictions=predictions, **how)
+        scores = [bench.score(p, it) for p, it in zip(predictions, kept)]
+        results[task] = task_result(bench.modality, scores, 0.0, rng, predictions=predictions, **how)
     out = {'tasks': results, 'skipped': dict(skipped)}
     for modality in ('vision', 'text'):
         score, ci = stable_score(results, modality, rng)

@@ -136,16 +136,16 @@ class Prepared:
     source: Any = None  # the image source (shapes.ImageWorld or images.RealImages), for the image stages
 
 
-def prepare_run(cfg, verbose=True):
+def prepare_run(cfg, images, verbose=True):
     """
     The run's data and where its encoder weights are: the token dataset (the shapes world is written first), and
-    for the image stages the shapes encoders' weights (pre-trained when missing), the image source (the shapes
+    for a run with stages that read images (images) the shapes encoders' weights (pre-trained when missing), the image source (the shapes
     world's renders, or the index of real shards) and a frozen encoder's feature cache. Under DDP rank 0 calls it
     first, then the others, which find everything made (runtime.master_first).
     """
     folder = shapes.prepare_text(cfg.data_dir, verbose=verbose) if cfg.dataset == 'shapes' else cfg.dataset
     enc = data.get_tokenizer(data.load_meta(folder)['tokenizer'])
-    if not {'image', 'finetune'} & set(cfg.stages.split(',')):
+    if not images:
         return Prepared(folder, enc)
     weights = (pretrain_encoders.shapes_weights(cfg.encoder, cfg.data_dir, cfg.seed, verbose)
                if cfg.encoder_weights == 'shapes' else cfg.encoder_weights)

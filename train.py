@@ -424,9 +424,10 @@ def main(cfg):
     try:
         for folder in sorted({cfg.out_dir, cfg.text_out_dir}) if rt.master else ():
             locks.append(acquire_lock(folder))  # one writer per folder: a second run stops here, naming this one
-        with clock.part('preparation'):  # rank 0 makes what is missing, then the others open it
-            prep = runtime.master_first(rt, lambda: prepare.prepare_run(cfg, verbose=rt.master))
         names, trained = cfg.stages.split(','), 0
+        with clock.part('preparation'):  # rank 0 makes what is missing, then the others open it
+            images = any(STAGES[name].reads_images for name in names)
+            prep = runtime.master_first(rt, lambda: prepare.prepare_run(cfg, images, verbose=rt.master))
         for name in names:
             if name == 'text' and 'image' in names and from_scratch(cfg, 'image'):
                 log(rt, 'text stage: not needed, image_inject_frac=0 trains the LM from scratch on the mixture')

@@ -3,4 +3,7 @@
 # from scratch (0: a new LM on the image-text mixture, with the text stage's warmup and peak LR)
 grid = {'image_inject_frac': [0, 0.2, 0.4, 0.6, 0.8, 1.0]}
 baseline = 'image_inject_frac=1.0'  # the usual recipe: a fully trained LM, then images
+# the paper: images injected at 80 % of text pre-training beat a fully trained LM, and from scratch hurts both scores
+primary = [('image_inject_frac=0.8', 'image_inject_frac=1.0', 'vision'),
+           ('image_inject_frac=0.8', 'image_inject_frac=0', 'vision'), ('image_inject_frac=0.8', 'image_inject_frac=0', 'text')]
 out_dir = 'out/ablate_injection'  # its results; its runs too, unless runs_dir names a folder plans share

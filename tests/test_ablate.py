@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import ablate
+import plots
 import stats
 import eval as ev
 import train
@@ -23,6 +24,7 @@ def plan(args):
     own, passed = ablate.split_args(args)
     cfg = configure(own, {k: getattr(ablate, k) for k in ablate.ABLATE_KEYS})
     runs, skipped = ablate.expand(cfg, passed)
+    ablate.check_plan(cfg, runs)
     return cfg, runs, skipped
 
 
@@ -188,7 +190,7 @@ def fake_eval(vision_scores, text_scores):
 def test_table_gives_the_mean_over_seeds_with_an_interval():
     rng = np.random.default_rng(2)
     seeds = [fake_eval(list((rng.random(100) < p).astype(float)), [1.0] * 40) for p in (0.5, 0.7)]
-    row = ablate.results_table({'image_inject_frac=0': seeds}, 'image_inject_frac=0').splitlines()[2]
+    row = ablate.results_table({'image_inject_frac=0': dict(enumerate(seeds))}, 'image_inject_frac=0').splitlines()[2]
     cells = row.split(' | ')
     mean = np.mean([ev.centered(np.mean(e['tasks']['color']['scores']), 1 / 6) for e in seeds])
     assert cells[0] == '| image_inject_frac=0' and cells[1] == '2'
@@ -198,10 +200,11 @@ def test_table_gives_the_mean_over_seeds_with_an_interval():
 
 def test_the_table_states_where_a_new_seed_lands():
     seeds = [fake_eval([1.0] * k + [0.0] * (60 - k), [1.0] * 40) for k in (20, 30, 40)]
-    row = ablate.results_table({'cell': seeds}, 'cell').splitlines()[2].split(' | ')
+    table = ablate.results_table({'cell': dict(enumerate(seeds))}, 'cell').splitlines()
+    row = table[2].split(' | ')
     lo, hi = stats.new_seed_interval([ev.centered(k / 60, 1 / 6) for k in (20, 30, 40)])
     assert row[-2] == f'[{lo:.3f}, {hi:.3f}]; [1.000, 1.000]'  # text: every seed scores 1.0, no spread
-    assert len(row) == len(ablate.results_table({'cell': seeds}, 'cell').splitlines()[0].split(' | '))
+    assert len(row) == len(table[0].split(' | '))
 
 
 def test_a_sweep_plot_draws_each_family_against_its_numeric_key(tmp_path):
@@ -209,18 +212,19 @@ def test_a_sweep_plot_draws_each_family_against_its_numeric_key(tmp_path):
     cells as levels; a cell without scores is left out. The encoder plan has no numeric key: no sweep plot."""
     cfg, _, _ = plan([os.path.join(CONFIG, 'ablate_encoder_lr.py'), f'--out_dir={tmp_path}'])
     cells = ablate.grid_cells(cfg['grid'])
-    cells = cells[:4] + cells[4:][::-1]  # the grid's order is not the axis's
-    seeds = [fake_eval([1.0] * 30 + [0.0] * 30, [1.0] * 40)]
-    results = {ablate.cell_name(c): seeds for c in cells if ablate.cell_name(c) != 'vit_unfrozen encoder_lr=0.0001'}
-    key = ablate.swept_key(cells)
-    lines, levels = ablate.sweep_lines(cells, results, key)
+    cells = {ablate.cell_name(c): c for c in cells[:4] + cells[4:][::-1]}  # the grid's order is not the axis's
+    seeds = {1: fake_eval([1.0] * 30 + [0.0] * 30, [1.0] * 40)}
+    results = {name: seeds for name in cells if name != 'vit_unfrozen encoder_lr=0.0001'}
+    key = plots.swept_key(cells)
+    lines, levels = plots.sweep_lines(cells, results, key)
     assert key == 'encoder_lr' and list(levels) == [f'{e}_frozen' for e in ('siglip', 'dino_siglip', 'vit', 'resnet')]
     assert {label: [x for x, _ in points] for label, points in lines.items()} == {
         'resnet_unfrozen': [1e-5, 1e-4, 1e-3], 'vit_unfrozen': [1e-5, 1e-3], 'dino_siglip_unfrozen': [1e-5, 1e-4, 1e-3],
         'siglip_unfrozen': [1e-5, 1e-4, 1e-3]}
-    assert ablate.swept_key(ablate.grid_cells(ablate.grid)) is None
+    names = lambda grid: {ablate.cell_name(c): c for c in ablate.grid_cells(grid)}
+    assert plots.swept_key(names(ablate.grid)) is None
     injection, _, _ = plan([os.path.join(CONFIG, 'ablate_injection.py'), f'--out_dir={tmp_path}'])
-    assert ablate.swept_key(ablate.grid_cells(injection['grid'])) == 'image_inject_frac'
+    assert plots.swept_key(names(injection['grid'])) == 'image_inject_frac'
 
 
 def test_resume_skips_finished_and_survives_failures(tmp_path, monkeypatch):
@@ -238,39 +242,55 @@ def test_resume_skips_finished_and_survives_failures(tmp_path, monkeypatch):
     errors = ablate.run_plan(runs)
     assert calls == ['image_ratio=0.1', 'image_ratio=0.2', 'image_ratio=0.5']  # the failure did not stop the plan
     assert list(errors) == [1] and 'boom' in errors[1]
-    table, failed = ablate.collect(cfg, runs, errors)
+    table, failed = ablate.collect(cfg, runs, errors, ablate.check_plan(cfg, runs))
     with open(tmp_path / 'results.md') as f:
         md = f.read()
     assert all(f'| image_ratio={r} |' in md for r in (0.1, 0.2, 0.5)) and 'boom' in md
     assert len(failed) == 1
     with open(tmp_path / 'results.json') as f:
-        assert [('error' in r) for r in json.load(f)] == [False, True, False]
+        assert [('error' in r) for r in json.load(f)['runs']] == [False, True, False]
     calls.clear()
     ablate.run_plan(runs)  # a rerun runs only the cell that has no eval.json yet
     assert calls == ['image_ratio=0.2']
 
 
-def test_power_table_pools_the_seed_spread_by_question_count():
+def test_the_tables_judge_every_contrast_by_one_model_for_the_plan():
     rng = np.random.default_rng(1)
-    make = lambda p, q: fake_eval(list((rng.random(500) < p).astype(float)), list((rng.random(500) < q).astype(float)))
-    base = [make(p, q) for p, q in ((0.5, 0.8), (0.6, 0.9), (0.7, 0.85))]
-    other = [make(p + 0.1, q) for p, q in ((0.5, 0.8), (0.6, 0.9), (0.7, 0.85))]
-    rows = ablate.power_table({'base': base, 'other': other, 'single': base[:1]}, 'base').splitlines()
-    assert len(rows) == 2 + 3 + 2  # 100, 200 and 500 questions (the evals hold 500), then the note
-    n, sd_v, sd_t, sd_dv, sd_dt, mde_v, mde_t = (x.strip() for x in rows[4].strip('|').split('|'))
-    vision = lambda evals: [ev.centered(np.mean(e['tasks']['color']['scores']), 1 / 6) for e in evals]
-    pooled = np.sqrt((np.var(vision(base), ddof=1) + np.var(vision(other), ddof=1)) / 2)
-    assert n == '500' and float(sd_v) == pytest.approx(pooled, abs=1e-3)
-    diff = np.subtract(vision(other), vision(base))
-    assert float(sd_dv) == pytest.approx(np.std(diff, ddof=1), abs=1e-3)
-    items = np.mean([np.subtract(a['tasks']['color']['scores'], b['tasks']['color']['scores'])
-                     for a, b in zip(other, base)], axis=0)  # the questions' part: one vision task here
-    se_items = np.std(items, ddof=1) / np.sqrt(len(items)) / (5 / 6)
-    three, five = (float(x) for x in mde_v.split(' / '))
-    assert three == pytest.approx(stats.detectable(np.std(diff, ddof=1), se_items, 3), abs=2e-3)
-    assert five < three  # more seeds detect less
-    assert ablate.power_table({'single': base[:1]}, 'single') == ''  # one seed has no spread to measure
-    assert 'n/a' in ablate.power_table({'base': base}, 'base')  # no second cell: no paired difference
+    make = lambda p, q: fake_eval(list((rng.random(300) < p).astype(float)), list((rng.random(300) < q).astype(float)))
+    levels = ((0.5, 0.8), (0.6, 0.9), (0.7, 0.85))
+    results = {'base': {s: make(p, q) for s, (p, q) in enumerate(levels)},
+               'better': {s: make(p + 0.15, q) for s, (p, q) in enumerate(levels)},
+               'same': {s: make(p, q) for s, (p, q) in enumerate(levels)},
+               'partial': {0: make(0.5, 0.8), 1: make(0.6, 0.9)}}  # a seed short: outside the plan's model
+    table = ablate.results_table(results, 'base')
+    model = stats.PlanModel(results, 'vision')
+    assert model.cells == ['base', 'better', 'same'] and model.seeds == [0, 1, 2]
+    est = model.contrast({'better': 1, 'base': -1})
+    row = next(line for line in table.splitlines() if line.startswith('| better |'))
+    assert f'{est.value:+.3f} [{est.ci95[0]:+.3f}, {est.ci95[1]:+.3f}] (p={ablate.fmt_p(est.p)})' in row
+    assert f'{est.mde:.3f}; ' in row and est.model == 'plan' and est.df > 2  # the plan's df, not one pair's
+    assert est.p < 0.05 and model.contrast({'same': 1, 'base': -1}).p > 0.05
+    assert stats.PlanModel(results, 'vision').contrast({'partial': 1, 'base': -1}).model == 'paired'
+    primary, records = ablate.primary_table(results, [('better', 'base', 'vision'), ('same', 'base', 'vision'),
+                                                      ('better', 'base', 'text')])
+    assert [r['model'] for r in records] == ['plan'] * 3
+    holm = stats.holm([r['p'] for r in records])
+    assert [r['holm_p'] for r in records] == holm and records[0]['p'] == pytest.approx(est.p)
+    assert primary.count('\n') == 4 and 'better − base | vision |' in primary
+
+
+def test_a_plan_is_checked_whole_before_any_cell_runs(tmp_path, monkeypatch):
+    monkeypatch.setattr(ablate, 'run_cell', lambda run: pytest.fail('a cell ran'))
+    with pytest.raises(ConfigError, match=r"baseline='image_inject_frac=1.0' is not a cell of the plan"):
+        ablate.main([os.path.join(CONFIG, 'ablate_injection.py'), "--grid={'image_inject_frac': [0, 0.8]}",
+                     '--seeds=[5]', f'--out_dir={tmp_path}'])
+    with pytest.raises(ConfigError, match=r"primary: .*names 'vit_frozen'"):
+        ablate.main([f'--out_dir={tmp_path}', "--grid={'image_ratio': [0.1, 0.2]}",
+                     "--primary=[('vit_frozen', 'image_ratio=0.1', 'vision')]"])
+    with pytest.raises(ConfigError, match=r'primary: .*not \(cell, versus, modality\)'):
+        ablate.main([f'--out_dir={tmp_path}', "--grid={'image_ratio': [0.1, 0.2]}",
+                     "--primary=[('image_ratio=0.2', 'image_ratio=0.1', 'sound')]"])
+    assert not os.listdir(tmp_path)  # nothing written
 
 
 @pytest.mark.slow
@@ -289,7 +309,22 @@ def test_a_real_cell_runs_and_a_broken_one_is_reported(tmp_path, shapes_dir, cap
     assert not ok
     assert 'broken.safetensors is not a readable .safetensors file' in capsys.readouterr().out
     with open(tmp_path / 'results.json') as f:
-        records = json.load(f)
+        records = json.load(f)['runs']
     assert [r['cell'] for r in records] == ['image_inject_frac=0', 'image_inject_frac=0.5 learning_rate=1e+30']
     assert records[0]['eval']['vision_stable_score'] is not None
     assert 'the loss or its gradient is not finite' in records[1]['error']
+
+
+def test_the_study_corrects_every_plans_primary_contrasts_together(tmp_path, capsys):
+    for plan_dir, ps in (('a', [0.01, 0.04]), ('b', [0.03])):
+        os.makedirs(tmp_path / plan_dir)
+        with open(tmp_path / plan_dir / 'results.json', 'w') as f:
+            json.dump({'primary': [dict(cell=f'c{i}', versus='base', modality='vision', estimate=0.1, ci95=[0.0, 0.2],
+                                        p=p, holm_p=0.0, mde=0.1, df=6.0, model='plan', seeds=3)
+                                   for i, p in enumerate(ps)]}, f)
+    assert ablate.main([f'--study=[\'{tmp_path}/a\', \'{tmp_path}/b\']', f'--out_dir={tmp_path}/study'])
+    with open(tmp_path / 'study' / 'study.md') as f:
+        rows = f.read().splitlines()[2:]
+    assert [r.split(' | ')[5] for r in rows] == ['0.030', '0.060', '0.060']  # Holm over all three: 3p, 2p, then max
+    with pytest.raises(ConfigError, match='no results.json'):
+        ablate.main([f'--study=[\'{tmp_path}/nowhere\']', f'--out_dir={tmp_path}/study'])

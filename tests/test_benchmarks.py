@@ -60,7 +60,7 @@ def test_text_benchmarks_score_with_known_chance(bench):
     torch.manual_seed(0)
     gpt = GPT(GPTConfig(block_size=128, vocab_size=320, n_layer=1, n_head=2, n_embd=32)).eval()
     enc = data.get_tokenizer('bytes')
-    out = ev.run_benchmarks(gpt, enc, list(benchmarks.TEXT_TASKS), bench)
+    out = ev.run_benchmarks(gpt, enc, list(benchmarks.tasks_of('text')), bench)
     assert out['tasks']['arc_easy']['chance'] == pytest.approx((1 / 4 + 1 / 3) / 2)  # items with 4 and 3 choices
     assert out['tasks']['winogrande']['chance'] == 0.5 and out['tasks']['arc_challenge']['chance'] == 0.2
     assert all(0 <= t['accuracy_norm'] <= 1 for t in out['tasks'].values())
@@ -85,7 +85,7 @@ def test_vision_benchmarks_use_their_metrics(bench, monkeypatch):
 
     monkeypatch.setattr(ev, 'answer', fake_answer)
     monkeypatch.setattr(ev, 'continuation_logprobs', always_yes)
-    out = ev.run_benchmarks(vlm, enc, list(benchmarks.VISION_TASKS), bench)
+    out = ev.run_benchmarks(vlm, enc, list(benchmarks.tasks_of('vision')), bench)
     t = out['tasks']
     assert t['vqav2']['accuracy'] == pytest.approx(0.9) and t['vqav2']['n'] == 1  # 3 of 10 said red
     assert out['skipped'] == {'vqav2: missing file': 1}  # image 7 does not exist

@@ -1,6 +1,8 @@
+import importlib
+
 import pytest
 
-from configurator import ConfigError, configure
+from configurator import ConfigError, configure, help_text, script_config
 
 
 def defaults():
@@ -89,3 +91,33 @@ def test_help_prints_each_key_with_the_comment_that_documents_it(tmp_path, capsy
     assert exit_.value.code == 0
     assert "lr = 0.003" in printed and '# the learning rate, at its peak' in printed and 'section' not in printed
     assert "# how many ('#' kept)" in printed and "name = 'a # b'" in printed
+
+
+def test_a_comment_continued_below_its_key_stays_with_it(tmp_path):
+    script = tmp_path / 'script.py'
+    script.write_text("# ----------\n# config\nruns = ''  # where each run goes, beside its\n# cell.json\n\n"
+                      "# the grid: every cell\ngrid = [1, 2]\nseeds = [1]  # how many\n# ----------\n")
+    from configurator import key_comments
+    assert key_comments(str(script)) == {'runs': "where each run goes, beside its cell.json",
+                                         'grid': 'the grid: every cell', 'seeds': 'how many'}
+
+
+@pytest.mark.parametrize('script', ['train', 'ablate', 'eval'])
+def test_the_scripts_help_is_readable(script):
+    """No line over 160 characters; every key documented, its whole comment beside it, none mixed with another's."""
+    module = importlib.import_module(script)
+    printed = help_text(script_config(vars(module)), module.__file__)  # what `python SCRIPT.py --help` prints
+    lines = printed.splitlines()[1:]
+    assert lines and max(len(line) for line in lines) <= 160
+    blocks = {}  # key -> its lines: the key's own, then the indented ones below it
+    for line in lines:
+        if line.startswith('  ') and line[2] != ' ':
+            key = line.split(' = ')[0].strip()
+            blocks[key] = [line]
+        else:
+            blocks[key].append(line)
+    documented = {k: ' '.join(l.split('# ', 1)[1] for l in block if '# ' in l) for k, block in blocks.items()}
+    assert [k for k, doc in documented.items() if not doc] == []
+    if script == 'ablate':  # a comment continued below its key, and the next key's own
+        assert documented['runs_dir'].endswith('under any name, is that run')
+        assert documented['grid'].startswith('the grid: every combination')

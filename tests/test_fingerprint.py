@@ -1,6 +1,7 @@
 """A finished stage is reused only when what made it is what this run would make: config, code, data, weights."""
 import os
 import shutil
+import sys
 
 import pytest
 import torch
@@ -27,7 +28,7 @@ def test_code_digest_ignores_comments_and_docstrings_only(tmp_path):
 
 def test_a_new_key_defines_every_stage_until_declared_otherwise(shapes_dir):
     cfg = train.get_config([f'--data_dir={shapes_dir}'])
-    prep = prepare.prepare_run(train.get_config([f'--data_dir={shapes_dir}', '--stages=text']), verbose=False)
+    prep = prepare.prepare_run(train.get_config([f'--data_dir={shapes_dir}', '--stages=text']), False, verbose=False)
     cfg.some_new_key = 3  # a key someone adds to train.py and forgets to classify
     assert train.fingerprint(cfg, 'text', prep)['config']['some_new_key'] == 3
     assert 'image_iters' not in train.fingerprint(cfg, 'text', prep)['config']  # declared: read by image stages only
@@ -97,3 +98,45 @@ def test_a_checkpoint_without_its_frozen_encoder_loads_it_from_the_recorded_file
     loaded, _ = checkpoint.load_model(str(tmp_path / 'ck'))
     for (k, a), (_, b) in zip(vlm.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), k
+
+
+@pytest.mark.slow
+def test_every_module_a_stage_runs_is_in_its_fingerprint(tmp_path, shapes_dir, monkeypatch):
+    """Each stage, traced: every project module whose code ran while it trained is fingerprinted, or is declared
+    in prepare.NOT_FINGERPRINTED with the reason its code does not decide the checkpoint."""
+    ran, current = {}, []
+
+    def profile(frame, event, arg):
+        if event == 'call' and current:
+            path = frame.f_code.co_filename
+            if path.endswith('.py') and os.path.dirname(os.path.abspath(path)) == ROOT:
+                ran.setdefault(current[-1], set()).add(os.path.basename(path))
+
+    train_stage = train.train_stage
+
+    def traced(cfg, rt, clock, prep, name, *args):
+        current.append(name)
+        try:
+            return train_stage(cfg, rt, clock, prep, name, *args)
+        finally:
+            current.pop()
+
+    monkeypatch.setattr(train, 'train_stage', traced)
+    out = str(tmp_path / 'run')
+    cfg = train.get_config(TEXT[1:] + [f'--data_dir={shapes_dir}', f'--out_dir={out}', f'--text_out_dir={out}/text',
+                                       '--image_inject_frac=0.5', '--image_iters=2', '--caption_scenes=40',
+                                       '--conversations=40', '--finetune_epochs=1', '--rewarm_iters=1',
+                                       '--encoder_weights=random', '--eval_items=10', '--block_size=256'])
+    sys.setprofile(profile)
+    try:
+        train.main(cfg)
+    finally:
+        sys.setprofile(None)
+    assert set(ran) == set(train.STAGES)
+    for name, modules in ran.items():
+        kind = train.STAGES[name]
+        hashed = set(train.fingerprint(cfg, name, prepare.Prepared(os.path.join(shapes_dir, 'shapes'), None,
+                                                                    'random'))['code'])
+        assert modules - hashed - set(prepare.NOT_FINGERPRINTED) == set(), name
+        assert {'model.py', 'data.py', 'runtime.py', 'train.py'} <= modules & hashed  # the trace sees the core
+        assert ('encoders.py' in modules & hashed) == kind.reads_images

@@ -109,6 +109,7 @@ def test_a_huge_caption_is_not_read_and_a_compressed_shard_is_named(tmp_path):
         images.index_shard(str(tmp_path / 'gz.tar'))
 
 
+@pytest.mark.slow
 def test_a_huge_document_in_a_small_gzip_is_skipped_under_a_memory_cap(tmp_path):
     path = tmp_path / 'bomb.jsonl.gz'
     with gzip.open(path, 'wb', compresslevel=1) as f:  # 256 MiB of text in a line, a few hundred KB on disk
@@ -211,6 +212,7 @@ def tiny_checkpoint(folder, **config):
     return str(folder)
 
 
+@pytest.mark.slow
 def test_a_config_json_claiming_a_huge_model_fails_before_allocating(tmp_path):
     ckpt = tiny_checkpoint(tmp_path / 'ck')
     info = json.load(open(os.path.join(ckpt, 'config.json')))

@@ -45,6 +45,7 @@ def ckpt(tmp_path_factory):
     return str(folder)
 
 
+@pytest.mark.slow
 def test_the_harness_and_eval_py_agree_item_by_item(ckpt, tmp_path):
     genuine = REFERENCE['piqa']['records'][0]
     records = [genuine] + [{'goal': f'How do I {verb} a cup?', 'sol1': f'{verb} it gently', 'sol2': 'eat the cup'}
