@@ -15,18 +15,22 @@ curves) and, for a grid with one numeric key, sweep.png (both scores against it)
 """
 
 import glob
+import hashlib
 import itertools
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
 
-import plots
-import stats
+import prepare
+import report
+import runs
 import train
 from configurator import ConfigError, configure, script_config
 from eval import STABLE_SCORES
@@ -55,9 +59,11 @@ primary = [('siglip_frozen', 'patch', 'vision'), ('siglip_unfrozen', 'siglip_fro
 report_only = False  # True: run nothing, write the table and plots of the runs finished so far (while a plan runs)
 study = []  # plans' out_dirs: run nothing, Holm-correct all their primary contrasts together into {out_dir}/study.md
 seeds = [1, 2, 3]  # every cell runs once per seed (each seed reseeds every stage and the shapes encoders)
+target = {'vision': 0.05, 'text': 0.03}  # the detectable effect (exact, 80 % power) the primary contrasts should reach
+max_seeds = 0  # > len(seeds): add seeds to the primary contrasts' cells, one at a time, until they reach the target
 # -----------------------------------------------------------------------------
 ABLATE_KEYS = tuple(script_config(globals()))
-WHERE = ('out_dir', 'text_out_dir', 'data_dir')  # where a run reads and writes: not what experiment it is
+WHERE = ('out_dir', 'text_out_dir', 'image_out_dir', 'data_dir')  # where a run reads and writes, not what it is
 
 
 def cell_name(cell):
@@ -89,7 +95,9 @@ def grid_cells(grid):
 
 
 def folder_name(text):
-    return re.sub(r'[^A-Za-z0-9_.=-]+', '_', text)
+    """text as a folder name: other characters become _, and a long one is cut and given a hash of the whole."""
+    name = re.sub(r'[^A-Za-z0-9_.=-]+', '_', text)
+    return name if len(name) <= 100 else name[:80] + '-' + hashlib.sha1(text.encode()).hexdigest()[:12]
 
 
 def split_args(args):
@@ -110,32 +118,36 @@ def expand(cfg, passed):
         # the cell's config file first, then the plan's flags (passed to every cell), then the cell's own flags
         args = args[:1] + passed + args[1:] if 'config' in cell else passed + args
         try:
-            cells.append((name, args, vars(train.get_config(args))))
+            cells.append((name, args, train.get_config(args)))
         except ConfigError as e:
             if any(str(e).startswith(p) for p in ('unknown config key', '--')):
                 raise  # a typo in the grid is an error, not a skip
             skipped.append(f'{name}: {e}')
     if not cells:
         raise ConfigError('no valid cell in the grid:\n' + '\n'.join(skipped))
-    # cells that differ only in keys the text stage does not read share one text stage (train.fingerprint); its
-    # folder is named by the text keys set away from train.py's defaults ('default' when none is), so that plans
-    # sharing a runs_dir share it too
-    defaults = vars(train.get_config([]))
-    text_keys = [k for k in train.defining_keys(defaults, 'text') if k != 'seed']
+    # cells that differ only in keys the text stage does not read share one text stage (train.fingerprint), and
+    # cells that differ only in fine-tuning keys one image stage; each shared folder is named by the keys that define
+    # it set away from train.py's defaults ('default' when none is), so that plans sharing a runs_dir share it too
+    defaults, seeds = vars(train.get_config([])), ('seed', 'text_seed', 'encoder_seed')
+    tag = lambda c, stage: '-'.join(f'{k}={v}' for k, v in prepare.defining_keys(c, train.STAGES, stage).items()
+                                    if k not in seeds and v != defaults[k]) or 'default'
     runs_dir = cfg['runs_dir'] or cfg['out_dir']
-    runs = []
-    for name, args, cell_cfg in cells:
-        text_tag = '-'.join(f'{k}={cell_cfg[k]}' for k in text_keys if cell_cfg[k] != defaults[k]) or 'default'
+    plan_runs = []
+    for name, args, _ in cells:
         for seed in cfg['seeds']:
-            out = os.path.join(runs_dir, folder_name(name), f'seed{seed}')
-            text_out = os.path.join(runs_dir, 'text', folder_name(text_tag), f'seed{seed}')
-            identity = {k: v for k, v in cell_cfg.items() if k not in WHERE} | {'seed': seed}
-            runs.append(dict(cell=name, seed=seed, out_dir=out, identity=json.loads(json.dumps(identity)),
-                             args=args + [f'--seed={seed}', f'--out_dir={out}', f'--text_out_dir={text_out}']))
-    return same_runs_once(runs, runs_dir), skipped
+            c = vars(train.get_config(args + [f'--seed={seed}']))  # the seeds resolved: text_seed, encoder_seed
+            by_seed = f'seed{seed}' + ''.join(f'-{k}={c[k]}' for k in seeds[1:] if c[k] != seed)
+            out = os.path.join(runs_dir, folder_name(name), by_seed)
+            text_out = os.path.join(runs_dir, 'text', folder_name(tag(c, 'text')), f'seed{c["text_seed"]}')
+            image_out = os.path.join(runs_dir, 'image', folder_name(tag(c, 'image')), by_seed)
+            identity = {k: v for k, v in c.items() if k not in WHERE}
+            plan_runs.append(dict(cell=name, seed=seed, out_dir=out, identity=json.loads(json.dumps(identity)),
+                             args=args + [f'--seed={seed}', f'--out_dir={out}', f'--text_out_dir={text_out}',
+                                          f'--image_out_dir={image_out}']))
+    return same_runs_once(plan_runs, runs_dir), skipped
 
 
-def same_runs_once(runs, runs_dir):
+def same_runs_once(plan_runs, runs_dir):
     """
     Point every run at the folder of the same experiment (an equal cell.json: the resolved config but for where it
     reads and writes) that runs_dir already holds under another cell's name, or that an earlier run of this plan
@@ -143,177 +155,121 @@ def same_runs_once(runs, runs_dir):
     """
     folders = {}
     for path in sorted(glob.glob(os.path.join(glob.escape(runs_dir), '*', 'seed*', 'cell.json'))):
-        with open(path) as f:
-            folders.setdefault(json.dumps(json.load(f), sort_keys=True), []).append(os.path.dirname(path))
-    for r in runs:
-        same = folders.setdefault(json.dumps(r['identity'], sort_keys=True), [])
-        finished = [d for d in same if os.path.exists(os.path.join(d, 'finetune', 'eval.json'))]
+        held, _ = runs.read_json(path)  # one that cannot be read matches nothing (claim_folder names it to its run)
+        if isinstance(held, dict):
+            folders.setdefault(json.dumps(runs.experiment(held), sort_keys=True), []).append(os.path.dirname(path))
+    for r in plan_runs:
+        same = folders.setdefault(json.dumps(runs.experiment(r['identity']), sort_keys=True), [])
+        finished = [d for d in same if runs.read_eval(os.path.join(d, 'finetune', 'eval.json'))[0] is not None]
         folder = (finished or [d for d in same if d == r['out_dir']] or same or [r['out_dir']])[0]
         if folder not in same:
             same.append(folder)
         if folder != r['out_dir']:
             r['args'] = [f'--out_dir={folder}' if a == f'--out_dir={r["out_dir"]}' else a for a in r['args']]
             r['out_dir'], r['same_as'] = folder, os.path.basename(os.path.dirname(folder))
-    return runs
+    return plan_runs
 
 
-def eval_path(run):
-    return os.path.join(run['out_dir'], 'finetune', 'eval.json')
+TRAIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'train.py')  # what every cell runs
+STOP_GRACE_S = 5.0  # a cell stopped with its plan (SIGTERM) has this long to end before it is killed
 
 
 def run_cell(run):
-    """One train.py process; its output goes to {out_dir}/log.txt. Returns None or the error's last lines."""
+    """
+    One train.py process; its output is appended to {out_dir}/log.txt. Returns None or the error's last lines.
+    Stopped itself (SIGINT, SIGTERM: KeyboardInterrupt here), it stops the process first, SIGTERM and after
+    STOP_GRACE_S SIGKILL, so no train.py outlives its plan holding a cell's locks.
+    """
     os.makedirs(run['out_dir'], exist_ok=True)
     log_path = os.path.join(run['out_dir'], 'log.txt')
-    with open(log_path, 'w') as log:
-        code = subprocess.call([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), 'train.py')]
-                               + run['args'], stdout=log, stderr=subprocess.STDOUT)
-    if code == 0 and os.path.exists(eval_path(run)):
+    with open(log_path, 'a') as log:  # an interrupted attempt's log is kept, above the next one's
+        log.write(f'\n=== {time.strftime("%Y-%m-%d %H:%M:%S")}: python train.py {" ".join(run["args"])}\n')
+        log.flush()
+        child = subprocess.Popen([sys.executable, TRAIN] + run['args'], stdout=log, stderr=subprocess.STDOUT)
+        try:
+            code = child.wait()
+        except BaseException:
+            stop_process(child)
+            raise
+    if code == 0 and os.path.exists(runs.eval_path(run)):
         return None
-    with open(log_path) as f:
+    with open(log_path, errors='replace') as f:
         tail = [line.rstrip() for line in f if line.strip()][-3:]
     return f'exit code {code}: ' + ' | '.join(tail) + f' (full log: {log_path})'
 
 
-def claim_folder(run):
-    """
-    Write the run's cell.json into its folder, or say why the folder holds another experiment: a cell.json that
-    differs from the run's (a key train.py gained since that run is not compared). Returns None or the error.
-    """
-    path = os.path.join(run['out_dir'], 'cell.json')
-    if os.path.exists(path):
-        with open(path) as f:
-            held = json.load(f)
-        differ = sorted(k for k in held if held[k] != run['identity'].get(k))
-        return (f'{run["out_dir"]} holds another experiment: its cell.json differs in {", ".join(differ)} (move the '
-                f'folder away, or give the plan another runs_dir)') if differ else None
-    os.makedirs(run['out_dir'], exist_ok=True)
-    with open(path, 'w') as f:
-        json.dump(run['identity'], f, indent=1, sort_keys=True)
-    return None
+def stop_process(child):
+    """End a child process: SIGTERM (train.py releases its locks and exits), then SIGKILL after STOP_GRACE_S."""
+    if child.poll() is None:
+        child.terminate()
+        try:
+            child.wait(STOP_GRACE_S)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
 
 
-def run_plan(runs):
-    """Run every unfinished cell; returns {index: error} for the cells that failed."""
-    errors = {i: e for i, e in ((i, claim_folder(r)) for i, r in enumerate(runs)) if e}
-    todo = [i for i, r in enumerate(runs) if i not in errors and not os.path.exists(eval_path(r))]
-    print(f'{len(runs)} runs, {len(runs) - len(todo) - len(errors)} already done, {len(todo)} to run' + ''.join(
-        f'\n    cannot run {runs[i]["cell"]} seed {runs[i]["seed"]}: {e}' for i, e in errors.items()), flush=True)
-    durations = []
-    for n, i in enumerate(todo):
-        r = runs[i]
-        if os.path.exists(eval_path(r)):  # the same experiment as a cell this plan ran already
-            print(f'[{n + 1}/{len(todo)}] {r["cell"]} seed {r["seed"]}: done, as {r.get("same_as")}', flush=True)
-            continue
-        eta = f', ETA {format_time(np.mean(durations) * (len(todo) - n))}' if durations else ''
-        print(f'[{n + 1}/{len(todo)}] {r["cell"]} seed {r["seed"]}: running ({n} done, {len(errors)} failed{eta})',
-              flush=True)
-        t0 = time.time()
-        error = run_cell(r)
-        durations.append(time.time() - t0)
-        if error:
-            errors[i] = error
-            print(f'    failed: {error}', flush=True)
-        else:
-            with open(eval_path(r)) as f:
-                e = json.load(f)
-            print(f'    done in {format_time(durations[-1])}: ' + ', '.join(
-                f'{name} {e[k]:.3f}' for k, (name, _, _) in STABLE_SCORES.items() if e[k] is not None), flush=True)
+def stop_on_sigterm(signum, frame):
+    raise KeyboardInterrupt(signum)
+
+
+def run_plan(plan_runs):
+    """
+    Run every unfinished cell; returns {index: error} for the cells that failed, or were not run because their
+    results are stale (run_state). SIGINT or SIGTERM stops the plan and its running cell (run_cell) and exits.
+    """
+    errors, todo = {}, []
+    for i, r in enumerate(plan_runs):
+        state, why = runs.run_state(r)
+        if state == 'stale':
+            errors[i] = f'stale: {why}'
+        elif state == 'todo':
+            error = runs.claim_folder(r)
+            if error:
+                errors[i] = error
+            else:
+                todo.append(i)
+    print(f'{len(plan_runs)} runs, {len(plan_runs) - len(todo) - len(errors)} already done, {len(todo)} to run' + ''.join(
+        f'\n    cannot run {plan_runs[i]["cell"]} seed {plan_runs[i]["seed"]}: {e}' for i, e in errors.items()), flush=True)
+    on_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, stop_on_sigterm) if on_main else None
+    durations, ran = [], set()
+    try:
+        for n, i in enumerate(todo):
+            r = plan_runs[i]
+            if r['out_dir'] in ran and runs.run_state(r)[0] == 'done':  # the same experiment as a cell run just now
+                print(f'[{n + 1}/{len(todo)}] {r["cell"]} seed {r["seed"]}: done, as {r.get("same_as")}', flush=True)
+                continue
+            extra, note = runs.resume_args(r)
+            eta = f', ETA {format_time(np.mean(durations) * (len(todo) - n))}' if durations else ''
+            print(f'[{n + 1}/{len(todo)}] {r["cell"]} seed {r["seed"]}: running ({n} done, {len(errors)} failed{eta})'
+                  + (f'; {note}' if note else ''), flush=True)
+            t0 = time.time()
+            ran.add(r['out_dir'])
+            error = run_cell(dict(r, args=r['args'] + extra) if extra else r)
+            durations.append(time.time() - t0)
+            e, why = (None, None) if error else runs.read_eval(runs.eval_path(r))
+            if error or why:
+                errors[i] = error or why
+                print(f'    failed: {errors[i]}', flush=True)
+            else:
+                print(f'    done in {format_time(durations[-1])}: ' + ', '.join(
+                    f'{name} {e[k]:.3f}' for k, (name, _, _) in STABLE_SCORES.items() if e[k] is not None), flush=True)
+    except KeyboardInterrupt as stop:
+        signum = stop.args[0] if stop.args and isinstance(stop.args[0], int) else signal.SIGINT
+        print(f'\nstopped by {signal.Signals(signum).name}: the running cell was stopped with the plan. Run the same '
+              f'command again to go on: finished runs are kept, and an interrupted one resumes from its last '
+              f'periodic checkpoint', flush=True)
+        raise SystemExit(128 + signum) from None
+    finally:
+        if on_main:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
     return errors
 
-# -----------------------------------------------------------------------------
-# the tables: one model per plan (stats.PlanModel), each score's mean over seeds and each contrast's test
-
-
-def fmt_p(p):
-    return f'{p:.3f}' if p >= 0.001 else '<0.001'
-
-
-def fmt_delta(est):
-    """A contrast as 'Δ [95 % interval] (p)', or '' when there is none."""
-    return '' if est is None else f'{est.value:+.3f} [{est.ci95[0]:+.3f}, {est.ci95[1]:+.3f}] (p={fmt_p(est.p)})'
-
-
-def plan_models(results):
-    """{stable score key: stats.PlanModel} over the cells that have it: one model per score for the whole plan."""
-    models = {}
-    for key, (_, modality, tasks) in STABLE_SCORES.items():
-        scored = {cell: seeds for cell, seeds in results.items() if seeds and next(iter(seeds.values()))[key] is not None}
-        if scored:
-            models[key] = stats.PlanModel(scored, modality, tasks)
-    return models
-
-
-def contrast(models, key, cell, versus):
-    """cell minus versus on one stable score, or None when either has no seed scored."""
-    model = models.get(key)
-    if model is None or cell == versus or not {cell, versus} <= set(model.results):
-        return None
-    return model.contrast({cell: 1, versus: -1})
-
-
-def results_table(results, baseline_name, times=None):
-    """
-    results: {cell: {seed: eval.json}} -> markdown rows: each stable score's mean over the cell's seeds with its
-    95 % interval (stats.cell_mean: seeds and questions), its vision and text differences from the baseline cell with
-    their intervals, p and the exact 80 % minimum detectable effect (the plan's model, stats.PlanModel), where one
-    more seed's scores will land (a prediction interval on the same questions) and the wall time per seed.
-    """
-    models, times = plan_models(results), times or {}
-    header = ['cell', 'seeds', 'vision', 'blind vision', 'text', f'Δ vision vs {baseline_name} (p)', 'Δ text (p)',
-              'detectable Δ: vision; text', 'a new seed: vision; text', 'time per seed']
-    rows = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
-    for cell, seeds in results.items():
-        if not seeds:
-            rows.append('| ' + ' | '.join([cell, '0', 'no seed finished'] + [''] * (len(header) - 3)) + ' |')
-            continue
-        evals = list(seeds.values())
-        means = []
-        for key, (_, modality, tasks) in STABLE_SCORES.items():
-            est = stats.cell_mean(evals, modality, tasks) if evals[0][key] is not None else None
-            means.append('n/a' if est is None else f'{est.value:.3f} [{est.ci95[0]:.3f}, {est.ci95[1]:.3f}]')
-        deltas = [contrast(models, key, cell, baseline_name) for key in ('vision_stable_score', 'text_stable_score')]
-        detectable = '; '.join('' if d is None else f'{d.mde:.3f}' for d in deltas) if any(deltas) else ''
-        new_seed = []
-        for key in ('vision_stable_score', 'text_stable_score'):
-            ci = stats.new_seed_interval([e[key] for e in evals]) if evals[0][key] is not None else None
-            new_seed.append('n/a' if ci is None else f'[{ci[0]:.3f}, {ci[1]:.3f}]')
-        spent = [sum(t.values()) for t in times.get(cell, [])]
-        rows.append('| ' + ' | '.join([cell, str(len(evals))] + means + [fmt_delta(d) for d in deltas] + [
-            detectable, '; '.join(new_seed), format_time(np.mean(spent)) if spent else '']) + ' |')
-    model = next(iter(models.values()), None)
-    if model is not None:
-        rows.append(f'\n(one model for the plan: {len(model.cells)} cells x seeds {model.seeds}, cells fixed and seeds '
-                    f'random; a cell outside it is compared by a paired test over the seeds it shares)')
-    return '\n'.join(rows)
-
-
-def primary_table(results, primary):
-    """
-    The plan's primary contrasts, declared in its config before it ran ((cell, versus, modality): the paper's
-    finding it tests): each estimate with its 95 % interval, raw and Holm-adjusted p over the family, the exact 80 %
-    minimum detectable effect and the model and df it was judged with. Markdown and the rows as dicts.
-    """
-    models = plan_models(results)
-    found = [((c, v, m), contrast(models, f'{m}_stable_score', c, v)) for c, v, m in primary]
-    tested = [(c, e) for c, e in found if e is not None]
-    adjusted = dict(zip(range(len(tested)), stats.holm([e.p for _, e in tested])))
-    rows = ['| primary contrast | score | Δ [95 % interval] | p | Holm p | detectable Δ | model (df) |',
-            '|---|---|---|---|---|---|---|']
-    records = []
-    for i, ((cell, versus, modality), est) in enumerate(tested):
-        rows.append(f'| {cell} − {versus} | {modality} | {est.value:+.3f} [{est.ci95[0]:+.3f}, {est.ci95[1]:+.3f}] | '
-                    f'{fmt_p(est.p)} | {fmt_p(adjusted[i])} | {est.mde:.3f} | {est.model} ({est.df:.1f}) |')
-        records.append(dict(cell=cell, versus=versus, modality=modality, estimate=est.value, ci95=list(est.ci95),
-                            p=est.p, holm_p=adjusted[i], mde=est.mde, df=est.df, model=est.model, seeds=est.seeds))
-    rows += [f'| {c} − {v} | {m} | not scored yet | | | | |' for (c, v, m), e in found if e is None]
-    return '\n'.join(rows), records
-
-
-def check_plan(cfg, runs):
+def check_plan(cfg, plan_runs):
     """The plan as a whole, before its first cell runs: its baseline and its primary contrasts name cells it has,
     each on a score it measures. Returns the baseline's name."""
-    cells = list(dict.fromkeys(r['cell'] for r in runs))
+    cells = list(dict.fromkeys(r['cell'] for r in plan_runs))
     if cfg['grid'] != grid and cfg['primary'] == primary:  # a grid of one's own: the default plan's contrasts go
         cfg['primary'] = []
     baseline_name = cfg['baseline'] or cells[0]
@@ -329,24 +285,56 @@ def check_plan(cfg, runs):
     return baseline_name
 
 
-def collect(cfg, runs, errors, baseline_name, skipped=()):
+def gather(plan_runs, errors):
+    """The finished runs' eval.json by cell and seed, their times by cell, and a record of every run."""
     results, times, records = {}, {}, []
-    for i, r in enumerate(runs):
+    for i, r in enumerate(plan_runs):
         seeds = results.setdefault(r['cell'], {})
         record = dict(cell=r['cell'], seed=r['seed'], out_dir=r['out_dir'], args=r['args'])
-        if os.path.exists(eval_path(r)):
-            with open(eval_path(r)) as f:
-                record['eval'] = seeds[r['seed']] = json.load(f)
+        state, why = runs.run_state(r)  # finished: its cell.json, its eval.json and current checkpoints (run_plan's rule)
+        if state == 'done':
+            record['eval'] = seeds[r['seed']] = runs.read_eval(runs.eval_path(r))[0]
             times_path = os.path.join(r['out_dir'], 'times.json')  # where the cell's run spent its time
-            if os.path.exists(times_path):
-                with open(times_path) as f:
-                    record['times'] = json.load(f)
-                times.setdefault(r['cell'], []).append(record['times'])
+            spent, why = runs.read_json(times_path)
+            if isinstance(spent, dict) and all(isinstance(t, (int, float)) for t in spent.values()):
+                record['times'] = spent
+                times.setdefault(r['cell'], []).append(spent)
+            elif os.path.lexists(times_path):
+                print(f'warning: {why or times_path + " holds no part: seconds"}; the time of {r["cell"]} seed '
+                      f'{r["seed"]} is left out of the table', flush=True)
         else:
-            record['error'] = errors.get(i, 'not run')
+            record['error'] = errors.get(i) or (f'stale: {why}' if state == 'stale' else 'not run')
         records.append(record)
-    table = results_table(results, baseline_name, times)
-    primary, contrasts = primary_table(results, cfg['primary']) if cfg['primary'] else ('', [])
+    return results, times, records
+
+
+def add_seeds(cfg, passed, plan_runs, errors):
+    """
+    With max_seeds and a target: while a primary contrast's detectable effect is above its modality's target, run
+    one more seed of every cell the primary contrasts name (so they keep one seed set, and one model), up to
+    max_seeds seeds. The rule reads each contrast's precision, never its estimate, so its looks spend no alpha.
+    """
+    seeds = list(cfg['seeds'])
+    cells = {c for entry in cfg['primary'] for c in entry[:2]}
+    while len(seeds) < cfg['max_seeds']:
+        _, contrasts = report.primary_table(gather(plan_runs, errors)[0], cfg['primary'])
+        wide = [f'{c["cell"]} − {c["versus"]} ({c["modality"]}: {c["mde"]:.3f})' for c in contrasts
+                if c['mde'] > cfg['target'].get(c['modality'], float('inf'))]
+        if not wide:
+            break
+        seeds.append(max(seeds) + 1)
+        print(f'seed {seeds[-1]} for {", ".join(sorted(cells))}: detectable effects above the target '
+              f'{cfg["target"]}: {"; ".join(wide)}', flush=True)
+        more = [r for r in expand(dict(cfg, seeds=seeds[-1:]), passed)[0] if r['cell'] in cells]
+        errors.update({len(plan_runs) + i: e for i, e in run_plan(more).items()})
+        plan_runs += more
+    return plan_runs
+
+
+def collect(cfg, plan_runs, errors, baseline_name, skipped=()):
+    results, times, records = gather(plan_runs, errors)
+    table = report.results_table(results, baseline_name, times)
+    primary, contrasts = report.primary_table(results, cfg['primary']) if cfg['primary'] else ('', [])
     if primary:  # declared before the plan ran: the paper's findings it tests, corrected together (Holm)
         table = primary + '\n\n' + table
     os.makedirs(cfg['out_dir'], exist_ok=True)
@@ -357,48 +345,34 @@ def collect(cfg, runs, errors, baseline_name, skipped=()):
         f.write(table + '\n' + ('\nfailed or not run:\n' + '\n'.join(failed) + '\n' if failed else '') +
                 ('\nskipped (train.py rejects the combination):\n' + '\n'.join(f'- {s}' for s in skipped) + '\n'
                  if skipped else ''))
-    plots.scores(results, os.path.join(cfg['out_dir'], 'results.png'))
-    plots.curves(runs, os.path.join(cfg['out_dir'], 'curves.png'))
-    plots.sweep({cell_name(c): c for c in grid_cells(cfg['grid'])}, results, os.path.join(cfg['out_dir'], 'sweep.png'))
+    report.plot_scores(results, os.path.join(cfg['out_dir'], 'results.png'))
+    report.plot_curves(plan_runs, os.path.join(cfg['out_dir'], 'curves.png'))
+    report.plot_sweep({cell_name(c): c for c in grid_cells(cfg['grid'])}, results, os.path.join(cfg['out_dir'], 'sweep.png'))
     return table, failed
-
-
-def study_table(plan_dirs):
-    """The primary contrasts of several plans (their results.json) as one family: raw and Holm-adjusted p over the
-    whole study, beside each plan's own."""
-    entries = []
-    for folder in plan_dirs:
-        path = os.path.join(folder, 'results.json')
-        if not os.path.isfile(path):
-            raise ConfigError(f'study: no results.json in {folder} (run or report that plan first)')
-        with open(path) as f:
-            entries += [(folder, c) for c in json.load(f).get('primary', [])]
-    adjusted = stats.holm([c['p'] for _, c in entries])
-    rows = ['| plan | primary contrast | score | Δ [95 % interval] | p | Holm p (study) | Holm p (plan) | detectable Δ |',
-            '|---|---|---|---|---|---|---|---|']
-    rows += [f'| {folder} | {c["cell"]} − {c["versus"]} | {c["modality"]} | {c["estimate"]:+.3f} [{c["ci95"][0]:+.3f}, '
-             f'{c["ci95"][1]:+.3f}] | {fmt_p(c["p"])} | {fmt_p(holm)} | {fmt_p(c["holm_p"])} | {c["mde"]:.3f} |'
-             for (folder, c), holm in zip(entries, adjusted)]
-    return '\n'.join(rows)
 
 
 def main(args):
     own, passed = split_args(args)
     cfg = configure(own, script_config(globals()), source=__file__)
     if cfg['study']:
-        table = study_table(cfg['study'])
+        missing = [d for d in cfg['study'] if not os.path.isfile(os.path.join(d, 'results.json'))]
+        if missing:
+            raise ConfigError(f'study: no results.json in {", ".join(missing)} (run or report those plans first)')
+        table = report.study_table(cfg['study'])
         os.makedirs(cfg['out_dir'], exist_ok=True)
         with open(os.path.join(cfg['out_dir'], 'study.md'), 'w') as f:
             f.write(table + '\n')
         print(f'{table}\n\nwritten to {cfg["out_dir"]}/study.md')
         return True
-    runs, skipped = expand(cfg, passed)
-    baseline_name = check_plan(cfg, runs)
+    plan_runs, skipped = expand(cfg, passed)
+    baseline_name = check_plan(cfg, plan_runs)
     for reason in skipped:
         print(f'skipped {reason}')
     t0 = time.time()
-    errors = {} if cfg['report_only'] else run_plan(runs)
-    table, failed = collect(cfg, runs, errors, baseline_name, skipped)
+    errors = {} if cfg['report_only'] else run_plan(plan_runs)
+    if cfg['max_seeds'] and not cfg['report_only']:
+        plan_runs = add_seeds(cfg, passed, plan_runs, errors)
+    table, failed = collect(cfg, plan_runs, errors, baseline_name, skipped)
     print(f'\n{table}\n' + ('\n'.join(['failed or not run:'] + failed) + '\n' if failed else '') +
           f'\nwritten to {cfg["out_dir"]}/results.{{json,md,png}} in {format_time(time.time() - t0)}')
     return cfg['report_only'] or not failed

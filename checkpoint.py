@@ -15,18 +15,21 @@ a VLM with its encoder) and loads its verified weights: the one way every script
 A finished stage is reused only when its fingerprint equals the one this run would write (check_fingerprint): edit
 model.py, the shapes world or a config key that defines the stage, and the old checkpoint is refused with what
 differs, never silently reused.
+
+Files others may have put in place (config.json, state.pt) are read only when they are regular files of a bounded
+size: a FIFO or /dev/zero is an error naming it, never a hang. One run writes a folder at a time: locks.py.
 """
 
 import ast
-import contextlib
 import hashlib
 import json
+import math
 import os
 import pickle
 import random
 import shutil
-import socket
-import time
+import stat
+import typing
 
 import numpy as np
 import torch
@@ -39,21 +42,55 @@ from encoders import build_encoder
 from model import GPT, VLM, GPTConfig
 
 
+def read_file(path, max_bytes):
+    """
+    The bytes of a small file that a user or another run may have put there: it must be a regular file (a FIFO
+    would block the read, /dev/zero never end it) of at most max_bytes. Raises ValueError naming the path;
+    FileNotFoundError when it is missing.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO opened without O_NONBLOCK waits for a writer
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        kind = 'a folder' if stat.S_ISDIR(mode) else 'a FIFO' if stat.S_ISFIFO(mode) else 'a device or socket'
+        raise ValueError(f'{path} is {kind}, not a regular file: move it away')
+    with os.fdopen(fd, 'rb') as f:
+        raw = f.read(max_bytes + 1)
+    if len(raw) > max_bytes:
+        raise ValueError(f'{path} is larger than {max_bytes:,} bytes: not a file nanoVLP wrote; move it away')
+    return raw
+
+
+def read_json(path, max_bytes=64 * 2 ** 20):
+    """A JSON file read through read_file; ValueError naming the path for one that is truncated or not JSON."""
+    raw = read_file(path, max_bytes)
+    try:
+        return json.loads(raw.decode('utf-8'))
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+        raise ValueError(f'{path} is not valid JSON ({str(e)[:200]}): truncated or damaged') from None
+
+
 def read_checkpoint_info(folder):
     """A checkpoint's config.json (recovering one whose swap a crash interrupted)."""
     recover(folder)
     path = os.path.join(folder, 'config.json')
-    if not os.path.exists(path):
+    if not os.path.lexists(path):
         raise FileNotFoundError(f'no checkpoint at {folder} ({path} is missing): create it with '
                                 f'`python train.py --stages=text` (text checkpoints go to text_out_dir/ckpt_XXX)')
     try:
-        with open(path) as f:
-            info = json.load(f)
-    except (ValueError, RecursionError) as e:
-        raise ValueError(f'{path} is not valid JSON ({str(e)[:200]}): the checkpoint is corrupt') from None
+        info = read_json(path)
+    except FileNotFoundError:  # a dangling symlink
+        raise ValueError(f'{path} is a link to nothing: the checkpoint is corrupt') from None
+    except ValueError as e:
+        raise ValueError(f'{e}: the checkpoint is corrupt') from None
     missing = [k for k in ('stage', 'step', 'model_args') if not isinstance(info, dict) or k not in info]
     if missing:
         raise ValueError(f'{path} lacks {", ".join(missing)}: not a nanoVLP checkpoint, or a corrupt one')
+    if not isinstance(info['step'], int) or isinstance(info['step'], bool) or info['step'] < 0:
+        raise ValueError(f'{path}: step={info["step"]!r} is not a step number: the checkpoint is corrupt')
+    if not isinstance(info.get('checksums', {}), dict):
+        raise ValueError(f'{path}: checksums={info["checksums"]!r}, expected {{file: digest}}: the file was edited or '
+                         f'damaged; use another checkpoint')
     return info
 
 
@@ -173,6 +210,8 @@ def verified(folder, name):
     path = os.path.join(folder, name)
     has_info = os.path.exists(os.path.join(folder, 'config.json'))
     expected = read_checkpoint_info(folder).get('checksums', {}).get(name) if has_info else None
+    if expected is None and os.path.lexists(path) and not os.path.isfile(path):  # a FIFO would block the read
+        raise ValueError(f'{path} is not a regular file: the checkpoint is corrupt; use another checkpoint')
     if expected is not None and (not os.path.isfile(path) or file_digest(path, full=True) != expected):
         raise ValueError(f'{path} does not match the checksum its config.json recorded: it was truncated, damaged '
                          f'or replaced after it was written; use another checkpoint')
@@ -220,11 +259,51 @@ def check_shapes(skeleton, folder, encoder_saved=True):
                          f'shape {wrong[:3]}, missing {missing[:3]}, unexpected {unexpected[:3]}')
 
 
+# the largest a model_args int of config.json may be (the 1b preset is 24 x 16 x 2048; Llama 3 reads 2 ** 17 tokens);
+# any other int of model.GPTConfig is at most 2 ** 20, and a float finite and > 0
+MODEL_ARGS_MAX = {'block_size': 2 ** 17, 'vocab_size': 2 ** 22, 'n_layer': 1024, 'n_head': 1024, 'n_kv_head': 1024,
+                  'n_embd': 2 ** 16}
+
+
+def check_model_args(args, where='config.json'):
+    """
+    A checkpoint's model_args, before a model is built from them: known keys, each of its type and in its range,
+    n_embd a multiple of n_head with an even head width (rotary halves). Raises ValueError naming the key.
+    """
+    if not isinstance(args, dict):
+        raise ValueError(f'{where}: model_args={args!r:.80} is not an object: the checkpoint is corrupt')
+    hints = typing.get_type_hints(GPTConfig)
+    for key, value in args.items():
+        if key not in hints:
+            raise ValueError(f'{where}: model_args holds an unknown key {key!r}: not a nanoVLP checkpoint, or '
+                             f'one of a newer version')
+        kinds = typing.get_args(hints[key]) or (hints[key],)  # Optional[int]: (int, NoneType)
+        if value is None and type(None) in kinds:
+            continue
+        kind = kinds[0]
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if kind is bool:
+            ok, rule = isinstance(value, bool), 'true or false'
+        elif kind is int:
+            top = MODEL_ARGS_MAX.get(key, 2 ** 20)
+            ok, rule = isinstance(value, int) and number and 1 <= value <= top, f'an int in [1, {top}]'
+        else:
+            ok, rule = number and math.isfinite(value) and value > 0, 'a finite number > 0'
+        if not ok:
+            raise ValueError(f'{where}: model_args {key}={value!r:.80} must be {rule}: the checkpoint is corrupt or '
+                             f'was edited')
+    n_embd, n_head = args.get('n_embd', GPTConfig.n_embd), args.get('n_head', GPTConfig.n_head)
+    if n_embd % n_head or (n_embd // n_head) % 2:
+        raise ValueError(f'{where}: model_args n_embd={n_embd} is not n_head={n_head} heads of an even width: '
+                         f'the checkpoint is corrupt or was edited')
+
+
 def build_model(info, skeleton=False):
     """
     A GPT, or a VLM with its encoder, of the shape recorded in a checkpoint's config.json (weights: see below).
     skeleton: every encoder random, nothing read from disk: for a model built on the meta device to compare shapes.
     """
+    check_model_args(info['model_args'])
     try:
         gpt = GPT(GPTConfig(**info['model_args']))
         if 'encoder' not in info:
@@ -234,6 +313,12 @@ def build_model(info, skeleton=False):
         projector, image_token, inject_layer = e['projector'], e['image_token'], e['inject_layer']
     except (TypeError, KeyError) as err:
         raise ValueError(f'config.json does not describe a nanoVLP model ({type(err).__name__}: {err})') from None
+    for key, value, low, top in (('img_size', img_size, 1, 4096), ('image_token', image_token, 0,
+                                                                     gpt.config.vocab_size - 1),
+                                 ('inject_layer', inject_layer, 0, gpt.config.n_layer - 1)):
+        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= top:
+            raise ValueError(f'config.json: encoder {key}={value!r:.80} must be an int in [{low}, {top}]: the '
+                             f'checkpoint is corrupt or was edited')
     # an encoder whose weights the checkpoint holds starts random; a frozen one is rebuilt from its recorded source,
     # which must still be the file it was made with
     weights = 'random' if saved or skeleton else e['weights']
@@ -254,6 +339,7 @@ def load_model(ckpt_dir, device='cpu'):
     than its weights is an error before anything is allocated.
     """
     info = read_checkpoint_info(ckpt_dir)
+    check_model_args(info['model_args'], os.path.join(ckpt_dir, 'config.json'))  # the error names the file
     with torch.device('meta'):
         check_shapes(build_model(info, skeleton=True), ckpt_dir, info.get('encoder', {}).get('saved', True))
     model = load_weights(build_model(info), ckpt_dir, verify=False)  # check_shapes verified the file
@@ -278,7 +364,10 @@ def load_optimizer_state(raw_model, optimizer, optimizer_state, sharded=False):
 
 
 def finished_checkpoints(folder):
-    """Finished checkpoints directly inside folder, as (step, path), oldest first; interrupted writes recovered."""
+    """
+    Finished checkpoints directly inside folder, as (step, path), oldest first; interrupted writes recovered. One
+    whose config.json cannot be read is not finished: it is left out (and left alone).
+    """
     found = []
     if os.path.isdir(folder):
         for name in sorted(os.listdir(folder)):
@@ -287,13 +376,29 @@ def finished_checkpoints(folder):
         for name in os.listdir(folder):
             path = os.path.join(folder, name)
             if not name.endswith(('.tmp', '.old')) and os.path.exists(os.path.join(path, 'config.json')):
-                found.append((read_checkpoint_info(path)['step'], path))
+                try:
+                    found.append((read_checkpoint_info(path)['step'], path))
+                except ValueError:
+                    continue
     return sorted(found)
 
 
-def prune(folder, keep_last):
-    """Delete all but the newest keep_last checkpoints in folder (the periodic ones of a stage)."""
-    for _, path in finished_checkpoints(folder)[:-keep_last]:
+def prune(folder, keep_last, written=None):
+    """
+    Delete the periodic checkpoints of a stage in folder but the keep_last newest. written: the checkpoint this run
+    has just written: it and the keep_last - 1 highest steps below it are kept, and the checkpoints of higher steps,
+    which another (older, longer) run left and this run would write again, go; ranking by step alone would keep
+    those and delete this run's own.
+    """
+    found = finished_checkpoints(folder)
+    if written is not None:
+        step = next((s for s, p in found if os.path.samefile(p, written)), None)
+        if step is None:
+            raise ValueError(f'prune: {written} is not a finished checkpoint in {folder}')
+        for _, path in [(s, p) for s, p in found if s > step]:
+            shutil.rmtree(path)
+        found = [(s, p) for s, p in found if s <= step and not os.path.samefile(p, written)] + [(step, written)]
+    for _, path in found[:-keep_last]:
         shutil.rmtree(path)
 
 
@@ -309,14 +414,21 @@ def code_digest(path):
     A digest of a module's code with comments and docstrings left out (its syntax tree): a comment edit keeps a
     checkpoint, any change to what the code does makes it stale.
     """
-    with open(path) as f:
-        tree = ast.parse(f.read(), path)
-    for node in ast.walk(tree):
-        body = getattr(node, 'body', None)
-        if isinstance(body, list) and body and isinstance(body[0], ast.Expr) and \
-                isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str):
-            node.body = body[1:] or [ast.Pass()]
-    return hashlib.sha1(ast.dump(tree).encode()).hexdigest()[:16]
+    with open(path, 'rb') as f:
+        source = f.read()
+    key = hashlib.sha256(source).hexdigest()  # the same bytes parse to the same tree: parsed once per process
+    if key not in _code_digests:
+        tree = ast.parse(source, path)
+        for node in ast.walk(tree):
+            body = getattr(node, 'body', None)
+            if isinstance(body, list) and body and isinstance(body[0], ast.Expr) and \
+                    isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str):
+                node.body = body[1:] or [ast.Pass()]
+        _code_digests[key] = hashlib.sha1(ast.dump(tree).encode()).hexdigest()[:16]
+    return _code_digests[key]
+
+
+_code_digests = {}
 
 
 _digests = {}
@@ -365,68 +477,3 @@ def check_fingerprint(folder, expected, allow_stale=False, warn=print):
         return
     raise StaleCheckpoint(f'{message}. Run into another folder (out_dir, text_out_dir), delete it, or pass '
                           f'--allow_stale=True to reuse it knowingly')
-
-
-# -----------------------------------------------------------------------------
-# one writer per folder: a run locks the folders it writes, so two runs never overwrite each other's checkpoints
-
-class FolderLocked(RuntimeError):
-    """Another live run holds the lock of a folder this run would write: the message names it."""
-
-
-def acquire_lock(folder):
-    """
-    Lock folder for this process: {folder}/LOCK holds our pid, host and start time, created only if absent. A lock
-    whose process is gone (same host, pid not running) is stale, from a crash, and taken over. A live holder, or one
-    on another host, is FolderLocked. Returns the lock's path, for release_lock.
-    """
-    os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, 'LOCK')
-    me = {'pid': os.getpid(), 'host': socket.gethostname(), 'started': time.strftime('%Y-%m-%d %H:%M:%S')}
-    for _ in range(3):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            holder = lock_holder(path)
-            if holder == {}:
-                continue  # released in between
-            if holder is None or (holder.get('host') == me['host'] and not pid_running(holder.get('pid'))):
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(path)  # stale (or unreadable): its run is gone
-                continue
-            raise FolderLocked(f'{folder} is being written by another run (pid {holder.get("pid")} on '
-                               f'{holder.get("host")}, since {holder.get("started")}): wait for it to finish, choose '
-                               f'another out_dir / text_out_dir, or delete {path} if that run is gone') from None
-        with os.fdopen(fd, 'w') as f:
-            json.dump(me, f)
-        return path
-    raise FolderLocked(f'{path}: could not take the lock (another run takes it at the same time)')
-
-
-def lock_holder(path):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        return {}  # released in between: try again
-    except ValueError:
-        time.sleep(0.1)  # being written right now
-        with open(path) as f, contextlib.suppress(ValueError):
-            return json.load(f)
-        return None
-
-
-def pid_running(pid):
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, TypeError, ValueError):
-        return True  # alive under another user (or unreadable: assume alive, refuse rather than overwrite)
-    return True
-
-
-def release_lock(path):
-    """Remove a lock this process holds (one that another process took over is left alone)."""
-    if (lock_holder(path) or {}).get('pid') == os.getpid():
-        os.remove(path)

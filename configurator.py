@@ -25,6 +25,9 @@ class ConfigError(ValueError):
     pass
 
 
+MAX_CONFIG_BYTES = 2 ** 20  # a config file is a few lines of Python
+
+
 def parse_value(key, text, default, declared=None):
     """Turn the text of --key=text into a value of the default's type (or the declared type, for a None default)."""
     if isinstance(default, bool) or declared is bool:
@@ -163,11 +166,15 @@ def configure(args, config, source=None, types=None):
             print(help_text(config, source))
             raise SystemExit(0)
         if not arg.startswith('--'):
-            if not os.path.isfile(arg):
+            if not os.path.exists(arg):
                 raise ConfigError(f'config file {arg} not found (flags are written --key=value)')
+            if not os.path.isfile(arg):  # a FIFO would block the read, /dev/zero never end it
+                raise ConfigError(f'config file {arg} is not a regular file')
+            if os.path.getsize(arg) > MAX_CONFIG_BYTES:
+                raise ConfigError(f'config file {arg} is larger than {MAX_CONFIG_BYTES:,} bytes: not a config file')
             namespace = {}
             with open(arg) as f:
-                exec(compile(f.read(), arg, 'exec'), namespace)
+                exec(compile(f.read(MAX_CONFIG_BYTES + 1), arg, 'exec'), namespace)
             for key, value in namespace.items():
                 if key.startswith('_') or callable(value) or type(value).__name__ == 'module':
                     continue  # helpers a config file imports or defines are not settings
@@ -187,8 +194,8 @@ def configure(args, config, source=None, types=None):
 def check_ranges(config, ranges, choices=None):
     """
     Every number in config (and in its lists of numbers) must be finite and in its range: ranges maps a key to an
-    interval written '(0, 1]', '[0, 1)', '> 0' ...; a key not in ranges must be >= 0. choices maps a key to the
-    values it may take. Raises ConfigError naming the key.
+    interval written '(0, 1]', '[0, 1)', '> 0', '>= 0 and <= 100' ...; a key not in ranges must be >= 0. choices
+    maps a key to the values it may take. Raises ConfigError naming the key.
     """
     for key, allowed in (choices or {}).items():
         if config[key] not in allowed:
@@ -199,12 +206,16 @@ def check_ranges(config, ranges, choices=None):
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 continue
             rule = ranges.get(key, '>= 0')
-            if not math.isfinite(v) or not in_range(v, rule):
-                raise ConfigError(f'{key}={value!r}: must be {"finite and " if not math.isfinite(v) else ""}'
+            finite = isinstance(v, int) or math.isfinite(v)  # an int of 400 digits is finite, and no float
+            if not finite or not in_range(v, rule):
+                shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + '...'
+                raise ConfigError(f'{key}={shown}: must be {"finite and " if not finite else ""}'
                                   f'{rule if rule[0] not in "[(" else "in " + rule}')
 
 
 def in_range(v, rule):
+    if ' and ' in rule:  # '> 0 and <= 1000000000': every part holds
+        return all(in_range(v, part) for part in rule.split(' and '))
     if rule.startswith(('>', '<')):
         op, bound = rule.split()
         bound = float(bound)

@@ -21,6 +21,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import stat
 import sys
 import time
 from collections import Counter, deque
@@ -44,6 +45,7 @@ max_document_bytes = 4 * 2 ** 20  # a longer document (a .txt file, a JSON line)
 # -----------------------------------------------------------------------------
 
 FORMATS = ('.txt', '.jsonl', '.jsonl.gz', '.jsonl.zst', '.parquet')
+BUILD_MARK = '.corpora-build'  # a file in every folder corpora.py builds: {out}.tmp is its own, safe to clear
 
 
 def expand_inputs(patterns):
@@ -150,16 +152,31 @@ def _tokenize(args):
     return out[False], out[True]
 
 
-def chunks(files, skipped, chunk_bytes, on_file, max_bytes):
-    """Documents of all files in chunks of about chunk_bytes of text."""
+def chunks(files, skipped, chunk_bytes, on_file, max_bytes, unreadable=None):
+    """
+    Documents of all files in chunks of about chunk_bytes of text. A file that is not a regular file, or that
+    breaks as it is read (a truncated .gz, a corrupt .parquet), is skipped from there on and counted, its name and
+    reason appended to unreadable: one bad file never stops the build. The documents read before the break are kept.
+    """
     chunk, size = [], 0
     for path in files:
-        for doc in documents(path, skipped, max_bytes=max_bytes):
-            chunk.append(doc)
-            size += len(doc)
-            if size >= chunk_bytes:
-                yield chunk
-                chunk, size = [], 0
+        try:
+            if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block the read, /dev/zero never end it
+                raise ValueError('not a regular file')
+            for doc in documents(path, skipped, max_bytes=max_bytes):
+                chunk.append(doc)
+                size += len(doc)
+                if size >= chunk_bytes:
+                    yield chunk
+                    chunk, size = [], 0
+        except (ImportError, MemoryError):
+            raise
+        except Exception as e:  # EOFError, zlib.error, OSError, a zstd or an Arrow error: the file, not the build
+            skipped['unreadable file'] += 1
+            reason = f'{path}: {type(e).__name__}: {str(e)[:200]}'
+            if unreadable is not None:
+                unreadable.append(reason)
+            print(f'skipped the rest of {reason}', file=sys.stderr, flush=True)
         on_file(path)
     if chunk:
         yield chunk
@@ -191,16 +208,34 @@ def prepare_text(inputs, out, tokenizer='bytes', val_fraction=0.005, workers=Non
     in {out}.tmp and swapped in only when complete and not empty: a failed run leaves a good {out} as it was.
     """
     files = expand_inputs(inputs)
+    out = os.path.normpath(out)  # 'ds/' is ds: its siblings ds.tmp and ds.old, never ds/.old inside it
+    tmp, old = out + '.tmp', out + '.old'
+    if not os.path.lexists(out) and os.path.isfile(os.path.join(old, 'meta.json')):
+        os.replace(old, out)  # a run stopped between swap_in's two renames: the dataset it was, put back
+        print(f'{out} was missing and {old} held its dataset (a run stopped while it swapped a build in): put back',
+              flush=True)
+    if os.path.lexists(out) and not os.path.isdir(out):
+        raise ValueError(f'{out} exists and is not a folder: --out names the dataset folder to write; choose another')
     if os.path.isdir(out) and os.listdir(out) and not os.path.exists(os.path.join(out, 'meta.json')):
         raise ValueError(f'{out} exists and is not a dataset folder (no meta.json): the new dataset replaces the whole '
                          f'folder, so choose a new or empty one')
+    # the build goes to {out}.tmp, and the dataset it replaces to {out}.old while it is swapped in: names that
+    # must be free, or what an earlier run of corpora.py left there, never a folder of the user's
+    if os.path.lexists(tmp) and not os.path.isfile(os.path.join(tmp, BUILD_MARK)):
+        raise ValueError(f'{tmp} exists and is not a build of corpora.py: corpora.py builds the dataset there; move '
+                         f'it away or choose another --out')
+    if os.path.lexists(old):
+        raise ValueError(f'{old} exists: corpora.py moves the dataset it replaces there while it swaps the new one '
+                         f'in; move it away (if it is the dataset an earlier build replaced, delete it)')
     enc = data.get_tokenizer(tokenizer)  # fails here, before any work, when gpt2's merges cannot be fetched
     dtype = np.uint16 if enc.n_vocab <= 2 ** 16 else np.uint32
-    tmp = out.rstrip('/') + '.tmp'
     shutil.rmtree(tmp, ignore_errors=True)  # what an interrupted run left
     os.makedirs(tmp)
+    with open(os.path.join(tmp, BUILD_MARK), 'w') as f:
+        f.write('a dataset folder built by corpora.py\n')
     total_bytes = sum(os.path.getsize(f) for f in files)
     done_bytes, skipped, counts, t0 = 0, Counter(), {'train': 0, 'val': 0}, time.time()
+    unreadable = []  # 'path: reason' of each input skipped (from where it broke on)
 
     last_report = [0.0]
 
@@ -221,7 +256,7 @@ def prepare_text(inputs, out, tokenizer='bytes', val_fraction=0.005, workers=Non
     try:
         with open(os.path.join(tmp, 'train.bin'), 'wb') as train_f, open(os.path.join(tmp, 'val.bin'), 'wb') as val_f:
             jobs = ((c, tokenizer, val_fraction) for c in chunks(files, skipped, chunk_bytes, on_file,
-                                                                 max_document_bytes))
+                                                                 max_document_bytes, unreadable))
             for train_ids, val_ids in tokenized(jobs, workers or os.cpu_count()):  # in order: timing changes nothing
                 for f, split, ids in ((train_f, 'train', train_ids), (val_f, 'val', val_ids)):
                     f.write(np.asarray(ids, dtype=dtype).tobytes())
@@ -232,7 +267,7 @@ def prepare_text(inputs, out, tokenizer='bytes', val_fraction=0.005, workers=Non
                              f'dataset cannot be trained on{f", and {out} is left as it was" if os.path.exists(out) else ""}')
         meta = {'tokenizer': tokenizer, 'vocab_size': enc.n_vocab, 'dtype': np.dtype(dtype).name, 'tokens': counts,
                 'files': len(files), 'input_bytes': total_bytes, 'skipped': dict(skipped),
-                'val_fraction': val_fraction}
+                'val_fraction': val_fraction, **({'unreadable_files': unreadable[:1000]} if unreadable else {})}
         with open(os.path.join(tmp, 'meta.json'), 'w') as f:
             json.dump(meta, f, indent=1)
         swap_in(tmp, out)  # meta.json in place means the folder is complete
@@ -241,7 +276,9 @@ def prepare_text(inputs, out, tokenizer='bytes', val_fraction=0.005, workers=Non
     if verbose:
         print(f'{out}: {counts["train"]:,} train / {counts["val"]:,} val tokens ({tokenizer}, {meta["dtype"]}) from '
               f'{len(files)} files in {time.time() - t0:.0f}s' +
-              (f'; skipped {sum(skipped.values())} lines: {dict(skipped)}' if skipped else ''))
+              (f'; skipped {sum(skipped.values())} lines: {dict(skipped)}' if skipped else '') +
+              (f'; {len(unreadable)} files broke as they were read (meta.json lists them): '
+               f'{"; ".join(unreadable[:3])}' if unreadable else ''))
     return meta
 
 

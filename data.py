@@ -30,7 +30,14 @@ SPLIT_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s
 
 
 def get_tokenizer(name):
-    """'bytes': 256 byte tokens + the special tokens (the shapes world); 'gpt2': tiktoken's GPT-2 BPE + the same."""
+    """
+    'bytes': 256 byte tokens + the special tokens (the shapes world); 'gpt2': tiktoken's GPT-2 BPE + the same; a path
+    to a .json file: an imported LM's own tokenizer with the special tokens placed in its vocabulary (HFTokenizer,
+    written by import_lm.py beside its checkpoint). A checkpoint records the name, which rebuilds the tokenizer.
+    """
+    if name.endswith('.json'):  # an imported LM's: the optional tokenizers package runs it
+        from import_lm import HFTokenizer
+        return HFTokenizer(name)
     if name == 'bytes':
         ranks = {bytes([i]): i for i in range(256)}
         pattern = SPLIT_PATTERN
@@ -38,7 +45,8 @@ def get_tokenizer(name):
         base = tiktoken.get_encoding('gpt2')  # downloads its merges once, then tiktoken caches them
         ranks, pattern = base._mergeable_ranks, base._pat_str
     else:
-        raise ValueError(f"unknown tokenizer {name!r}: use 'bytes' (the shapes world) or 'gpt2' (real corpora)")
+        raise ValueError(f"unknown tokenizer {name!r}: use 'bytes' (the shapes world), 'gpt2' (real corpora) or the "
+                         f".json tokenizer import_lm.py wrote beside an imported checkpoint")
     specials = {tok: len(ranks) + i for i, tok in enumerate(SPECIAL_TOKENS)}
     return tiktoken.Encoding(name=f'nanovlp_{name}', pat_str=pattern, mergeable_ranks=ranks, special_tokens=specials)
 

@@ -376,7 +376,10 @@ def cached_features(encoder, images, image_set, cache_dir, create=True, batch_si
     """
     Features of a fixed image set (uint8 [N, H, W, 3], named image_set) from a frozen encoder, as a read-only
     float16 memmap [N, num_tokens, dim] under cache_dir. The file is keyed by the encoder's weights, resolution and
-    the image set, computed once (only when create is set: a run makes it while it prepares), and read back.
+    the image set, computed once (only when create is set: a run makes it while it prepares), and read back. The
+    image_set name carries the rest of the key, what else the features depend on: prepare.feature_cache puts the
+    digest of this module's code (and of timm, torch and the pictures' file) in it, so that an edit here that
+    changes the features is never followed by a read of the old ones.
     """
     if not encoder.frozen:
         raise ValueError('features can be cached only for a frozen encoder: a trained one changes them every step')

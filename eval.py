@@ -9,6 +9,7 @@ Centered accuracy (a - c) / (1 - c) puts chance at 0 and a perfect score at 1, s
 choices average fairly.
 """
 
+import io
 import json
 import os
 import string
@@ -36,10 +37,12 @@ STABLE_SCORES = {'vision_stable_score': ('vision', 'vision', 'tasks'),
 ckpt = ''  # the checkpoint folder to score (eval.json, or eval_bench.json with tasks, is written into it)
 device = 'cpu'  # 'cpu', 'cuda', 'cuda:1', ...
 data_dir = 'data'  # where the shapes world is (written there first when missing), for checkpoints trained on it
-tasks = ''  # comma-separated real benchmarks (benchmarks.py) instead of the dataset's own tasks
+tasks = ''  # comma-separated benchmarks (benchmarks.py) or 'paper' (its vision suite); '': the dataset's own tasks
 bench_dir = 'bench'  # the folder holding the benchmarks' files in their publishers' layouts
 limit = 0  # score at most this many items per benchmark (a seeded sample); 0: all
-eval_items = 0  # items per task of the shapes world's own tasks (up to 1000); 0: the checkpoint's run's eval_items
+slim = 0  # grounding: vlm-evaluation's seeded slim subset of this many per dataset / clutter split (1024); 0: all
+eval_items = 0  # items per vision task of the shapes world's own tasks (up to 1000); 0: its run's eval_items
+text_eval_items = 0  # items per text task of the shapes world (up to 1000); 0: its run's text_eval_items
 # -----------------------------------------------------------------------------
 
 # -----------------------------------------------------------------------------
@@ -60,35 +63,63 @@ def harness_tokens(enc, context, continuation):
     return ctx, enc.encode_ordinary(context + continuation)[len(ctx):]
 
 
+def windows(ctx, cont, block):
+    """
+    (context, continuation) pieces of a sequence that each fit block_size inputs: the continuation in consecutive
+    pieces of at most block_size tokens, each after as many of the tokens before it as fit (lm-evaluation-harness's
+    rolling windows). A continuation that fits is one piece, its context cut from the left as the harness cuts it.
+    """
+    if cont and not ctx:
+        raise ValueError('a continuation is scored after a context of at least one token (<|endoftext|>)')
+    full = ctx + cont
+    return [(full[max(0, min(start + block, len(full)) - block - 1):start], full[start:start + block])
+            for start in range(len(ctx), len(full), block)]
+
+
 @torch.no_grad()
 def continuation_logprobs(model, seqs, device, images=None, max_elements=2 ** 25):
     """
     For each (context tokens, continuation tokens) in seqs: the summed log-probability of the continuation after the
-    context, and whether each of its tokens is the most likely one (lm-evaluation-harness's is_greedy). Joined, a
-    sequence keeps its last block_size + 1 tokens (the harness cuts the context from the left the same way).
-    Batched longest-first, as many rows as keep the logits under max_elements floats; images (a VLM's, one per
-    sequence) go with their rows.
+    context, and whether each of its tokens is the most likely one (lm-evaluation-harness's is_greedy). A sequence
+    is scored in windows (windows()): its context cut from the left to fit, a continuation longer than block_size in
+    pieces. Batched longest-first, as many rows as keep the logits under max_elements floats; images (a VLM's, one
+    per sequence) go with their rows, and a sequence with an image must fit whole (its image tokens cannot be cut).
     """
     block, vocab = model.config.block_size, model.config.vocab_size
-    order = sorted(range(len(seqs)), key=lambda i: -min(len(seqs[i][0]) + len(seqs[i][1]), block + 1))
-    out = [0.0] * len(seqs)
+    rows = [(w_ctx, w_cont, i) for i, (ctx, cont) in enumerate(seqs) for w_ctx, w_cont in windows(ctx, cont, block)]
+    if images is not None:
+        longest = max((len(c) + len(t) for c, t in seqs), default=0)
+        if longest > block + 1:
+            raise ValueError(f'a sequence of {longest} tokens with an image does not fit block_size={block} + 1: '
+                             f'its image tokens would be cut (skip such items before scoring them)')
+    order = sorted(range(len(rows)), key=lambda r: -(len(rows[r][0]) + len(rows[r][1])))
+    out = [(0.0, True)] * len(seqs)
     start = 0
     while start < len(order):
-        T = min(len(seqs[order[start]][0]) + len(seqs[order[start]][1]), block + 1) - 1
+        T = len(rows[order[start]][0]) + len(rows[order[start]][1]) - 1
         chunk = order[start:start + max(1, max_elements // (T * vocab))]
         start += len(chunk)
         x = torch.zeros(len(chunk), T, dtype=torch.long)
-        for r, i in enumerate(chunk):
-            full = (seqs[i][0] + seqs[i][1])[-(block + 1):]
+        for r, k in enumerate(chunk):
+            full = rows[k][0] + rows[k][1]
             x[r, :len(full) - 1] = torch.tensor(full[:-1])
-        kwargs = {} if images is None else {'images': torch.from_numpy(np.stack([images[i] for i in chunk])).to(device)}
+        kwargs = {} if images is None else {
+            'images': torch.from_numpy(np.stack([images[rows[k][2]] for k in chunk])).to(device)}
         logprobs = F.log_softmax(model(x.to(device), **kwargs)[0].float(), dim=-1).cpu()
-        for r, i in enumerate(chunk):
-            ctx, cont = seqs[i]
-            end = min(len(ctx) + len(cont), block + 1) - 1  # the last input position
-            pos, target = torch.arange(end - len(cont), end), torch.tensor(cont)
-            out[i] = (logprobs[r, pos, target].sum().item(), bool((logprobs[r, pos].argmax(-1) == target).all()))
+        for r, k in enumerate(chunk):
+            ctx, cont, i = rows[k]
+            pos, target = torch.arange(len(ctx) - 1, len(ctx) + len(cont) - 1), torch.tensor(cont)
+            lp, greedy = out[i]
+            out[i] = (lp + logprobs[r, pos, target].sum().item(),
+                      greedy and bool((logprobs[r, pos].argmax(-1) == target).all()))
     return out
+
+
+def choice_requests(enc, item):
+    """An item's (context, continuation) tokens, one per choice: its prompt, or one prompt per choice (Winogrande's
+    partial scoring)."""
+    prompts = item['prompt'] if isinstance(item['prompt'], list) else [item['prompt']] * len(item['choices'])
+    return [harness_tokens(enc, prompt, choice) for prompt, choice in zip(prompts, item['choices'])]
 
 
 def multiple_choice(model, enc, items, device):
@@ -99,14 +130,13 @@ def multiple_choice(model, enc, items, device):
     """
     seqs, where = [], []
     for i, item in enumerate(items):
-        prompts = item['prompt'] if isinstance(item['prompt'], list) else [item['prompt']] * len(item['choices'])
-        for prompt, choice in zip(prompts, item['choices']):
-            seqs.append(harness_tokens(enc, prompt, choice))
-            where.append(i)
+        requests = choice_requests(enc, item)
+        where.append((len(seqs), len(seqs) + len(requests)))
+        seqs += requests
     logprobs = [lp for lp, _ in continuation_logprobs(model, seqs, device)]
     raw, norm = [], []
-    for i, item in enumerate(items):
-        lps = [lp for lp, j in zip(logprobs, where) if j == i]
+    for (first, stop), item in zip(where, items):
+        lps = logprobs[first:stop]
         lengths = [len(c.removeprefix(' ')) or 1 for c in item['choices']]
         raw.append(float(np.argmax(lps) == item['answer']))
         norm.append(float(np.argmax(np.array(lps) / lengths) == item['answer']))
@@ -186,14 +216,18 @@ def answer(model, enc, prompts, images, device, max_new_tokens=16, batch_size=64
 
 
 def decode_reply(enc, ids):
-    """The text of generated ids up to the first special token (or an id of the padded, untrained vocabulary)."""
-    stop = min(data.special_id(enc, t) for t in data.SPECIAL_TOKENS)
-    return enc.decode(ids[:next((j for j, t in enumerate(ids) if t >= stop), len(ids))])
+    """The text of generated ids up to the first special token (or an id of the padded, untrained vocabulary): an
+    imported LM's end-of-text may be any id, so the special tokens are matched, not a range."""
+    specials = {data.special_id(enc, t) for t in data.SPECIAL_TOKENS}
+    return enc.decode(ids[:next((j for j, t in enumerate(ids) if t in specials or t >= enc.n_vocab), len(ids))])
 
 
 def vision_tasks(model, enc, world, device, rng, blind=False, eval_items=shapes.EVAL_ITEMS):
-    """The shapes world's vision questions, the first eval_items of each task; blind: every image replaced by a
-    uniform gray one."""
+    """
+    The shapes world's vision questions, the first eval_items of each task; blind: every image replaced by a
+    uniform gray one. Answers are scored by normalized exact match, boxes (grounding) by IoU >= 0.5; each task also
+    reports its accuracy on the items that name only concepts fine-tuning names (seen) and on the others (held out).
+    """
     n_tokens = model.encoder.num_tokens
     kept = shapes.first_per_task(world.eval_items, eval_items)
     items = [world.eval_items[i] for i in kept]
@@ -201,26 +235,40 @@ def vision_tasks(model, enc, world, device, rng, blind=False, eval_items=shapes.
     images = np.asarray(world.images[world.eval_ids[kept]])
     if blind:
         images = np.full_like(images, 128)
-    predictions = answer(model, enc, prompts, images, device)
+    predictions = [None] * len(items)
+    for boxes, max_new in ((False, 16), (True, 32)):  # a box is about 24 bytes long, a word shorter
+        chosen = [i for i, it in enumerate(items) if (it['task'] == 'grounding') == boxes]
+        replies = answer(model, enc, [prompts[i] for i in chosen], [images[i] for i in chosen], device, max_new)
+        for i, reply in zip(chosen, replies):
+            predictions[i] = reply
     tasks = {}
     for name in shapes.VISION_TASKS:
         chosen = [(p, it) for p, it in zip(predictions, items) if it['task'] == name]
-        scores = [float(normalize_answer(p) == normalize_answer(it['answer'])) for p, it in chosen]
-        # the answers are balanced over a known set of k, so an image-blind model gets 1/k
-        tasks[name] = task_result('vision', scores, 1.0 / len(chosen[0][1]['answers']), rng,
-                                  predictions=[p for p, _ in chosen])
+        if name == 'grounding':
+            scores = [float(shapes.parse_box(p) is not None and
+                            shapes.iou(shapes.parse_box(p), shapes.parse_box(it['answer'])) >= shapes.GROUNDING_IOU)
+                      for p, it in chosen]
+        else:
+            scores = [float(normalize_answer(p) == normalize_answer(it['answer'])) for p, it in chosen]
+        # each task's answers are balanced over a known set, so an image-blind model gets its chance
+        split = {f'accuracy_{part}': float(np.mean([s for s, (_, it) in zip(scores, chosen) if it['held_out'] == held]))
+                 for part, held in (('seen', False), ('held_out', True)) if any(it['held_out'] == held for _, it in chosen)}
+        tasks[name] = task_result('vision', scores, chosen[0][1]['chance'], rng, predictions=[p for p, _ in chosen],
+                                  **split)
     return tasks
 
 
-def evaluate(model, enc, folder, device, world_args=(), eval_items=shapes.EVAL_ITEMS, seed=0):
-    """All tasks of the dataset in folder, the first eval_items of each (world_args: the shapes ImageWorld's, for a
-    VLM); the eval.json dict."""
+def evaluate(model, enc, folder, device, world_args=(), eval_items=shapes.EVAL_ITEMS, text_items=None, seed=0):
+    """All tasks of the dataset in folder, the first eval_items of each vision task and text_items (default:
+    eval_items) of each text task; the vision tasks when world_args (the shapes ImageWorld's) are given for a VLM.
+    The eval.json dict."""
     rng = np.random.default_rng(seed)
     items = shapes.load_text_tasks(folder)
-    tasks = text_tasks(model, enc, [items[i] for i in shapes.first_per_task(items, eval_items)], device, rng)
+    text_items = text_items or eval_items
+    tasks = text_tasks(model, enc, [items[i] for i in shapes.first_per_task(items, text_items)], device, rng)
     results = {'vision_stable_score': None, 'vision_stable_score_ci95': None,
                'vision_blind_stable_score': None, 'vision_blind_stable_score_ci95': None}
-    if isinstance(model, VLM):
+    if isinstance(model, VLM) and world_args:
         shapes.prepare_images(folder, *world_args)
         world = shapes.ImageWorld(folder, *world_args)
         vision = vision_tasks(model, enc, world, device, rng, eval_items=eval_items)
@@ -231,7 +279,8 @@ def evaluate(model, enc, folder, device, world_args=(), eval_items=shapes.EVAL_I
         results.update(vision_stable_score=score, vision_stable_score_ci95=ci, vision_blind_stable_score=blind_score,
                        vision_blind_stable_score_ci95=blind_ci, blind_tasks=blind)
     score, ci = stable_score(tasks, 'text', rng)
-    results.update(text_stable_score=score, text_stable_score_ci95=ci, tasks=tasks, eval_items=eval_items)
+    results.update(text_stable_score=score, text_stable_score_ci95=ci, tasks=tasks, eval_items=eval_items,
+                   text_eval_items=text_items)
     return results
 
 
@@ -258,15 +307,16 @@ def stable_scores_line(r):
     return ' | '.join(f'{name} {r[key]:.3f}' for key, (name, _, _) in STABLE_SCORES.items() if r[key] is not None)
 
 
-def saved_scores(folder, dataset, device, data_dir):
+def saved_scores(folder, cfg, device, vision=True):
     """
     What a training run logs for a checkpoint it just saved: its stable scores on its dataset's own tasks (writing
-    eval.json beside it), or, for a prepared corpus without tasks, how to score it on the paper's benchmarks.
+    eval.json beside it; vision=False: text only, for a VLM that has not learned to answer yet), or, for a prepared
+    corpus without tasks, how to score it on the paper's benchmarks.
     """
-    if dataset != 'shapes':
-        return (f'no built-in tasks for dataset={dataset}: score it with python eval.py --ckpt={folder} --tasks=... '
-                f'--bench_dir=...')
-    return stable_scores_line(evaluate_checkpoint(folder, device, data_dir, verbose=False))
+    if cfg.dataset != 'shapes' and not os.path.exists(os.path.join(cfg.dataset, 'text_tasks.json')):
+        return (f'no built-in tasks for dataset={cfg.dataset}: score it with python eval.py --ckpt={folder} '
+                f'--tasks=... --bench_dir=...')
+    return stable_scores_line(evaluate_checkpoint(folder, device, cfg.data_dir, vision=vision, verbose=False))
 
 
 def stable_score_table(rows, title):
@@ -283,11 +333,13 @@ def stable_score_table(rows, title):
     return f'\nstable scores with 95% intervals ({title}):\n' + '\n'.join(lines) + '\n' if len(lines) > 1 else ''
 
 
-def evaluate_checkpoint(ckpt_dir, device='cpu', data_dir='data', eval_items=0, verbose=True):
+def evaluate_checkpoint(ckpt_dir, device='cpu', data_dir='data', eval_items=0, text_items=0, vision=True,
+                        verbose=True):
     """
     Evaluate the model in ckpt_dir on its dataset's own tasks and write ckpt_dir/eval.json; returns the results.
     A checkpoint of the shapes world is scored on the world under data_dir (written there when missing), on the
-    first eval_items items of each task (0: the eval_items its run was configured with).
+    first eval_items items of each vision task and text_items of each text task (0: its run's eval_items and
+    text_eval_items); vision=False leaves a VLM's vision tasks out.
     """
     model, info = load_model(ckpt_dir, device)
     enc = data.get_tokenizer(info['tokenizer'])
@@ -301,7 +353,8 @@ def evaluate_checkpoint(ckpt_dir, device='cpu', data_dir='data', eval_items=0, v
     if not eval_items:
         raise ValueError(f'{ckpt_dir}/config.json: its config has no eval_items; say how many items per task to '
                          f'score (eval.py --eval_items=N)')
-    results = evaluate(model, enc, folder, device, world_args, eval_items)
+    text_items = text_items or c.get('text_eval_items') or eval_items
+    results = evaluate(model, enc, folder, device, world_args if vision else (), eval_items, text_items)
     results['checkpoint'] = {'stage': info['stage'], 'step': info['step']}
     tmp = os.path.join(ckpt_dir, 'eval.json.tmp')
     with open(tmp, 'w') as f:
@@ -315,44 +368,97 @@ def evaluate_checkpoint(ckpt_dir, device='cpu', data_dir='data', eval_items=0, v
 # -----------------------------------------------------------------------------
 # the paper's benchmarks (their files: benchmarks.py)
 
-def run_benchmarks(model, enc, tasks, bench_dir, device='cpu', limit=0, seed=0):
-    """The named benchmarks as one results dict (the shape of eval.json), with the stable scores over them."""
-    import benchmarks as bm
+POPE_WORDS = ('Yes', 'No')  # POPE's answer is the likelier of these two continuations
+
+
+def benchmark_image(item, folder, size):
+    """
+    The pixels of an item's image, read only inside its benchmark's folder, or BadImage with the reason it is skipped
+    under. A grounding item's image must have the size its box was normalized by (the reference reads the size from
+    the file).
+    """
     from images import BadImage, decode_image, read_image_file
 
+    try:
+        raw = read_image_file(item['image'], folder)
+    except BadImage:
+        raise
+    except OSError:  # a folder named as an image file (an empty name), read_image_file lets it through
+        raise BadImage('unreadable file') from None
+    except ValueError:  # a NUL byte in the name
+        raise BadImage('unusable file name') from None
+    pixels = decode_image(raw, size)
+    if 'size' in item:
+        from PIL import Image
+        if list(Image.open(io.BytesIO(raw)).size) != list(item['size']):
+            raise BadImage('image size differs from its annotation')
+    return pixels
+
+
+def askable(enc, model, item, protocol):
+    """An item's prompt tokens, or None when they leave no room in block_size: a generated answer needs one
+    position, a yes/no answer its longer word; an image's tokens are never cut away to make room."""
+    prompt = data.question_prompt(enc, item['question'], model.encoder.num_tokens)
+    room = max(len(enc.encode_ordinary(w)) for w in POPE_WORDS) - 1 if protocol == 'yes_no' else 1
+    return prompt if len(prompt) + room <= model.config.block_size else None
+
+
+def run_benchmarks(model, enc, tasks, bench_dir, device='cpu', limit=0, seed=0, slim=0):
+    """
+    The named benchmarks (or task sets, benchmarks.TASK_SETS) as one results dict (the shape of eval.json), with the
+    stable scores over them. An item that cannot be asked is skipped and counted by reason under 'skipped': one its
+    reader skips, an unusable image, a prompt longer than the model's block.
+    """
+    import benchmarks as bm
+    from images import BadImage
+
+    tasks = bm.expand_tasks(tasks)
     bm.check_tasks(tasks)
     rng = np.random.default_rng(seed)
     results, skipped = {}, Counter()
     for task in tasks:
         bench = bm.BENCHMARKS[task]
-        items, how = bm.read_task(task, bench_dir, limit, seed)
+        items, how = bm.read_task(task, bench_dir, limit, seed, slim)
+        skipped.update({f'{task}: {reason}': n for reason, n in how.pop('skipped').items()})
         if bench.protocol == 'choice':
             raw, norm = multiple_choice(model, enc, items, device)
             chance = float(np.mean([1 / len(it['choices']) for it in items]))
+            # continuations longer than the block, scored in windows
+            windowed = sum(any(len(cont) > model.config.block_size for _, cont in choice_requests(enc, it))
+                           for it in items)
             results[task] = task_result(bench.modality, raw, chance, rng,
-                                        accuracy_norm=float(np.mean(norm)) if norm else None)
+                                        accuracy_norm=float(np.mean(norm)) if norm else None, windowed=windowed,
+                                        **how)
             continue
         if not isinstance(model, VLM):
             raise ValueError(f'{task} needs a model with an image encoder; this checkpoint is text-only')
-        kept, images = [], []
+        kept, images, prompts = [], [], []
         for it in items:  # an image path a benchmark file names is read only inside that benchmark's folder
+            prompt = askable(enc, model, it, bench.protocol)
+            if prompt is None:
+                skipped[f'{task}: prompt longer than block_size'] += 1
+                continue
             try:
-                images.append(decode_image(read_image_file(it['image'], os.path.join(bench_dir, task)),
-                                           model.encoder.img_size))
-                kept.append(it)
+                images.append(benchmark_image(it, os.path.join(bench_dir, bench.folder or task),
+                                              model.encoder.img_size))
             except BadImage as e:
                 skipped[f'{task}: {e}'] += 1
-        prompts = [data.question_prompt(enc, it['question'], model.encoder.num_tokens) for it in kept]
+                continue
+            kept.append(it)
+            prompts.append(prompt)
         if bench.protocol == 'yes_no':
             results[task] = pope_result(model, enc, prompts, images, kept, device, rng, **how)
             continue
-        predictions = answer(model, enc, prompts, images, device)
+        new_tokens = {} if bench.max_new_tokens is None else {'max_new_tokens': bench.max_new_tokens}
+        predictions = answer(model, enc, prompts, images, device, **new_tokens)
         scores = [bench.score(p, it) for p, it in zip(predictions, kept)]
-        results[task] = task_result(bench.modality, scores, 0.0, rng, predictions=predictions, **how)
+        extra = bench.summary(predictions, kept, scores) if bench.summary else {}
+        results[task] = task_result(bench.modality, scores, 0.0, rng, predictions=predictions, **extra, **how)
     out = {'tasks': results, 'skipped': dict(skipped)}
     for modality in ('vision', 'text'):
         score, ci = stable_score(results, modality, rng)
         out[f'{modality}_stable_score'], out[f'{modality}_stable_score_ci95'] = score, ci
+        out[f'{modality}_stable_score_tasks'] = [t for t, r in results.items() if r['modality'] == modality and r['n']]
     return out
 
 
@@ -362,7 +468,7 @@ def pope_result(model, enc, prompts, images, items, device, rng, n_boot=1000, **
     free-text parse). Its accuracy is the mean of the three splits' (as published), its chance the mean of theirs.
     """
     import benchmarks as bm
-    yes_no = [enc.encode_ordinary(w) for w in ('Yes', 'No')]
+    yes_no = [enc.encode_ordinary(w) for w in POPE_WORDS]
     logprobs = [lp for lp, _ in continuation_logprobs(model, [(p, w) for p in prompts for w in yes_no], device,
                                                       images=[im for im in images for _ in yes_no])]
     said_yes = [y >= n for y, n in zip(logprobs[::2], logprobs[1::2])]
@@ -379,14 +485,16 @@ def pope_result(model, enc, prompts, images, items, device, rng, n_boot=1000, **
     return result
 
 
-def benchmark_checkpoint(ckpt_dir, tasks, bench_dir, device='cpu', limit=0):
-    """Run benchmarks on the model in ckpt_dir; writes ckpt_dir/eval_bench.json and prints the table."""
+def benchmark_checkpoint(ckpt_dir, tasks, bench_dir, device='cpu', limit=0, slim=0):
+    """Run benchmarks (or task sets such as 'paper') on the model in ckpt_dir; writes ckpt_dir/eval_bench.json and
+    prints the table: each benchmark's accuracy, and the stable scores over them."""
     import benchmarks
 
+    tasks = benchmarks.expand_tasks(tasks)
     benchmarks.check_tasks(tasks)
     model, info = load_model(ckpt_dir, device)
     enc = data.get_tokenizer(info['tokenizer'])
-    results = run_benchmarks(model, enc, tasks, bench_dir, device, limit)
+    results = run_benchmarks(model, enc, tasks, bench_dir, device, limit, slim=slim)
     with open(os.path.join(ckpt_dir, 'eval_bench.json.tmp'), 'w') as f:
         json.dump(results, f)
     os.replace(os.path.join(ckpt_dir, 'eval_bench.json.tmp'), os.path.join(ckpt_dir, 'eval_bench.json'))
@@ -398,9 +506,18 @@ def benchmark_checkpoint(ckpt_dir, tasks, bench_dir, device='cpu', limit=0):
             print(f'pope {split}: accuracy {v["accuracy"]:.3f} (chance {v["chance"]:.3f}), precision '
                   f'{v["precision"]:.3f}, recall {v["recall"]:.3f}, F1 {v["f1"]:.3f}, yes {v["yes_ratio"]:.1%} '
                   f'({v["n"]} questions)')
-        for key in ('version', 'protocol', 'prompt'):  # how the files were read and asked
+        for group, v in r.get('groups', {}).items():
+            print(f'{task} {group}: accuracy {v["accuracy"]:.3f} ({v["n"]} expressions)')
+        if 'invalid' in r:
+            print(f'{task}: {r["invalid"]} of {r["n"]} generated texts are no box (scored wrong)')
+        if r.get('windowed'):
+            print(f'{task}: {r["windowed"]} items have a choice longer than block_size, scored in windows')
+        for key in ('version', 'protocol', 'prompt', 'subset'):  # how the files were read and asked
             if key in r:
                 print(f'{task} {key}: {r[key]}')
+    for modality in ('vision', 'text'):
+        if results[f'{modality}_stable_score'] is not None:
+            print(f'{modality} stable score over {", ".join(results[f"{modality}_stable_score_tasks"])}')
     if results['skipped']:
         print(f'skipped: {results["skipped"]}')
     return results
@@ -409,12 +526,13 @@ def benchmark_checkpoint(ckpt_dir, tasks, bench_dir, device='cpu', limit=0):
 if __name__ == '__main__':
     cfg = configure(sys.argv[1:], script_config(globals()), source=__file__)
     if not cfg['ckpt']:
-        sys.exit('usage: python eval.py --ckpt=DIR [--device=cuda] [--tasks=vqav2,pope,arc_easy,... '
-                 '--bench_dir=BENCH --limit=N] (--help lists the keys)')
+        sys.exit('usage: python eval.py --ckpt=DIR [--device=cuda] [--tasks=paper | vqav2,pope,arc_easy,... '
+                 '--bench_dir=BENCH --limit=N --slim=N] (--help lists the keys)')
     try:
         if cfg['tasks']:
-            benchmark_checkpoint(cfg['ckpt'], cfg['tasks'].split(','), cfg['bench_dir'], cfg['device'], cfg['limit'])
+            benchmark_checkpoint(cfg['ckpt'], cfg['tasks'].split(','), cfg['bench_dir'], cfg['device'], cfg['limit'],
+                                 cfg['slim'])
         else:
-            evaluate_checkpoint(cfg['ckpt'], cfg['device'], cfg['data_dir'], cfg['eval_items'])
+            evaluate_checkpoint(cfg['ckpt'], cfg['device'], cfg['data_dir'], cfg['eval_items'], cfg['text_eval_items'])
     except (ValueError, FileNotFoundError) as err:  # an unknown task, a missing benchmark file: no traceback
         sys.exit(f'error: {err}')

@@ -49,18 +49,10 @@ class NanoVLP(LM):
     def loglikelihood_rolling(self, requests):
         """
         The log-probability of each whole string after <|endoftext|>: its tokens in disjoint windows of block_size,
-        each predicted with as many of the tokens before it as fit (the harness's rolling windows).
+        each predicted with as many of the tokens before it as fit (the harness's rolling windows, eval.windows).
         """
-        out = []
-        for (text,) in (r.args for r in requests):
-            tokens = [self.eot] + self.enc.encode_ordinary(text)
-            windows = []
-            for start in range(1, len(tokens), self.block):  # predict tokens[start:stop] from what precedes them
-                stop = min(start + self.block, len(tokens))
-                window = tokens[max(0, stop - self.block - 1):stop]
-                windows.append((window[:len(window) - (stop - start)], window[len(window) - (stop - start):]))
-            out.append(sum(lp for lp, _ in ev.continuation_logprobs(self.model, windows, self.torch_device)))
-        return out
+        seqs = [([self.eot], self.enc.encode_ordinary(text)) for (text,) in (r.args for r in requests)]
+        return [lp for lp, _ in ev.continuation_logprobs(self.model, seqs, self.torch_device)]
 
     @torch.no_grad()
     def generate_until(self, requests):

@@ -3,7 +3,9 @@ The models of nanoVLP.
 
 GPT: a compact decoder-only language model in the style of the paper's OpenLM decoders: pre-norm blocks, RMSNorm,
 rotary position embeddings, a SwiGLU MLP (hidden size 8/3 * d rounded up to a multiple of 256), optional QK-norm,
-causal attention through F.scaled_dot_product_attention, and untied input / output embeddings by default.
+causal attention through F.scaled_dot_product_attention, and untied input / output embeddings by default. The same
+GPT holds a Llama-architecture LM (import_lm.py): grouped-query attention (n_kv_head), the rotary base (rope_theta),
+a given SwiGLU width (mlp_hidden), RMSNorm's epsilon (norm_eps), no QK-norm, tied embeddings or not.
 
     from model import GPT, GPTConfig, PRESETS
     gpt = GPT(GPTConfig(vocab_size=320, **PRESETS['demo']))
@@ -14,6 +16,7 @@ The presets follow the paper's Table 2: with a ~50k vocabulary `79m` has 79M par
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -40,12 +43,20 @@ class GPTConfig:
     n_embd: int = 128
     qk_norm: bool = True
     tie_embeddings: bool = False
-    rope_theta: float = 10000.0
+    rope_theta: float = 10000.0  # the rotary base (Llama 2: 10,000; SmolLM2: 100,000; Llama 3: 500,000)
+    n_kv_head: Optional[int] = None  # key / value heads, each read by n_head / n_kv_head query heads; None: n_head
+    mlp_hidden: Optional[int] = None  # the SwiGLU width; None: OpenLM's rule below (a Llama checkpoint states its own)
+    norm_eps: Optional[float] = None  # RMSNorm's epsilon; None: torch's default, the input dtype's machine epsilon
 
-    @property
-    def mlp_hidden(self):
-        # OpenLM's SwiGLU width: 8/3 of the model width (same parameter count as a 4x GELU MLP), rounded up to 256
-        return 256 * math.ceil(8 * self.n_embd / 3 / 256)
+    def __post_init__(self):
+        if self.n_kv_head is None:  # multi-head attention: the layout and parameter names of every earlier checkpoint
+            self.n_kv_head = self.n_head
+        if self.mlp_hidden is None:
+            # OpenLM's SwiGLU width: 8/3 of the model width (same parameter count as a 4x GELU MLP), rounded up to 256
+            self.mlp_hidden = 256 * math.ceil(8 * self.n_embd / 3 / 256)
+        if self.n_embd % self.n_head or self.n_head % self.n_kv_head:
+            raise ValueError(f'n_embd={self.n_embd}, n_head={self.n_head}, n_kv_head={self.n_kv_head}: n_embd must '
+                             f'be a multiple of n_head, and n_head of n_kv_head')
 
 
 def rope_tables(head_dim, length, theta):
@@ -66,18 +77,21 @@ class CausalSelfAttention(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        assert config.n_embd % config.n_head == 0, 'n_embd must be divisible by n_head'
-        self.n_head = config.n_head
+        self.n_head, self.n_kv_head = config.n_head, config.n_kv_head
         self.head_dim = config.n_embd // config.n_head
-        self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)
+        # the queries of every head, then the keys and the values of the n_kv_head heads, in one matmul; with
+        # n_kv_head = n_head that is [q; k; v], 3 * n_embd rows, the layout of every checkpoint before GQA
+        self.qkv = nn.Linear(config.n_embd, (config.n_head + 2 * config.n_kv_head) * self.head_dim, bias=False)
         self.proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
         # QK-norm keeps attention logits bounded at high learning rates (the 1b preset peaks at 1e-2)
-        self.q_norm = nn.RMSNorm(self.head_dim) if config.qk_norm else nn.Identity()
-        self.k_norm = nn.RMSNorm(self.head_dim) if config.qk_norm else nn.Identity()
+        self.q_norm = nn.RMSNorm(self.head_dim, eps=config.norm_eps) if config.qk_norm else nn.Identity()
+        self.k_norm = nn.RMSNorm(self.head_dim, eps=config.norm_eps) if config.qk_norm else nn.Identity()
 
     def forward(self, x, cos, sin, cache=None, pos=0):
         B, T, C = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).unbind(dim=2)
+        kv = self.n_kv_head * self.head_dim
+        q, k, v = self.qkv(x).split([C, kv, kv], dim=-1)
+        q, k, v = (t.view(B, T, -1, self.head_dim) for t in (q, k, v))
         q, k = apply_rope(self.q_norm(q), cos, sin), apply_rope(self.k_norm(k), cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, head_dim]
         mask, causal = None, True
@@ -90,7 +104,10 @@ class CausalSelfAttention(nn.Module):
             if pos > 0:  # query i sits at position pos + i and may see keys 0 .. pos + i
                 causal = False
                 mask = torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(diagonal=pos)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+        # grouped-query: query head h reads key / value head h // (n_head / n_kv_head), as Llama's repeat_kv does
+        # (SDPA's enable_gqa, torch >= 2.5; multi-head attention calls SDPA as it always did)
+        gqa = {'enable_gqa': True} if self.n_kv_head != self.n_head else {}
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, **gqa)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -110,9 +127,9 @@ class Block(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        self.norm1 = nn.RMSNorm(config.n_embd)
+        self.norm1 = nn.RMSNorm(config.n_embd, eps=config.norm_eps)
         self.attn = CausalSelfAttention(config)
-        self.norm2 = nn.RMSNorm(config.n_embd)
+        self.norm2 = nn.RMSNorm(config.n_embd, eps=config.norm_eps)
         self.mlp = SwiGLU(config)
 
     def forward(self, x, cos, sin, cache=None, pos=0):
@@ -127,7 +144,7 @@ class GPT(nn.Module):
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
-        self.norm_f = nn.RMSNorm(config.n_embd)
+        self.norm_f = nn.RMSNorm(config.n_embd, eps=config.norm_eps)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.wte.weight
@@ -176,14 +193,14 @@ class GPT(nn.Module):
         logits = self.lm_head(self.norm_f(x))
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+            loss = cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
         return logits, loss
 
     def make_cache(self, batch_size, length=None):
-        """Preallocated keys and values for every layer: [batch, heads, length, head_dim] each."""
+        """Preallocated keys and values for every layer: [batch, key / value heads, length, head_dim] each."""
         c = self.config
         p = self.lm_head.weight
-        shape = (batch_size, c.n_head, length or c.block_size, c.n_embd // c.n_head)
+        shape = (batch_size, c.n_kv_head, length or c.block_size, c.n_embd // c.n_head)
         return [(p.new_zeros(shape), p.new_zeros(shape)) for _ in range(c.n_layer)]
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
@@ -224,6 +241,57 @@ class GPT(nn.Module):
                 break
             logits, _ = self(nxt[:, None], cache=cache, pos=T + step)
         return torch.cat([idx, torch.stack(out, dim=1)], dim=1) if out else idx
+
+
+# float32 elements of the logits the loss takes at once: 512 MB. Logits larger than this (the 79m preset's batch of
+# 16 x 2,048 rows of 50,304 is 1.65G, 6.6 GB in float32) are scored chunk by chunk and never held whole in float32
+LOSS_CHUNK = 2 ** 27
+
+
+def cross_entropy(logits, targets):
+    """
+    The mean cross-entropy of logits [N, vocab] (bf16 under autocast) over the targets [N] that are not -1, in
+    float32. Up to LOSS_CHUNK elements it is F.cross_entropy on a float32 copy; above, ChunkedCrossEntropy, the same
+    value and gradient to float rounding without the float32 copy and the float32 log-softmax it keeps for backward.
+    """
+    if logits.numel() <= LOSS_CHUNK:
+        return F.cross_entropy(logits.float(), targets, ignore_index=-1)
+    return ChunkedCrossEntropy.apply(logits, targets, max(1, LOSS_CHUNK // logits.size(-1)))
+
+
+class ChunkedCrossEntropy(torch.autograd.Function):
+    """
+    Cross-entropy by chunks of rows, each upcast to float32 on its own. Forward keeps the logits as they are (they
+    exist anyway) and each row's log-sum-exp; backward recomputes a chunk's softmax from them and writes its gradient,
+    softmax - one_hot, in the logits' dtype: the float32 working set is one chunk, forward and backward.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, targets, chunk):
+        scored = targets != -1
+        lse = torch.empty(logits.size(0), dtype=torch.float32, device=logits.device)
+        total = torch.zeros((), dtype=torch.float32, device=logits.device)
+        for start in range(0, logits.size(0), chunk):
+            part, target = logits[start:start + chunk].float(), targets[start:start + chunk]
+            lse[start:start + chunk] = part.logsumexp(dim=-1)
+            picked = part.gather(1, target.clamp(min=0)[:, None]).squeeze(1)
+            total += torch.where(scored[start:start + chunk], lse[start:start + chunk] - picked, 0.0).sum()
+        n = scored.sum()
+        ctx.save_for_backward(logits, targets, lse, n)
+        ctx.chunk = chunk
+        return total / n  # no scored target: 0 / 0, NaN, as F.cross_entropy gives
+
+    @staticmethod
+    def backward(ctx, grad):
+        logits, targets, lse, n = ctx.saved_tensors
+        out = torch.empty_like(logits)
+        for start in range(0, logits.size(0), ctx.chunk):
+            stop = start + ctx.chunk
+            target, scored = targets[start:stop], (targets[start:stop] != -1)[:, None]
+            g = torch.exp(logits[start:stop].float() - lse[start:stop, None])
+            g.scatter_add_(1, target.clamp(min=0)[:, None], -scored.float())  # softmax - one_hot at scored rows
+            out[start:stop] = (g * torch.where(scored, grad / n, 0.0)).to(out.dtype)
+        return out, None, None
 
 
 def sample_next(logits, temperature, top_k):

@@ -45,7 +45,8 @@ families = 'siglip,dinov2,vit,resnet'  # comma-separated families to pre-train w
 force = False  # pre-train them again even when their weights exist
 probe = False  # instead of pre-training: print the linear-probe table (random init vs pre-trained) of every family
 data_dir = 'data'  # weights go to {data_dir}/shapes/encoders/<family>-seed<seed>.safetensors
-seed = 1337  # of the pre-training run (initial weights, batches); train.py uses the weights of its own seed
+seed = 1337  # of the pre-training run (initial weights, batches); train.py uses the weights of its encoder_seed
+plateau = []  # e.g. [1, 2, 4]: instead, pre-train every family at these multiples of its step budget and probe each
 # -----------------------------------------------------------------------------
 
 # steps x batch per family, on 2 CPU cores: siglip about 2 min, dinov2 about 1.5 min, vit and resnet under 1 min.
@@ -397,6 +398,27 @@ def linear_probe(encoder, n_train=3000, n_test=1000, ridge=1e-3):
     return {'pairs': exact.float().mean().item(), 'count': count.float().mean().item()}
 
 
+def plateau_table(scales, seed, folder):
+    """
+    Whether each family's step budget reaches its probes' plateau: the family pre-trained at each multiple in
+    scales of its BUDGETS steps (the same batch and peak LR, the cosine stretched), into folder, then probed. A
+    budget is at the plateau when a longer one gains little on both probes.
+    """
+    rows = ['| encoder | steps | pairs | count | minutes |', '|---|---|---|---|---|']
+    for family in OBJECTIVES:
+        for scale in scales:
+            steps = round(BUDGETS[family]['steps'] * scale)
+            t0 = time.time()
+            path = pretrain(family, os.path.join(folder, f'{family}-x{scale}.safetensors'), seed, steps=steps,
+                            verbose=False)
+            torch.manual_seed(0)
+            probe = linear_probe(build_encoder(family, weights=path))
+            rows.append(f"| {family} | {steps} | {probe['pairs']:.3f} | {probe['count']:.3f} | "
+                        f"{(time.time() - t0) / 60:.1f} |")
+            print(rows[-1], flush=True)
+    return '\n'.join(rows)
+
+
 def probe_table(data_dir, seed):
     rows = ['| encoder | pairs, random init | pairs, pre-trained | count, random init | count, pre-trained |',
             '|---|---|---|---|---|']
@@ -412,7 +434,9 @@ def probe_table(data_dir, seed):
 
 if __name__ == '__main__':
     cfg = configure(sys.argv[1:], script_config(globals()), source=__file__)
-    if cfg['probe']:
+    if cfg['plateau']:
+        print(plateau_table(cfg['plateau'], cfg['seed'], os.path.join(cfg['data_dir'], 'shapes', 'plateau')))
+    elif cfg['probe']:
         print(probe_table(cfg['data_dir'], cfg['seed']))
     else:
         for name in cfg['families'].split(','):

@@ -190,10 +190,20 @@ class Metrics:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         kept = []
         if first and os.path.exists(path):
-            with open(path) as f:
-                kept = [line for line in f if json.loads(line)['step'] <= first]
+            with open(path, errors='replace') as f:
+                kept = [line.rstrip('\n') + '\n' for line in f if Metrics.step_of(line) <= first]
         with open(path, 'w') as f:
             f.writelines(kept)
+
+    @staticmethod
+    def step_of(line):
+        """The step of a line of metrics.jsonl; infinity (dropped on resume) for one a kill tore, or not a record."""
+        try:
+            record = json.loads(line)
+        except (ValueError, RecursionError):
+            return math.inf
+        step = record.get('step') if isinstance(record, dict) else None
+        return step if isinstance(step, (int, float)) and not isinstance(step, bool) else math.inf
 
     def record(self, **values):
         if self.path is None:

@@ -20,7 +20,7 @@ import checkpoint
 import data
 import eval as ev
 import shapes
-from configurator import configure, script_config
+from configurator import ConfigError, check_ranges, configure, script_config
 from model import VLM
 
 # -----------------------------------------------------------------------------
@@ -44,7 +44,23 @@ def shapes_scene(seed, size):
     return scene, shapes.render(scene, size)
 
 
+RANGES = dict(max_new_tokens='[1, 131072]', temperature='[0, 100]', top_k='[0, 4194304]', seed='[0, 4294967295]',
+              scene='[-1, 1000000000]', scene_size='[1, 1024]')  # checked before the checkpoint is read
+
+
+def read_image(path, size):
+    """The picture in a file the user names, decoded to size x size: a regular file (not a FIFO, /dev/zero or a
+    folder) of at most images.MAX_IMAGE_BYTES, else a one-line error naming it."""
+    from images import BadImage, decode_image, read_image_file
+    try:
+        raw = read_image_file(path, os.path.dirname(os.path.realpath(path)))  # checked before a byte is read
+        return decode_image(raw, size)
+    except BadImage as e:
+        sys.exit(f'--image={path}: {e}')
+
+
 def main(cfg):
+    check_ranges(cfg, RANGES)
     torch.manual_seed(cfg['seed'])
     model, info = checkpoint.load_model(cfg['ckpt'], cfg['device'])
     enc = data.get_tokenizer(info['tokenizer'])
@@ -52,9 +68,7 @@ def main(cfg):
     images = None
     if isinstance(model, VLM):
         if cfg['image']:
-            from images import decode_image
-            with open(cfg['image'], 'rb') as f:
-                picture = decode_image(f.read(), model.encoder.img_size)
+            picture = read_image(cfg['image'], model.encoder.img_size)
         else:
             seed = cfg['scene'] if cfg['scene'] >= 0 else 0
             scene, picture = shapes_scene(seed, cfg['scene_size'])
@@ -68,6 +82,9 @@ def main(cfg):
         sys.exit(f'{cfg["ckpt"]} is a text-only checkpoint: it cannot look at an image (use an image or finetune one)')
     else:
         idx = enc.encode_ordinary(cfg['prompt'])
+    if len(idx) >= info['model_args']['block_size']:
+        sys.exit(f'the prompt is {len(idx)} tokens; {cfg["ckpt"]} reads at most {info["model_args"]["block_size"]} '
+                 f'(its block_size), the reply included: shorten it')
     x = torch.tensor([idx], device=cfg['device'])
     kwargs = dict(max_new_tokens=cfg['max_new_tokens'], temperature=cfg['temperature'], top_k=cfg['top_k'] or None,
                   stop_token=stop)
@@ -78,4 +95,9 @@ def main(cfg):
 
 
 if __name__ == '__main__':
-    main(configure(sys.argv[1:], script_config(globals()), source=__file__))
+    try:
+        main(configure(sys.argv[1:], script_config(globals()), source=__file__))
+    except ConfigError as e:
+        sys.exit(f'config error: {e}')
+    except (ValueError, OSError, RuntimeError) as e:  # a missing or damaged checkpoint: the message names the file
+        sys.exit(f'error: {e}')

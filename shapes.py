@@ -15,6 +15,7 @@ train.py prepares what a run needs (prepare_text, prepare_images) in one step be
 import json
 import os
 import random
+import re
 import sys
 from collections import Counter
 
@@ -28,7 +29,7 @@ from data import caption_sample, chat_sample, get_tokenizer, randint, special_id
 data_dir = 'data'  # the world is written to {data_dir}/shapes
 # -----------------------------------------------------------------------------
 
-SHAPES_VERSION = 4  # bump when the generator changes, so stale caches are rebuilt (and checkpoints say so)
+SHAPES_VERSION = 5  # bump when the generator changes, so stale caches are rebuilt (and checkpoints say so)
 SPLIT_SEEDS = {'train': 1, 'val': 2, 'test': 3}  # disjoint streams of sentences and items
 
 # -----------------------------------------------------------------------------
@@ -220,14 +221,61 @@ BACKGROUND = 25  # dark gray: every color above stands out against it
 MAX_OBJECTS = 4
 # scenes with fewer objects are more common: a small model first learns to read one object, then to pick one out
 OBJECT_COUNT_WEIGHTS = (4, 3, 2, 1)
-VISION_TASKS = ('color', 'shape', 'count', 'exists', 'position')
+VISION_TASKS = ('color', 'shape', 'count', 'exists', 'position', 'grounding')
+# What the questions name and answer with. Fine-tuning conversations name only the SEEN half of each kind; captions
+# describe every scene fully, every kind; evaluation asks about all of them, each answer uniform over its whole set.
+# A held-out concept (a green square, an object at the bottom, four shapes) can be answered or found only if the
+# image-caption stage grounded it: vision is learned in the image-text stage, as in the paper, and fine-tuning
+# teaches the question format on the rest.
+CONCEPTS = {'color': COLORS, 'shape': SHAPES, 'position': POSITIONS, 'count': NUMBER_WORDS[1:MAX_OBJECTS + 1]}
+SEEN = {'color': ['red', 'blue', 'yellow'], 'shape': ['circle', 'triangle'], 'count': ['one', 'three'],
+        'position': ['top left', 'top right', 'center', 'bottom left', 'bottom right']}
+GROUNDING_PROMPT = 'Please provide the bounding box coordinate of the region this sentence describes: the {} {}.'
+GROUNDING_IOU = 0.5  # a box counts when its IoU with the object's reaches this (RefCOCO's threshold)
 TEXT_TASKS = ('facts', 'rare_facts', 'arithmetic', 'long_arithmetic', 'sequence')
 EVAL_ITEMS = 1000  # items made per task, text and vision; a run scores the first eval_items of each (train.py)
 
 
-def random_object(rng, cell, shape=None, color=None):
-    return dict(shape=shape or rng.choice(SHAPES), color=color or rng.choice(COLORS), size=rng.choice(SIZES),
+def random_object(rng, cell, shape=None, color=None, size=None):
+    return dict(shape=shape or rng.choice(SHAPES), color=color or rng.choice(COLORS), size=size or rng.choice(SIZES),
                 cell=cell)
+
+
+def object_box(obj):
+    """An object's bounding box [x1, y1, x2, y2] in image coordinates 0 .. 1, rounded to 2 decimals as LLaVA and
+    vlm-evaluation write boxes: its cell's center and the extent render() gives its shape."""
+    row, col = divmod(obj['cell'], 3)
+    r = (0.42 if obj['size'] == 'large' else 0.27) / 3
+    half = 0.85 * r if obj['shape'] == 'square' else r
+    below = 0.8 * r if obj['shape'] == 'triangle' else half  # a triangle's base is 0.8 r below its center
+    cx, cy = (col + 0.5) / 3, (row + 0.5) / 3
+    return [round(v, 2) for v in (cx - half, cy - half, cx + half, cy + below)]
+
+
+def box_text(box):
+    return '[' + ', '.join(f'{v:.2f}' for v in box) + ']'
+
+
+def parse_box(text):
+    """The first four numbers of a generated answer as a box, or None (a malformed answer scores 0)."""
+    numbers = re.findall(r'-?\d+(?:\.\d+)?', text)
+    return [float(v) for v in numbers[:4]] if len(numbers) >= 4 else None
+
+
+def iou(a, b):
+    """Intersection over union of two boxes [x1, y1, x2, y2] (reversed corners are put in order)."""
+    a, b = [min(a[0], a[2]), min(a[1], a[3]), max(a[0], a[2]), max(a[1], a[3])], \
+        [min(b[0], b[2]), min(b[1], b[3]), max(b[0], b[2]), max(b[1], b[3])]
+    inter = max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def grounding_chance():
+    """The accuracy of the best answer that ignores the image: the one box that reaches GROUNDING_IOU for the most
+    of the boxes the task asks for (cells, sizes and shapes uniform)."""
+    boxes = [object_box(dict(cell=c, size=z, shape=s)) for c in range(9) for z in SIZES for s in SHAPES]
+    return max(np.mean([iou(g, b) >= GROUNDING_IOU for b in boxes]) for g in boxes)
 
 
 def render(scene, size=48):
@@ -257,11 +305,12 @@ def describe(obj, rng):
 
 
 def caption(scene, rng):
+    """Every object of the scene by color, shape and place (and size, half the time), and half the time the count."""
     objs = [describe(o, rng) for o in rng.sample(scene, len(scene))]
     listed = objs[0] if len(objs) == 1 else ', '.join(objs[:-1]) + ' and ' + objs[-1]
     n = len(scene)
-    template = rng.choice(['{l}.', 'In this picture: {l}.', 'We see {l}.',
-                           'There ' + ('is one shape' if n == 1 else f'are {NUMBER_WORDS[n]} shapes') + ': {l}.'])
+    counted = 'There ' + ('is one shape' if n == 1 else f'are {NUMBER_WORDS[n]} shapes')
+    template = rng.choice(['{l}.', 'In this picture: {l}.', counted + ': {l}.', counted + '. We see {l}.'])
     text = template.format(l=listed)
     return text[0].upper() + text[1:]
 
@@ -271,47 +320,57 @@ def scene_with(rng, first, n=None):
     its shape and its color, so a question about it by shape or by color has one answer."""
     n = n or rng.choices(range(1, MAX_OBJECTS + 1), weights=OBJECT_COUNT_WEIGHTS)[0]
     cell = first.get('cell', rng.randrange(9))
-    obj = random_object(rng, cell, first.get('shape'), first.get('color'))
+    obj = random_object(rng, cell, first.get('shape'), first.get('color'), first.get('size'))
     others = rng.sample([c for c in range(9) if c != cell], n - 1)
     return [obj] + [random_object(rng, c, rng.choice([s for s in SHAPES if s != obj['shape']]),
                                   rng.choice([k for k in COLORS if k != obj['color']])) for c in others]
 
 
-def question(rng, task):
-    """(scene, question, answer) with the answer uniform over the task's answer set; returns also that set."""
-    if task == 'color':
-        answer = rng.choice(COLORS)
-        scene = scene_with(rng, {'color': answer})
-        return scene, f"What color is the {scene[0]['shape']}?", answer, COLORS
+def question(rng, task, concepts=CONCEPTS):
+    """
+    (scene, question, answer, chance, named) with the answer uniform over the task's answers among `concepts` and the
+    question naming only `concepts` (CONCEPTS: evaluation; SEEN: fine-tuning). chance: what an answer that ignores
+    the image scores on evaluation's full sets; named: the (kind, value) pairs the question and answer name.
+    """
+    color, shape = rng.choice(concepts['color']), rng.choice(concepts['shape'])
+    named = [('color', color), ('shape', shape)]
+    if task == 'color':  # the color of the one object of a shape
+        scene = scene_with(rng, {'color': color, 'shape': shape})
+        return scene, f'What color is the {shape}?', color, 1 / len(COLORS), named
     if task == 'shape':
-        answer = rng.choice(SHAPES)
-        scene = scene_with(rng, {'shape': answer})
-        return scene, f"What shape is the {scene[0]['color']} object?", answer, SHAPES
+        scene = scene_with(rng, {'color': color, 'shape': shape})
+        return scene, f'What shape is the {color} object?', shape, 1 / len(SHAPES), named
     if task == 'count':
-        n = rng.randint(1, MAX_OBJECTS)
-        return scene_with(rng, {}, n), 'How many shapes are there?', NUMBER_WORDS[n], NUMBER_WORDS[1:MAX_OBJECTS + 1]
-    if task == 'exists':
-        scene = scene_with(rng, {})
+        n = rng.choice(concepts['count'])
+        scene = scene_with(rng, {}, NUMBER_WORDS.index(n))
+        return scene, 'How many shapes are there?', n, 1 / len(CONCEPTS['count']), [('count', n)]
+    if task == 'exists':  # a color and a shape named, present together in the scene or not
         if rng.random() < 0.5:
-            obj = rng.choice(scene)
-            color, shape, answer = obj['color'], obj['shape'], 'yes'
+            scene, answer = scene_with(rng, {'color': color, 'shape': shape}), 'yes'
+            rng.shuffle(scene)
         else:
-            present = {(o['color'], o['shape']) for o in scene}
-            color, shape = rng.choice([(c, s) for c in COLORS for s in SHAPES if (c, s) not in present])
-            answer = 'no'
-        return scene, f'Is there a {color} {shape}?', answer, ['yes', 'no']
+            scene, answer = scene_with(rng, {}), 'no'
+            while any((o['color'], o['shape']) == (color, shape) for o in scene):
+                scene = scene_with(rng, {})
+        return scene, f'Is there a {color} {shape}?', answer, 1 / 2, named
     if task == 'position':
-        cell = rng.randrange(9)
-        scene = scene_with(rng, {'cell': cell})
-        return scene, f"Where is the {scene[0]['shape']}?", POSITIONS[cell], POSITIONS
+        place = rng.choice(concepts['position'])
+        scene = scene_with(rng, {'shape': shape, 'cell': POSITIONS.index(place)})
+        return scene, f'Where is the {shape}?', place, 1 / len(POSITIONS), [('shape', shape), ('position', place)]
+    if task == 'grounding':  # a referring expression in, its box out, as RefCOCO asks (cells and sizes uniform)
+        scene = scene_with(rng, {'color': color, 'shape': shape, 'cell': rng.randrange(9), 'size': rng.choice(SIZES)})
+        return scene, GROUNDING_PROMPT.format(color, shape), box_text(object_box(scene[0])), GROUNDING_CHANCE, named
     raise ValueError(f'unknown vision task {task!r}; the tasks are {", ".join(VISION_TASKS)}')
 
 
+GROUNDING_CHANCE = grounding_chance()
+
+
 def conversation(rng):
-    """A scene and one or two question-answer turns about it."""
-    scene, q, a, _ = question(rng, rng.choice(VISION_TASKS))
+    """A scene and one or two question-answer turns about it, naming only SEEN concepts."""
+    scene, q, a, _, _ = question(rng, rng.choice(VISION_TASKS), SEEN)
     turns = [(q, a)]
-    if rng.random() < 0.3:  # a second turn that any scene answers
+    if rng.random() < 0.3 and NUMBER_WORDS[len(scene)] in SEEN['count']:  # a second turn, when its answer is seen
         turns.append(('How many shapes are there?', NUMBER_WORDS[len(scene)]))
     return scene, turns
 
@@ -329,8 +388,9 @@ def image_sets(n_captions, n_instruct, n_eval):
     eval_items = []
     for i, task in enumerate(VISION_TASKS):  # a stream per task: the first n questions do not depend on n_eval
         rng = random.Random(SPLIT_SEEDS['test'] * 1000 + 7 + i)
-        eval_items += [dict(task=task, scene=s, question=q, answer=a, answers=k)
-                       for s, q, a, k in (question(rng, task) for _ in range(n_eval))]
+        eval_items += [dict(task=task, scene=s, question=q, answer=a, chance=c,
+                            held_out=any(v not in SEEN[kind] for kind, v in named))
+                       for s, q, a, c, named in (question(rng, task) for _ in range(n_eval))]
     return caption_scenes, conversations, eval_items
 
 

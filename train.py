@@ -9,7 +9,7 @@ fine-tuning, each checkpoint scored as it is saved.
 
 Top to bottom: the config keys; the LR schedules (the paper's injection rule); the stages, each a function stating
 its model, batches, length and LR (a Stage), and their table (STAGES); the one loop every stage runs through
-(train_stage: batch, forward, backward, clip, step, LR, log, checkpoint, evaluate); main. Real data: README.
+(train_stage: batch, forward, backward, clip, step, LR, log, checkpoint, evaluate); main.
 """
 
 import math
@@ -24,11 +24,11 @@ import torch
 import data
 import prepare
 import runtime
-from checkpoint import (FolderLocked, StaleCheckpoint, acquire_lock, check_fingerprint, finished_checkpoints,
-                        is_checkpoint, load_model, prune, release_lock)
+from checkpoint import StaleCheckpoint, check_fingerprint, finished_checkpoints, is_checkpoint, load_model, prune
 from configurator import ConfigError, config_class, configure, script_config
 from encoders import ENCODERS, build_encoder
 from eval import saved_scores, stable_score_table
+from locks import FolderLocked, acquire_lock, release_lock
 from model import GPT, PRESETS, VLM, GPTConfig
 from prepare import checkpoint_of, frac_name, frac_step, stage_outputs, steps_dir
 from runtime import Clock, Metrics, Progress, TrainingError, log
@@ -39,13 +39,16 @@ from runtime import Clock, Metrics, Progress, TrainingError, log
 # I/O
 out_dir = 'out'  # this run's image and finetune stages write to {out_dir}/image and {out_dir}/finetune
 text_out_dir = 'out/text'  # the text stage's checkpoints; ablation cells that share it share one text stage
+image_out_dir = ''  # where the image stage writes image/ and image_steps/ ('': out_dir); cells that differ only in
+# fine-tuning share it
 stages = 'text,image,finetune'  # comma-separated stages to run, in order; each starts from the one before it
 init_from = 'scratch'  # 'scratch', or 'resume': continue an interrupted stage from its newest checkpoint
 allow_stale = False  # reuse a finished stage although its fingerprint differs (other code, data or settings)
 evaluate = True  # score each checkpoint a stage saves on the dataset's tasks (eval.json); False: later, with eval.py
 eval_interval = 100  # steps between validation-loss estimates
 eval_iters = 10  # batches per validation-loss estimate
-eval_items = 500  # items scored per task of the shapes world (the same first ones every time; up to 1000)
+eval_items = 500  # items scored per vision task of the shapes world (the same first ones every time; up to 1000)
+text_eval_items = 1000  # items scored per text task (scoring by likelihood is cheap: all of them, by default)
 log_interval = 25  # steps between log lines
 ckpt_interval = 100  # steps between a stage's periodic checkpoints, which init_from='resume' continues from; 0: none
 keep_last = 2  # periodic checkpoints kept per stage, the newest; the text stage's save_fracs ones are never deleted
@@ -79,6 +82,7 @@ grad_clip = 1.0  # clip the global gradient norm to this; 0 disables
 
 # image stage
 image_inject_frac = 0.8  # the image injection point: a value of save_fracs, or 0: images from scratch (no text stage)
+text_checkpoint = ''  # start the image stage from this text checkpoint (import_lm.py's) instead of text_out_dir's
 image_iters = 300  # optimizer steps of the image stage
 image_ratio = 0.1  # share of the image stage's data that is image-caption data, counted as image_ratio_of says
 image_ratio_of = 'rows'  # 'rows' (sequences) or 'tokens' (image and caption tokens among all, padding aside)
@@ -114,19 +118,23 @@ fsdp = False  # under torchrun, shard the LM (and a trainable encoder) over the 
 grad_checkpoint = False  # recompute each block's activations in the backward pass: less memory, about 1/3 more compute
 data_workers = None  # DataLoader processes building batches ahead of the step; None: 4 on CUDA, 0 on CPU
 peak_flops = 0.0  # the device's peak FLOP/s for MFU; 0 looks it up (A100, H100) or leaves MFU out (CPU)
-seed = 1337  # every stage's initialization and batches
+seed = 1337  # every stage's initialization and batches (the image and finetune stages', and the others' by default)
+text_seed = None  # the text stage's initialization and batches; None: seed
+encoder_seed = None  # the shapes encoders' pre-training run (encoder_weights='shapes'); None: seed
 # -----------------------------------------------------------------------------
 
-Config = config_class('Config', script_config(globals()), {'compile': bool, 'data_workers': int})
+Config = config_class('Config', script_config(globals()), {'compile': bool, 'data_workers': int, 'text_seed': int,
+                                                          'encoder_seed': int})
 
 
 def get_config(args):
     """Defaults, then config files and --key=value flags, then every check that needs no compute."""
     cfg = Config(**configure(args, script_config(globals()), source=__file__, types=Config.__annotations__))
+    cfg.text_seed, cfg.encoder_seed = (cfg.seed if s is None else s for s in (cfg.text_seed, cfg.encoder_seed))
     names = cfg.stages.split(',')
-    unknown = [name for name in names if name not in STAGES]
-    if unknown:
-        raise ConfigError(f'stages={cfg.stages!r}: unknown stage {unknown[0]!r}; the stages are {", ".join(STAGES)}')
+    if not set(names) <= set(STAGES):
+        raise ConfigError(f'stages={cfg.stages!r}: unknown stage {sorted(set(names) - set(STAGES))[0]!r}; the stages '
+                          f'are {", ".join(STAGES)}')
     prepare.check_config(cfg, images=any(STAGES[name].reads_images for name in names))  # ranges, choices, files
     before = STAGES[names[0]].after  # the first stage's input must exist already
     if before and not from_scratch(cfg, names[0]) and not is_checkpoint(checkpoint_of(cfg, before)):
@@ -161,8 +169,8 @@ def image_schedule(cfg):
         return lambda step: cosine_lr(step, cfg.learning_rate, cfg.warmup_iters, cfg.image_iters, cfg.min_lr)
     if cfg.image_inject_frac == 1.0:
         return lambda step: cosine_lr(step, cfg.image_lr, cfg.rewarm_iters, cfg.image_iters, cfg.min_lr)
-    reached = text_schedule(cfg)(frac_step(cfg.image_inject_frac, cfg.text_iters))
-    return lambda step: cosine_lr(step, reached, 0, cfg.image_iters, cfg.min_lr)
+    reached, floor = prepare.injection_lr(cfg, cosine_lr)  # text_checkpoint: the schedule of the run that made it
+    return lambda step: cosine_lr(step, reached, 0, cfg.image_iters, floor)
 
 
 def encoder_schedule(cfg, iters, lm_schedule):
@@ -199,21 +207,21 @@ class Stage:
                                                **encoder)
 
 
-def new_gpt(cfg, rt, prep):
-    torch.manual_seed(cfg.seed)
+def new_gpt(cfg, rt, prep, seed):
+    torch.manual_seed(seed)
     return GPT(GPTConfig(block_size=cfg.block_size, vocab_size=data.padded_vocab_size(prep.enc), qk_norm=cfg.qk_norm,
                          tie_embeddings=cfg.tie_embeddings, **PRESETS[cfg.model])).to(rt.device)
 
 
 def text_stage(cfg, rt, prep):
-    gpt = new_gpt(cfg, rt, prep)
+    gpt = new_gpt(cfg, rt, prep, cfg.text_seed)
     log(rt, f'text stage: {cfg.model} GPT, {gpt.num_params():,} parameters '
             f'({gpt.num_params(non_embedding=True):,} without the input embedding)')
     train_tokens, val_tokens = data.open_shard(prep.folder, 'train'), data.open_shard(prep.folder, 'val')
 
     def batch(step, rows):
-        x, y = data.text_batch(train_tokens, cfg.batch_size, cfg.block_size, data.seeded_generator(cfg.seed, step),
-                               rows)
+        x, y = data.text_batch(train_tokens, cfg.batch_size, cfg.block_size,
+                               data.seeded_generator(cfg.text_seed, step), rows)
         return x, y, {}, Counter()
 
     def val_loss():  # the same batches every time, so the curve compares like with like
@@ -227,13 +235,12 @@ def text_stage(cfg, rt, prep):
 
 def image_stage(cfg, rt, prep):
     if from_scratch(cfg, 'image'):
-        text_ckpt, gpt = 'a new LM (images from scratch)', new_gpt(cfg, rt, prep)
+        text_ckpt, gpt = 'a new LM (images from scratch)', new_gpt(cfg, rt, prep, cfg.seed)
     else:
         text_ckpt, gpt = stage_input(cfg, rt, prep, 'image')
     torch.manual_seed(cfg.seed)
     encoder = build_encoder(cfg.encoder, cfg.encoder_scale, prep.weights, freeze=cfg.freeze_encoder)
-    vlm = VLM(gpt, encoder, data.special_id(prep.enc, '<|image|>'), cfg.projector, cfg.image_inject_layer)
-    vlm = vlm.to(rt.device).train()
+    vlm = VLM(gpt, encoder, data.special_id(prep.enc, '<|image|>'), cfg.projector, cfg.image_inject_layer).to(rt.device)
     log(rt, f'image stage: {cfg.encoder} ({"frozen" if encoder.frozen else "trained"}, {encoder.num_tokens} tokens '
             f'x {encoder.dim}) into {text_ckpt}, {cfg.image_iters} steps at image ratio {cfg.image_ratio}')
     features = prepare.feature_cache(cfg, prep, encoder)
@@ -282,36 +289,26 @@ class StageKind:
     after: Optional[str]  # the stage whose checkpoint it starts from; None: fresh weights
     keys: tuple = ()  # config keys it is the first stage to read: they do not define the stages before it
     reads_images: bool = False  # its fingerprint holds the encoder weights and the image data
+    scores_vision: bool = True  # its checkpoint's eval.json has the vision scores (a VLM that has learned to answer)
     code: tuple = ()  # modules beyond prepare.STAGE_CODE whose code decides its checkpoints
 
 
 # the stages, in the order a run takes them (stages='text,image,finetune'); a new stage is one entry here
 STAGES = {
     'text': StageKind(text_stage, after=None),
-    'image': StageKind(image_stage, after='text', reads_images=True, keys=(
-        'image_inject_frac', 'image_iters', 'image_ratio', 'image_ratio_of', 'instruct_ratio', 'image_lr',
-        'rewarm_iters', 'encoder', 'encoder_scale', 'encoder_weights', 'freeze_encoder', 'encoder_lr', 'projector',
-        'image_inject_layer', 'cache_features', 'image_data', 'caption_key', 'instruct_data', 'instruct_images',
-        'scene_size', 'caption_scenes', 'conversations')),
+    'image': StageKind(image_stage, after='text', reads_images=True, scores_vision=False, keys=(
+        'seed', 'encoder_seed', 'image_inject_frac', 'image_iters', 'image_ratio', 'image_ratio_of', 'instruct_ratio',
+        'image_lr', 'rewarm_iters', 'encoder', 'encoder_scale', 'encoder_weights', 'freeze_encoder', 'encoder_lr',
+        'projector', 'image_inject_layer', 'cache_features', 'image_data', 'caption_key', 'instruct_data',
+        'instruct_images', 'scene_size', 'caption_scenes', 'conversations', 'text_checkpoint')),
     'finetune': StageKind(finetune_stage, after='image', reads_images=True, keys=(
         'finetune_epochs', 'finetune_lr', 'finetune_text_ratio')),
 }
 
 
-def defining_keys(config, name):
-    """
-    The config keys (of a dict) that define stage `name`'s checkpoints: all but prepare.RUN_KEYS (how and where a
-    run is carried out) and the keys that later stages are the first to read. A key listed nowhere defines every
-    stage, so a new key can only make a stage be trained again, never reused stale.
-    """
-    later = [k for n in list(STAGES)[list(STAGES).index(name) + 1:] for k in STAGES[n].keys]
-    return {k: v for k, v in config.items() if k not in prepare.RUN_KEYS and k not in later}
-
-
 def fingerprint(cfg, name, prep):
-    """The fingerprint a stage's checkpoints carry (prepare.fingerprint), with the config keys that define it."""
-    kind = STAGES[name]
-    return prepare.fingerprint(cfg, prep, defining_keys(vars(cfg), name), kind.code, kind.reads_images)
+    """The fingerprint stage `name`'s checkpoints carry: the config keys that define it, its code, data, weights."""
+    return prepare.fingerprint(cfg, prep, STAGES, name)
 
 
 def from_scratch(cfg, name):
@@ -326,7 +323,8 @@ def stage_input(cfg, rt, prep, name):
     if not is_checkpoint(folder):
         raise ConfigError(f'{folder} does not exist: run the {before} stage first (stages={before},... with the same '
                           f'settings; the default stages=text,image,finetune runs each in turn)')
-    check_fingerprint(folder, fingerprint(cfg, before, prep), cfg.allow_stale, warn=lambda m: log(rt, m))
+    if folder != cfg.text_checkpoint:  # one text_checkpoint names was made by no stage of this run
+        check_fingerprint(folder, fingerprint(cfg, before, prep), cfg.allow_stale, warn=lambda m: log(rt, m))
     return folder, load_model(folder, rt.device)[0]  # shapes checked against the file, then its verified weights
 
 
@@ -402,12 +400,12 @@ def train_stage(cfg, rt, clock, prep, name, wandb_run=None, step_offset=0):
                     runtime.save_stage_checkpoint(rt, folder, stage.model, optimizer, info(done), last_good, files=[
                         metrics.path] if done in saves and name != 'text' and rt.master else [])
                     if done not in saves and rt.master:
-                        prune(steps_dir(cfg, name), cfg.keep_last)
+                        prune(steps_dir(cfg, name), cfg.keep_last, written=folder)  # never this run's own
                 last_good = folder
                 with clock.part(f'{name} evaluation'):  # rank 0 scores it (eval.json beside it), the others wait
                     if done in saves:
                         log(rt, f'{name} stage: saved {folder} | ' + (saved_scores(
-                            folder, cfg.dataset, rt.device, cfg.data_dir) if cfg.evaluate and rt.master else
+                            folder, cfg, rt.device, STAGES[name].scores_vision) if cfg.evaluate and rt.master else
                             'not scored (evaluate=False): python eval.py --ckpt=FOLDER'))
                     runtime.barrier(rt)
     if rt.compile:
@@ -421,8 +419,20 @@ def main(cfg):
     rt = runtime.setup_runtime(cfg)
     clock = Clock(start_up=runtime.process_age())  # the interpreter, torch's import, the config
     wandb_run, locks = runtime.open_wandb(cfg, rt), []
+    # SIGTERM (ablate.py stopping its cell, a scheduler) ends the run as ctrl-C does: through the finally below, which
+    # gives the locks back (a SIGKILL cannot be caught, and the kernel drops their flocks all the same)
+    import signal
+    import threading
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    on_main = threading.current_thread() is threading.main_thread()  # only the main thread may set a handler
+    terminate = signal.getsignal(signal.SIGTERM) if on_main else None
+    if on_main:
+        signal.signal(signal.SIGTERM, stop)
     try:
-        for folder in sorted({cfg.out_dir, cfg.text_out_dir}) if rt.master else ():
+        for folder in sorted({cfg.out_dir, cfg.text_out_dir, cfg.image_out_dir or cfg.out_dir}) if rt.master else ():
             locks.append(acquire_lock(folder))  # one writer per folder: a second run stops here, naming this one
         names, trained = cfg.stages.split(','), 0
         with clock.part('preparation'):  # rank 0 makes what is missing, then the others open it
@@ -436,11 +446,13 @@ def main(cfg):
         table = stable_score_table([(f'text {frac_name(cfg.image_inject_frac)}' if name == 'text' else name,
                                      checkpoint_of(cfg, name)) for name in STAGES], cfg.out_dir)
         log(rt, (table if names != ['text'] else '') + clock.summary())  # times.json: for ablate.py's table
-        if rt.master:
-            clock.save(os.path.join(cfg.out_dir, 'times.json'))
+        if rt.master and (trained or not os.path.exists(os.path.join(cfg.out_dir, 'times.json'))):
+            clock.save(os.path.join(cfg.out_dir, 'times.json'))  # a run that only reused stages keeps the time
     finally:
         for path in locks:
             release_lock(path)
+        if on_main:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if terminate is None else terminate)
         if wandb_run is not None:
             wandb_run.finish()
         runtime.close_runtime(rt)

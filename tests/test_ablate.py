@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 
 import ablate
-import plots
+import report
 import stats
 import eval as ev
 import train
+from runs import claim_folder, eval_path
 from configurator import ConfigError, configure
 
 CONFIG = os.path.join(os.path.dirname(__file__), '..', 'config')
@@ -58,8 +59,9 @@ def test_a_cell_is_exactly_its_config_file(tmp_path):
         flags = [a for a in run['args'] if a.startswith('--encoder_lr=')]
         by_ablate, by_hand = vars(train.get_config(run['args'])), vars(train.get_config([path] + flags))
         assert by_ablate.pop('out_dir') == run['out_dir'] and by_hand.pop('out_dir') == f'out/{run["cell"].split()[0]}'
-        by_ablate.pop('text_out_dir'), by_hand.pop('text_out_dir')
-        assert by_ablate.pop('seed') == run['seed'] and by_hand.pop('seed') == train.seed  # a plan sets each seed
+        by_ablate.pop('text_out_dir'), by_hand.pop('text_out_dir'), by_ablate.pop('image_out_dir'), by_hand.pop('image_out_dir')
+        for key in ('seed', 'text_seed', 'encoder_seed'):  # a plan sets each seed, and by default the others follow it
+            assert by_ablate.pop(key) == run['seed'] and by_hand.pop(key) == train.seed
         assert by_ablate == by_hand
     cells = [f for f in os.listdir(CONFIG) if f.endswith(('frozen.py', 'patch.py'))]
     assert len(cells) == 9 and len({train.get_config([os.path.join(CONFIG, f)]).out_dir for f in cells}) == 9
@@ -77,10 +79,28 @@ def test_cells_share_a_text_stage_exactly_when_their_text_settings_agree(tmp_pat
         {f'--text_out_dir={tmp_path}/text/default/seed1'}
 
 
+def test_cells_share_an_image_stage_exactly_when_only_fine_tuning_differs(tmp_path):
+    arg = lambda r, key: next(a.split('=', 1)[1] for a in r['args'] if a.startswith(f'--{key}='))
+    _, runs, _ = plan([os.path.join(CONFIG, 'ablate_finetune_epochs.py'), f'--out_dir={tmp_path}', '--seeds=[1,2]'])
+    assert {arg(r, 'image_out_dir') for r in runs} == {f'{tmp_path}/image/default/seed1',
+                                                        f'{tmp_path}/image/default/seed2'}
+    assert len({r['out_dir'] for r in runs}) == 8  # each cell and seed fine-tunes on its own
+    _, runs, _ = plan([f'--out_dir={tmp_path}'])  # the encoders: an image stage each
+    images = {r['cell']: arg(r, 'image_out_dir') for r in runs}
+    assert len(set(images.values())) == 9
+    assert images['dino_siglip_unfrozen'].endswith('/image/encoder=dino_siglip-freeze_encoder=False-projector=fused_mlp/seed1')
+    # the seeds apart: one text stage and one encoder pre-training for every seed of the plan
+    _, runs, _ = plan([f'--out_dir={tmp_path}', "--grid={'image_ratio': [0.1]}", '--seeds=[1,2]', '--text_seed=7',
+                       '--encoder_seed=7'])
+    assert {arg(r, 'text_out_dir') for r in runs} == {f'{tmp_path}/text/default/seed7'}
+    assert [r['out_dir'] for r in runs] == [f'{tmp_path}/image_ratio=0.1/seed{s}-text_seed=7-encoder_seed=7' for s in (1, 2)]
+    assert [r['identity']['text_seed'] for r in runs] == [7, 7] and [r['identity']['seed'] for r in runs] == [1, 2]
+
+
 def finish(run, vision=(1.0, 0.0)):
     """What a finished run leaves: its finetune/eval.json."""
     os.makedirs(os.path.join(run['out_dir'], 'finetune'), exist_ok=True)
-    with open(ablate.eval_path(run), 'w') as f:
+    with open(eval_path(run), 'w') as f:
         json.dump(fake_eval(list(vision) * 20, [1.0] * 40), f)
 
 
@@ -124,6 +144,7 @@ def test_a_folder_holding_another_experiment_is_not_taken_for_the_cell(tmp_path,
 def test_report_only_tables_the_finished_runs_and_runs_nothing(tmp_path, monkeypatch):
     grid = "--grid={'image_ratio': [0.1, 0.2, 0.5]}"
     _, runs, _ = plan([f'--out_dir={tmp_path}', grid, '--seeds=[1,2]'])
+    assert claim_folder(runs[2]) is None  # a finished run has its cell.json
     finish(runs[2])  # image_ratio=0.2 seed 1 only; the baseline has no finished seed
     monkeypatch.setattr(ablate, 'run_cell', lambda run: pytest.fail('report_only ran a cell'))
     assert ablate.main([f'--out_dir={tmp_path}', grid, '--seeds=[1,2]', '--report_only=True'])
@@ -190,7 +211,7 @@ def fake_eval(vision_scores, text_scores):
 def test_table_gives_the_mean_over_seeds_with_an_interval():
     rng = np.random.default_rng(2)
     seeds = [fake_eval(list((rng.random(100) < p).astype(float)), [1.0] * 40) for p in (0.5, 0.7)]
-    row = ablate.results_table({'image_inject_frac=0': dict(enumerate(seeds))}, 'image_inject_frac=0').splitlines()[2]
+    row = report.results_table({'image_inject_frac=0': dict(enumerate(seeds))}, 'image_inject_frac=0').splitlines()[2]
     cells = row.split(' | ')
     mean = np.mean([ev.centered(np.mean(e['tasks']['color']['scores']), 1 / 6) for e in seeds])
     assert cells[0] == '| image_inject_frac=0' and cells[1] == '2'
@@ -200,7 +221,7 @@ def test_table_gives_the_mean_over_seeds_with_an_interval():
 
 def test_the_table_states_where_a_new_seed_lands():
     seeds = [fake_eval([1.0] * k + [0.0] * (60 - k), [1.0] * 40) for k in (20, 30, 40)]
-    table = ablate.results_table({'cell': dict(enumerate(seeds))}, 'cell').splitlines()
+    table = report.results_table({'cell': dict(enumerate(seeds))}, 'cell').splitlines()
     row = table[2].split(' | ')
     lo, hi = stats.new_seed_interval([ev.centered(k / 60, 1 / 6) for k in (20, 30, 40)])
     assert row[-2] == f'[{lo:.3f}, {hi:.3f}]; [1.000, 1.000]'  # text: every seed scores 1.0, no spread
@@ -215,16 +236,16 @@ def test_a_sweep_plot_draws_each_family_against_its_numeric_key(tmp_path):
     cells = {ablate.cell_name(c): c for c in cells[:4] + cells[4:][::-1]}  # the grid's order is not the axis's
     seeds = {1: fake_eval([1.0] * 30 + [0.0] * 30, [1.0] * 40)}
     results = {name: seeds for name in cells if name != 'vit_unfrozen encoder_lr=0.0001'}
-    key = plots.swept_key(cells)
-    lines, levels = plots.sweep_lines(cells, results, key)
+    key = report.swept_key(cells)
+    lines, levels = report.sweep_lines(cells, results, key)
     assert key == 'encoder_lr' and list(levels) == [f'{e}_frozen' for e in ('siglip', 'dino_siglip', 'vit', 'resnet')]
     assert {label: [x for x, _ in points] for label, points in lines.items()} == {
         'resnet_unfrozen': [1e-5, 1e-4, 1e-3], 'vit_unfrozen': [1e-5, 1e-3], 'dino_siglip_unfrozen': [1e-5, 1e-4, 1e-3],
         'siglip_unfrozen': [1e-5, 1e-4, 1e-3]}
     names = lambda grid: {ablate.cell_name(c): c for c in ablate.grid_cells(grid)}
-    assert plots.swept_key(names(ablate.grid)) is None
+    assert report.swept_key(names(ablate.grid)) is None
     injection, _, _ = plan([os.path.join(CONFIG, 'ablate_injection.py'), f'--out_dir={tmp_path}'])
-    assert plots.swept_key(names(injection['grid'])) == 'image_inject_frac'
+    assert report.swept_key(names(injection['grid'])) == 'image_inject_frac'
 
 
 def test_resume_skips_finished_and_survives_failures(tmp_path, monkeypatch):
@@ -262,16 +283,16 @@ def test_the_tables_judge_every_contrast_by_one_model_for_the_plan():
                'better': {s: make(p + 0.15, q) for s, (p, q) in enumerate(levels)},
                'same': {s: make(p, q) for s, (p, q) in enumerate(levels)},
                'partial': {0: make(0.5, 0.8), 1: make(0.6, 0.9)}}  # a seed short: outside the plan's model
-    table = ablate.results_table(results, 'base')
+    table = report.results_table(results, 'base')
     model = stats.PlanModel(results, 'vision')
     assert model.cells == ['base', 'better', 'same'] and model.seeds == [0, 1, 2]
     est = model.contrast({'better': 1, 'base': -1})
     row = next(line for line in table.splitlines() if line.startswith('| better |'))
-    assert f'{est.value:+.3f} [{est.ci95[0]:+.3f}, {est.ci95[1]:+.3f}] (p={ablate.fmt_p(est.p)})' in row
+    assert f'{est.value:+.3f} [{est.ci95[0]:+.3f}, {est.ci95[1]:+.3f}] (p={report.fmt_p(est.p)})' in row
     assert f'{est.mde:.3f}; ' in row and est.model == 'plan' and est.df > 2  # the plan's df, not one pair's
     assert est.p < 0.05 and model.contrast({'same': 1, 'base': -1}).p > 0.05
     assert stats.PlanModel(results, 'vision').contrast({'partial': 1, 'base': -1}).model == 'paired'
-    primary, records = ablate.primary_table(results, [('better', 'base', 'vision'), ('same', 'base', 'vision'),
+    primary, records = report.primary_table(results, [('better', 'base', 'vision'), ('same', 'base', 'vision'),
                                                       ('better', 'base', 'text')])
     assert [r['model'] for r in records] == ['plan'] * 3
     holm = stats.holm([r['p'] for r in records])
@@ -328,3 +349,26 @@ def test_the_study_corrects_every_plans_primary_contrasts_together(tmp_path, cap
     assert [r.split(' | ')[5] for r in rows] == ['0.030', '0.060', '0.060']  # Holm over all three: 3p, 2p, then max
     with pytest.raises(ConfigError, match='no results.json'):
         ablate.main([f'--study=[\'{tmp_path}/nowhere\']', f'--out_dir={tmp_path}/study'])
+
+
+def test_seeds_are_added_to_the_primary_cells_until_their_contrasts_reach_the_target(tmp_path, monkeypatch, capsys):
+    rng = np.random.default_rng(0)
+    ran = []
+
+    def fake_run(run):
+        ran.append((run['cell'], run['seed']))
+        p = 0.5 + (0.15 if run['cell'] == 'image_ratio=0.2' else 0.0) + rng.normal(0, 0.05)
+        os.makedirs(os.path.join(run['out_dir'], 'finetune'), exist_ok=True)
+        with open(eval_path(run), 'w') as f:
+            json.dump(fake_eval(list((rng.random(200) < p).astype(float)), [1.0] * 40), f)
+
+    monkeypatch.setattr(ablate, 'run_cell', fake_run)
+    common = [f'--out_dir={tmp_path}', "--grid={'image_ratio': [0.1, 0.2, 0.5]}", '--seeds=[1,2]',
+              "--primary=[('image_ratio=0.2', 'image_ratio=0.1', 'vision')]", '--max_seeds=5']
+    assert ablate.main(common + ["--target={'vision': 10.0}"])
+    assert len(ran) == 6  # the target is met at once: no seed added
+    assert ablate.main(common + ["--target={'vision': 1e-4}"])  # never met: up to max_seeds, the primary cells only
+    assert sorted(ran[6:]) == [(f'image_ratio={r}', s) for r in (0.1, 0.2) for s in (3, 4, 5)]
+    assert 'seed 3 for image_ratio=0.1, image_ratio=0.2: detectable effects above the target' in capsys.readouterr().out
+    with open(tmp_path / 'results.json') as f:
+        assert json.load(f)['primary'][0]['seeds'] == 5

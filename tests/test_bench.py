@@ -54,6 +54,33 @@ def test_data_pipeline_against_the_pil_ceiling(tmp_path, capsys):
     assert 'images per caption row of 256 tokens' in out
 
 
+def test_gpu_suite_without_cuda_says_so(capsys, monkeypatch):
+    monkeypatch.setattr(bench.torch.cuda, 'is_available', lambda: False)
+    assert run(['--suite=gpu'], capsys).startswith('bench.py --suite=gpu: no CUDA device')
+
+
+@pytest.mark.slow
+def test_gpu_suite_plan_and_table_at_tiny_shapes(capsys):
+    # the GPU suite's whole path, at demo shapes and tiny encoders on the CPU: every figure docs/performance.md
+    # holds, as its table, each with its target
+    out = run(['--suite=gpu', '--suite_scale=tiny', '--device=cpu'], capsys)
+    table = [line for line in out.splitlines() if line.startswith('|')]
+    assert table[0].startswith('| figure | setting | tokens/s |') and len(table) == 2 + 7
+    rows = {cells[0]: cells for cells in ([c.strip() for c in line.strip('|').split('|')] for line in table[2:])}
+    assert list(rows) == ['`79m` text step', 'image stage, SigLIP frozen', 'image stage, SigLIP trained',
+                          'image stage, DINO-SigLIP frozen', 'image stage, DINO-SigLIP trained', '`1b` text step',
+                          'DataLoader workers per GPU']
+    assert all(len(cells) == 10 for cells in rows.values())
+    text_speed = float(rows['`79m` text step'][2].replace(',', ''))
+    assert rows['`79m` text step'][8] == '≥ 45% MFU of datasheet' and rows['`1b` text step'][8].startswith('≥ 50%')
+    assert rows['`79m` text step'][9] == 'n/a'  # a CPU has no datasheet peak
+    frozen = rows['image stage, SigLIP frozen']
+    assert f'({0.8 * text_speed:,.0f} tokens/s)' in frozen[8]
+    assert frozen[9] == ('yes' if float(frozen[2].replace(',', '')) >= 0.8 * text_speed else 'no')
+    assert rows['image stage, DINO-SigLIP trained'][8] == ''  # a trained encoder's stage has no target
+    assert int(rows['DataLoader workers per GPU'][9].split()[0]) >= 1
+
+
 @pytest.mark.parametrize('args', [['--data=/nonexistent/*.tar']])
 def test_data_pipeline_names_missing_shards(args, capsys):
     with pytest.raises((ValueError, SystemExit), match='nonexistent'):

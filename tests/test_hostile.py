@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 import checkpoint
+import locks
 import corpora
 import eval as ev
 import images
@@ -166,7 +167,7 @@ def test_a_second_run_into_the_same_folder_is_refused_and_a_stale_lock_taken_ove
     try:
         (out / 'LOCK').write_text(json.dumps({'pid': holder.pid, 'host': socket.gethostname(), 'started': 'now'}))
         args = TEXT + [f'--data_dir={shapes_dir}', f'--text_out_dir={out}', f'--out_dir={tmp_path}']
-        with pytest.raises(checkpoint.FolderLocked, match=f'being written by another run \\(pid {holder.pid}'):
+        with pytest.raises(locks.FolderLocked, match=f'being written by another run \\(pid {holder.pid}'):
             train.main(train.get_config(args))
         assert not os.path.exists(out / 'ckpt_050')
     finally:

@@ -23,6 +23,7 @@ def test_presets_match_the_paper(name, expected):
 def test_swiglu_width_is_openlm_rule():
     assert GPTConfig(n_embd=512).mlp_hidden == 1536  # 8/3 * 512 = 1365.3 -> 1536
     assert GPTConfig(n_embd=2048).mlp_hidden == 5632
+    assert GPTConfig(n_embd=2048, mlp_hidden=5632 + 1).mlp_hidden == 5633  # a Llama states its own width
 
 
 def test_tied_embeddings_share_one_tensor():
@@ -146,6 +147,77 @@ def test_mfu_arithmetic():
     assert gpt.flops_per_token() == flops
     assert gpt.estimate_mfu(1000.0, peak_flops=flops * 4000.0) == pytest.approx(0.25)
     assert gpt.estimate_mfu(1000.0) is None  # a CPU has no datasheet peak
+
+
+def test_multi_head_layout_is_every_earlier_checkpoints():
+    # n_kv_head unset: the parameters and shapes of checkpoints written before GQA existed, so they still load
+    gpt = tiny()
+    assert gpt.config.n_kv_head == 2 and gpt.config.mlp_hidden == 256 and gpt.config.norm_eps is None
+    assert gpt.blocks[0].attn.qkv.weight.shape == (3 * 32, 32)
+    old = {k: v for k, v in vars(gpt.config).items() if k not in ('n_kv_head', 'mlp_hidden', 'norm_eps')}
+    assert GPTConfig(**old) == gpt.config  # an old checkpoint's model_args, without the new keys
+
+
+def test_gqa_shapes_and_kv_cache():
+    gpt = tiny(n_head=4, n_kv_head=2, mlp_hidden=48, norm_eps=1e-5, qk_norm=False).eval()
+    assert gpt.blocks[0].attn.qkv.weight.shape == ((4 + 2 * 2) * 8, 32)
+    assert gpt.blocks[0].mlp.fc.weight.shape == (2 * 48, 32) and gpt.blocks[0].norm1.eps == 1e-5
+    cache = gpt.make_cache(2)
+    assert cache[0][0].shape == (2, 2, 32, 8)  # sized by the key / value heads
+    idx = torch.randint(0, 64, (2, 12))
+    full, _ = gpt(idx)
+    first, _ = gpt(idx[:, :5], cache=cache, pos=0)
+    rest = [gpt(idx[:, t:t + 1], cache=cache, pos=t)[0] for t in range(5, 12)]
+    torch.testing.assert_close(torch.cat([first, *rest], dim=1), full, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match='n_head of n_kv_head'):
+        GPTConfig(n_head=4, n_kv_head=3)
+
+
+def test_gqa_equals_multi_head_with_shared_keys_and_values():
+    # a query head h reads key / value head h // 2: the same model as multi-head attention whose heads 2g and 2g+1
+    # have the same key and value weights
+    gqa = tiny(n_head=4, n_kv_head=2).eval()
+    mha = tiny(n_head=4).eval()
+    state = gqa.state_dict()
+    for i in range(2):
+        q, k, v = state[f'blocks.{i}.attn.qkv.weight'].split([32, 16, 16])
+        state[f'blocks.{i}.attn.qkv.weight'] = torch.cat([q, k.view(2, 8, 32).repeat_interleave(2, 0).reshape(32, 32),
+                                                          v.view(2, 8, 32).repeat_interleave(2, 0).reshape(32, 32)])
+    mha.load_state_dict(state)
+    idx = torch.randint(0, 64, (2, 16))
+    torch.testing.assert_close(gqa(idx)[0], mha(idx)[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+def test_chunked_loss_equals_cross_entropy(monkeypatch, dtype):
+    import model
+    logits = (3 * torch.randn(37, 50)).to(dtype).requires_grad_()
+    targets = torch.randint(0, 50, (37,))
+    targets[::4] = -1
+    reference = torch.nn.functional.cross_entropy(logits.float(), targets, ignore_index=-1)
+    reference.backward()
+    expected, logits.grad = logits.grad, None
+    monkeypatch.setattr(model, 'LOSS_CHUNK', 8 * 50)  # 8 rows a chunk, the last one of 5 rows
+    loss = model.cross_entropy(logits, targets)
+    assert loss.grad_fn.name() == 'ChunkedCrossEntropyBackward'
+    loss.backward()
+    assert logits.grad.dtype == dtype
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-6)
+    torch.testing.assert_close(logits.grad, expected, atol=tol, rtol=tol)
+    assert model.cross_entropy(logits, torch.full_like(targets, -1)).isnan()  # nothing scored: NaN, as F gives
+
+
+def test_chunked_loss_trains_the_same_model(monkeypatch):
+    import model
+    runs = []
+    for chunk in (model.LOSS_CHUNK, 3 * 64):
+        monkeypatch.setattr(model, 'LOSS_CHUNK', chunk)
+        torch.manual_seed(0)
+        gpt = tiny()
+        gpt(torch.randint(0, 64, (2, 10)), torch.randint(0, 64, (2, 10)))[1].backward()
+        runs.append([p.grad for p in gpt.parameters()])
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*runs))
 
 
 def test_loss_falls_on_shapes_text(shapes_dir):

@@ -48,14 +48,17 @@ def test_scenes_render_their_objects():
     assert (img == shapes.RGB['red']).all(-1).sum() > 100
 
 
+ANSWERS = {'color': shapes.COLORS, 'shape': shapes.SHAPES, 'count': shapes.CONCEPTS['count'], 'exists': ['yes', 'no'],
+           'position': shapes.POSITIONS}
+
+
 @pytest.mark.parametrize('task', shapes.VISION_TASKS)
 def test_questions_are_answerable_and_balanced(task):
     rng = random.Random(0)
     answers = []
     for _ in range(600):
-        scene, q, a, choices = shapes.question(rng, task)
-        assert a in choices and 1 <= len(scene) <= shapes.MAX_OBJECTS
-        assert len({o['cell'] for o in scene}) == len(scene)
+        scene, q, a, chance, named = shapes.question(rng, task)
+        assert 1 <= len(scene) <= shapes.MAX_OBJECTS and len({o['cell'] for o in scene}) == len(scene)
         if task == 'color':  # the shape asked about is unique, and has the answered color
             shape = q.split()[-1][:-1]
             assert [o['color'] for o in scene if o['shape'] == shape] == [a]
@@ -66,9 +69,52 @@ def test_questions_are_answerable_and_balanced(task):
             assert (a == 'yes') == any(o['color'] == color and o['shape'] == shape for o in scene)
         if task == 'position':
             assert [shapes.POSITIONS[o['cell']] for o in scene if o['shape'] == q.split()[-1][:-1]] == [a]
+        if task == 'grounding':  # the one object of that color and shape, its box
+            color, shape = q[:-1].split()[-2:]
+            target = [o for o in scene if o['color'] == color and o['shape'] == shape]
+            assert len(target) == 1 and a == shapes.box_text(shapes.object_box(target[0]))
+            a = (target[0]['cell'], target[0]['size'])
         answers.append(a)
-    counts = np.array([answers.count(c) for c in set(choices)])
+    choices = ANSWERS.get(task) or [(c, z) for c in range(9) for z in shapes.SIZES]
+    assert chance == (shapes.GROUNDING_CHANCE if task == 'grounding' else 1 / len(choices))
+    counts = np.array([answers.count(c) for c in choices])
     assert counts.min() > 0.6 * 600 / len(choices)  # every answer about equally often: chance is 1/k
+
+
+def test_a_box_is_what_the_picture_shows_and_iou_scores_it():
+    for shape in shapes.SHAPES:
+        obj = dict(shape=shape, color='red', size='large', cell=5)
+        img = shapes.render([obj], 300)
+        ys, xs = np.nonzero((img == shapes.RGB['red']).all(-1))
+        drawn = [xs.min() / 300, ys.min() / 300, (xs.max() + 1) / 300, (ys.max() + 1) / 300]
+        assert shapes.iou(drawn, shapes.object_box(obj)) > 0.93, shape  # rounded to 2 decimals, pixels to 1/300
+    box = shapes.object_box(dict(shape='circle', color='red', size='small', cell=0))
+    assert shapes.parse_box(shapes.box_text(box)) == box and shapes.iou(box, box) == 1.0
+    assert shapes.iou(box, [box[2], box[3], box[0], box[1]]) == 1.0  # reversed corners
+    assert shapes.parse_box('somewhere left') is None and shapes.parse_box('[0.1, 0.2, 0.3]') is None
+    assert shapes.iou([0, 0, 0.5, 0.5], [0.5, 0.5, 1, 1]) == 0.0
+    # a box that ignores the picture finds about 1 object in 10: better than 1/18 (cell and size), as large boxes
+    # of the same cell overlap most shapes' large boxes
+    assert 1 / 18 < shapes.GROUNDING_CHANCE < 0.12
+
+
+def test_fine_tuning_names_only_seen_concepts_and_evaluation_all():
+    rng = random.Random(2)
+    for _ in range(500):
+        _, turns = shapes.conversation(rng)
+        for q, a in turns:
+            words = set(f'{q} {a}'.lower().replace('?', ' ').replace('.', ' ').split())
+            assert words & set(shapes.COLORS) <= set(shapes.SEEN['color']), (q, a)
+            assert words & set(shapes.SHAPES) <= set(shapes.SEEN['shape']), (q, a)
+            if q.startswith('Where is'):
+                assert a in shapes.SEEN['position']
+            if q.startswith('How many'):
+                assert a in shapes.SEEN['count']
+    _, _, items = shapes.image_sets(0, 0, 300)
+    share = np.mean([it['held_out'] for it in items])
+    assert 0.5 < share < 0.85  # most evaluation items name a concept fine-tuning never names
+    assert {it['answer'] for it in items if it['task'] == 'color'} == set(shapes.COLORS)
+    assert {it['answer'] for it in items if it['task'] == 'position'} == set(shapes.POSITIONS)
 
 
 def test_caption_mentions_every_object():
@@ -108,7 +154,8 @@ def test_packing_never_splits_and_fits_block(world, enc, shapes_dir):
     assert sum(len(image_runs(x, image)) for x, _, _ in rows) == len(world.conversations)
     for x, y, ids in rows:
         assert len(x) == 256 and all(r == N for r in image_runs(x, image)) and len(ids) == len(image_runs(x, image))
-        assert enc.decode(x[x < 256].tolist()).count('?') >= len(ids)  # each conversation kept its question
+        text = enc.decode(x[x < 256].tolist())
+        assert text.count('?') + text.count('describes:') >= len(ids)  # each conversation kept its question
 
 
 def test_realized_ratios_match_config(world, enc, shapes_dir):
