@@ -115,8 +115,10 @@ def expand(cfg, passed):
     cells, skipped = [], []
     for cell in grid_cells(cfg['grid']):
         name, args = cell_name(cell), cell_args(cell)
-        # the cell's config file first, then the plan's flags (passed to every cell), then the cell's own flags
-        args = args[:1] + passed + args[1:] if 'config' in cell else passed + args
+        # the cell's config file first, then the plan's flags (passed to every cell), then the cell's own flags; each
+        # cell scores only its last stage, the one the tables read, unless the plan's flags say otherwise
+        passed_here = ['--evaluate=finetune'] + passed
+        args = args[:1] + passed_here + args[1:] if 'config' in cell else passed_here + args
         try:
             cells.append((name, args, train.get_config(args)))
         except ConfigError as e:

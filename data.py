@@ -213,8 +213,8 @@ def text_batch(tokens, batch_size, block_size, generator, rows=slice(None)):
 # why a sample drawn for a batch was left out: images.decode_image's and read_image_file's reasons (BadImage), a
 # sample over block_size; every skip counter uses these keys (runtime.tally_counts sums them over the ranks)
 SKIP_REASONS = ('not an image', 'too large', 'too small', 'extreme aspect ratio', 'truncated or corrupt',
-                'missing file', 'unreadable file', 'outside its folder', 'not a regular file', 'file too large',
-                'longer than block_size')
+                'missing file', 'unreadable file', 'unusable file name', 'outside its folder', 'not a regular file',
+                'file too large', 'longer than block_size')
 MAX_DRAWS = 1000  # draws in a row without a usable sample before a batch gives up: the image data is broken
 
 
@@ -321,14 +321,14 @@ def token_kinds(x, y, enc):
     return counts
 
 
-def finetune_plan(source, enc, block_size, n_image_tokens, epochs, seed, verbose=False):
+def finetune_plan(source, enc, block_size, n_image_tokens, epochs, seed, limit=0, verbose=False):
     """
-    The fine-tuning epochs as rows of conversation indices: each epoch a shuffle of the conversations, packed greedily
-    into rows of block_size tokens. Lengths are measured once; the rows are built when a batch is (finetune_row).
-    Conversations longer than a row are left out, counted in source.skipped and, verbose, said. Returns
-    [epoch][row] = [indices].
+    The fine-tuning epochs as rows of conversation indices: each epoch a shuffle of the conversations (the first
+    limit of them; 0: all), packed greedily into rows of block_size tokens. Lengths are measured once; the rows are
+    built when a batch is (finetune_row). Conversations longer than a row are left out, counted in source.skipped
+    and, verbose, said. Returns [epoch][row] = [indices].
     """
-    lengths, t0, n = [], time.time(), source.n_conversations
+    lengths, t0, n = [], time.time(), min(limit or source.n_conversations, source.n_conversations)
     for i in range(n):  # LLaVA's 665k conversations take minutes: say how long
         lengths.append(len(source.conversation_sample(i, enc, n_image_tokens)[0]))
         if verbose and (i + 1) % 100_000 == 0:

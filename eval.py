@@ -1,12 +1,9 @@
 """
-Evaluate a nanoVLP checkpoint: per-task accuracy, chance, centered accuracy and bootstrap intervals, and the
-stable scores: the mean centered accuracy over the text tasks (text stable score) and over the vision tasks
-(vision stable score).
+Evaluate a nanoVLP checkpoint: per task its accuracy, chance, centered accuracy (a - c) / (1 - c), which puts chance
+at 0 and all right at 1, and a bootstrap interval; the vision and text stable scores, each the mean centered accuracy
+over its tasks. On the shapes world's own tasks, or on the paper's benchmarks (benchmarks.py).
 
     python eval.py --ckpt=out/text/ckpt_100          # prints a table, writes out/text/ckpt_100/eval.json
-
-Centered accuracy (a - c) / (1 - c) puts chance at 0 and a perfect score at 1, so tasks with different numbers of
-choices average fairly.
 """
 
 import io
@@ -21,11 +18,12 @@ import torch
 import torch.nn.functional as F
 
 import data
+import grounding
 import shapes
 from checkpoint import load_model
-from stats import centered
 from configurator import configure, script_config
 from model import VLM
+from stats import bootstrap_means, centered, interval, stable_score, task_result
 
 # the stable scores an eval.json holds: {key: (short name, modality, the tasks it averages)}
 STABLE_SCORES = {'vision_stable_score': ('vision', 'vision', 'tasks'),
@@ -146,36 +144,6 @@ def multiple_choice(model, enc, items, device):
 # -----------------------------------------------------------------------------
 # scores and intervals
 
-def bootstrap_means(scores, n_boot, rng):
-    """n_boot bootstrap resamples of the mean of scores."""
-    scores = np.asarray(scores, dtype=np.float64)
-    return scores[rng.integers(0, len(scores), size=(n_boot, len(scores)))].mean(axis=1)
-
-
-def interval(samples):
-    return [float(np.percentile(samples, 2.5)), float(np.percentile(samples, 97.5))]
-
-
-def task_result(modality, scores, chance, rng, n_boot=1000, **extra):
-    """One task's accuracy, centered accuracy and interval; a task with no item left has none of them (not 0)."""
-    if not len(scores):
-        return dict(modality=modality, accuracy=None, chance=chance, centered=None, n=0, ci95=None, scores=[],
-                    **extra)
-    acc = float(np.mean(scores))
-    boots = centered(bootstrap_means(scores, n_boot, rng), chance)
-    return dict(modality=modality, accuracy=acc, chance=chance, centered=centered(acc, chance), n=len(scores),
-                ci95=interval(boots), scores=[float(s) for s in scores], **extra)
-
-
-def stable_score(tasks, modality, rng, n_boot=1000):
-    """Mean centered accuracy over the tasks of one modality, with a bootstrap interval that resamples each task."""
-    chosen = [t for t in tasks.values() if t['modality'] == modality and t['n']]
-    if not chosen:
-        return None, None
-    boots = np.mean([centered(bootstrap_means(t['scores'], n_boot, rng), t['chance']) for t in chosen], axis=0)
-    return float(np.mean([t['centered'] for t in chosen])), interval(boots)
-
-
 def text_tasks(model, enc, items, device, rng):
     tasks = {}
     for name in sorted({it['task'] for it in items}):
@@ -244,10 +212,8 @@ def vision_tasks(model, enc, world, device, rng, blind=False, eval_items=shapes.
     tasks = {}
     for name in shapes.VISION_TASKS:
         chosen = [(p, it) for p, it in zip(predictions, items) if it['task'] == name]
-        if name == 'grounding':
-            scores = [float(shapes.parse_box(p) is not None and
-                            shapes.iou(shapes.parse_box(p), shapes.parse_box(it['answer'])) >= shapes.GROUNDING_IOU)
-                      for p, it in chosen]
+        if name == 'grounding':  # as vlm-evaluation scores RefCOCO: a list of 4 numbers, IoU >= 0.5
+            scores = [grounding.grounding_accuracy(p.strip(), it['box'], shapes.GROUNDING_IOU) for p, it in chosen]
         else:
             scores = [float(normalize_answer(p) == normalize_answer(it['answer'])) for p, it in chosen]
         # each task's answers are balanced over a known set, so an image-blind model gets its chance
@@ -379,14 +345,7 @@ def benchmark_image(item, folder, size):
     """
     from images import BadImage, decode_image, read_image_file
 
-    try:
-        raw = read_image_file(item['image'], folder)
-    except BadImage:
-        raise
-    except OSError:  # a folder named as an image file (an empty name), read_image_file lets it through
-        raise BadImage('unreadable file') from None
-    except ValueError:  # a NUL byte in the name
-        raise BadImage('unusable file name') from None
+    raw = read_image_file(item['image'], folder)  # a folder, a FIFO or a NUL byte in the name: BadImage too
     pixels = decode_image(raw, size)
     if 'size' in item:
         from PIL import Image

@@ -76,7 +76,10 @@ def read_image_file(path, folder, max_bytes=MAX_IMAGE_BYTES):
     inside folder, be a regular file (not a FIFO, a device such as /dev/zero, or a folder) and hold at most max_bytes.
     Raises BadImage with the reason, which the skip counters use.
     """
-    real, root = os.path.realpath(path), os.path.realpath(folder)
+    try:
+        real, root = os.path.realpath(path), os.path.realpath(folder)
+    except ValueError:  # a NUL byte in the name
+        raise BadImage('unusable file name') from None
     if os.path.commonpath([real, root]) != root:
         raise BadImage('outside its folder')
     try:
@@ -85,10 +88,11 @@ def read_image_file(path, folder, max_bytes=MAX_IMAGE_BYTES):
         raise BadImage('missing file')
     except OSError:
         raise BadImage('unreadable file')
+    if not stat.S_ISREG(os.fstat(fd).st_mode):  # a folder (an empty name is its record's folder), a FIFO, a device
+        os.close(fd)
+        raise BadImage('not a regular file')
     with os.fdopen(fd, 'rb') as f:
         st = os.fstat(f.fileno())
-        if not stat.S_ISREG(st.st_mode):
-            raise BadImage('not a regular file')
         if st.st_size > max_bytes:
             raise BadImage('file too large')
         raw = f.read(max_bytes + 1)

@@ -43,7 +43,7 @@ def encoder_shape(cfg):
         raise ConfigError(f'encoder={cfg.encoder!r}, encoder_scale={cfg.encoder_scale!r}: {e}') from e
 
 
-LONGEST_CAPTION = 200  # bytes: four objects in the longest phrasing, with room to spare
+LONGEST_CAPTION = 200  # bytes: a long caption of four objects (the rare longer one is skipped and counted)
 # every number in train.py's config must be finite and >= 0; these keys are held to narrower ranges
 RANGES = {k: '> 0' for k in ('text_iters', 'image_iters', 'batch_size', 'gradient_accumulation_steps', 'block_size',
                              'learning_rate', 'image_lr', 'finetune_lr', 'encoder_lr', 'finetune_epochs', 'keep_last',
@@ -65,11 +65,11 @@ CHOICES = dict(model=PRESETS, encoder=ENCODERS, dtype=('auto', 'float32', 'bfloa
                image_ratio_of=('rows', 'tokens'))  # the keys that take one of a few values
 
 
-def check_config(cfg, images):
+def check_config(cfg, reads_images):
     """
     What a run needs of its config beyond each key's type, checked before any compute: every number in its range
     and every choice one of its values; checkpoint steps the text stage can take; and for a run with image stages
-    (images) an injection point with a text checkpoint, an encoder that can be what the config says, room in a row
+    (reads_images) an injection point with a text checkpoint, an encoder that can be what the config says, room in a row
     for an image and a caption, and the input files.
     """
     check_ranges(vars(cfg), RANGES, CHOICES)
@@ -96,7 +96,7 @@ def check_config(cfg, images):
         raise ConfigError(f'eval_items={cfg.eval_items}: the shapes world has 1 to {shapes.EVAL_ITEMS} items per task')
     if cfg.image_ratio + cfg.instruct_ratio > 1:
         raise ConfigError(f'image_ratio={cfg.image_ratio} and instruct_ratio={cfg.instruct_ratio} sum to more than 1')
-    if not images:
+    if not reads_images:
         return
     source = check_text_checkpoint(cfg) if cfg.text_checkpoint else None  # import_lm.py's, or another run's
     n_layer = source['model_args']['n_layer'] if source else PRESETS[cfg.model]['n_layer']
@@ -230,16 +230,16 @@ class Prepared:
     source: Any = None  # the image source (shapes.ImageWorld or images.RealImages), for the image stages
 
 
-def prepare_run(cfg, images, verbose=True):
+def prepare_run(cfg, reads_images, verbose=True):
     """
     The run's data and where its encoder weights are: the token dataset (the shapes world is written first), and
-    for a run with stages that read images (images) the shapes encoders' weights (pre-trained when missing), the image source (the shapes
+    for a run with stages that read images (reads_images) the shapes encoders' weights (pre-trained when missing), the image source (the shapes
     world's renders, or the index of real shards) and a frozen encoder's feature cache. Under DDP rank 0 calls it
     first, then the others, which find everything made (runtime.master_first).
     """
     folder = shapes.prepare_text(cfg.data_dir, verbose=verbose) if cfg.dataset == 'shapes' else cfg.dataset
     enc = data.get_tokenizer(data.load_meta(folder)['tokenizer'])
-    if not images:
+    if not reads_images:
         return Prepared(folder, enc)
     weights = (pretrain_encoders.shapes_weights(cfg.encoder, cfg.data_dir, cfg.encoder_seed, verbose)
                if cfg.encoder_weights == 'shapes' else cfg.encoder_weights)
@@ -279,7 +279,7 @@ def feature_cache(cfg, prep, encoder, create=False, verbose=False):
         st = os.stat(rendered)
         made_by += [os.path.abspath(rendered), st.st_size, st.st_mtime_ns]  # rendered again: a new file
     code = hashlib.sha1(json.dumps(made_by).encode()).hexdigest()[:12]
-    name = f'shapes-v{shapes.SHAPES_VERSION}-{cfg.scene_size}px-{cfg.caption_scenes}-{cfg.conversations}-{code}'
+    name = f'shapes-{shapes.WORLD_CODE}-{cfg.scene_size}px-{cfg.caption_scenes}-{cfg.conversations}-{code}'
     return cached_features(encoder, prep.source.images, name, os.path.join(cfg.data_dir, 'features'), create=create,
                            verbose=verbose)
 
@@ -288,6 +288,8 @@ def feature_cache(cfg, prep, encoder, create=False, verbose=False):
 NOT_FINGERPRINTED = {
     'checkpoint.py': 'writes and reads the files; their bytes are verified by the checksums config.json records',
     'eval.py': 'scores a saved checkpoint into eval.json, which python eval.py can always make again',
+    'grounding.py': 'its box scorer scores the shapes world\'s grounding task into eval.json, likewise',
+    'benchmarks.py': 'the helpers grounding.py reads files with, imported with it',
     'stats.py': 'the statistics of eval.json (centered accuracy), likewise',
     'configurator.py': 'parses the config, whose resolved keys the fingerprint holds',
     'prepare.py': 'makes the inputs, whose data and weights the fingerprint holds by digest',

@@ -10,6 +10,8 @@ train.py's loop uses these; nothing here knows about stages, images or evaluatio
 import json
 import math
 import os
+import signal
+import threading
 import time
 from collections import Counter
 from contextlib import contextmanager, nullcontext
@@ -105,6 +107,27 @@ def master_first(rt, make):
         result = make()
     barrier(rt)
     return result if rt.master else make()
+
+
+@contextmanager
+def sigterm_exits():
+    """
+    Inside it SIGTERM (ablate.py stopping its cell, a scheduler) ends the process as ctrl-C does, by an exception:
+    through every finally block on the way out, which give the locks back. A SIGKILL cannot be caught; the kernel
+    drops its flocks all the same. Only the main thread may set a handler: elsewhere it does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def log(rt, *args):

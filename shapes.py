@@ -1,35 +1,34 @@
 """
 The shapes world: a small universe generated from a seed, offline, so that the whole study runs on a laptop CPU with
 no data prepared. Its text corpus states facts about a fixed population of people (their colours, pets, towns and
-food, and, rarely, the instrument they play), arithmetic in words (two and three terms) and ordered sequences (days,
-months, counting, the towns along the river); its text tasks ask for those facts, sums and next items as multiple
-choice with known chance, two of them hard enough that a short run does not saturate them (rare facts, three-term
-sums): where forgetting shows. Its pictures are scenes of 1-4
-coloured shapes on a 3x3 grid, with captions, instruction conversations and balanced vision questions.
+food, and, rarely, the instrument they play), arithmetic in words and ordered sequences; its text tasks ask for them
+as multiple choice with known chance, two hard enough that a short run does not saturate them: where forgetting
+shows. Its pictures are scenes of 1-4 coloured shapes on a 3x3 grid, with captions, conversations and balanced
+vision questions, grounding among them; fine-tuning names only some of the colors and shapes (SEEN).
 
     python shapes.py                 # write {data_dir}/shapes/ (text shards, text tasks) and print its sizes
-
-train.py prepares what a run needs (prepare_text, prepare_images) in one step before any training.
 """
 
 import json
 import os
 import random
-import re
 import sys
 from collections import Counter
 
 import numpy as np
 
 from configurator import configure
+from checkpoint import code_digest
 from data import caption_sample, chat_sample, get_tokenizer, randint, special_id, write_shard
+from grounding import box_iou  # vlm-evaluation's, as the paper's RefCOCO is scored
 
 # -----------------------------------------------------------------------------
 # config for `python shapes.py`
 data_dir = 'data'  # the world is written to {data_dir}/shapes
 # -----------------------------------------------------------------------------
 
-SHAPES_VERSION = 5  # bump when the generator changes, so stale caches are rebuilt (and checkpoints say so)
+# the code that generates the world: its rendered pictures and its text are made again when it changes (comments aside)
+WORLD_CODE = code_digest(__file__)[:12]
 SPLIT_SEEDS = {'train': 1, 'val': 2, 'test': 3}  # disjoint streams of sentences and items
 
 # -----------------------------------------------------------------------------
@@ -222,14 +221,13 @@ MAX_OBJECTS = 4
 # scenes with fewer objects are more common: a small model first learns to read one object, then to pick one out
 OBJECT_COUNT_WEIGHTS = (4, 3, 2, 1)
 VISION_TASKS = ('color', 'shape', 'count', 'exists', 'position', 'grounding')
-# What the questions name and answer with. Fine-tuning conversations name only the SEEN half of each kind; captions
-# describe every scene fully, every kind; evaluation asks about all of them, each answer uniform over its whole set.
-# A held-out concept (a green square, an object at the bottom, four shapes) can be answered or found only if the
-# image-caption stage grounded it: vision is learned in the image-text stage, as in the paper, and fine-tuning
-# teaches the question format on the rest.
-CONCEPTS = {'color': COLORS, 'shape': SHAPES, 'position': POSITIONS, 'count': NUMBER_WORDS[1:MAX_OBJECTS + 1]}
-SEEN = {'color': ['red', 'blue', 'yellow'], 'shape': ['circle', 'triangle'], 'count': ['one', 'three'],
-        'position': ['top left', 'top right', 'center', 'bottom left', 'bottom right']}
+# The colors and shapes that fine-tuning names (SEEN: half of each). Captions describe every scene fully, every color
+# and shape; evaluation also asks about objects named by the others (held out: "the square", "the purple object"),
+# which a model can find only if the image-caption stage grounded their names, and answers with seen words alone (a
+# word fine-tuning never lets the model say it will not say: measured, docs/results.md). So vision is learned in the
+# image-text stage, as in the paper, and fine-tuning teaches the question format on the seen half.
+SEEN = {'color': ['red', 'blue', 'yellow'], 'shape': ['circle', 'triangle']}
+REFERENTS = {'color': COLORS, 'shape': SHAPES}  # what evaluation's questions name
 GROUNDING_PROMPT = 'Please provide the bounding box coordinate of the region this sentence describes: the {} {}.'
 GROUNDING_IOU = 0.5  # a box counts when its IoU with the object's reaches this (RefCOCO's threshold)
 TEXT_TASKS = ('facts', 'rare_facts', 'arithmetic', 'long_arithmetic', 'sequence')
@@ -256,26 +254,11 @@ def box_text(box):
     return '[' + ', '.join(f'{v:.2f}' for v in box) + ']'
 
 
-def parse_box(text):
-    """The first four numbers of a generated answer as a box, or None (a malformed answer scores 0)."""
-    numbers = re.findall(r'-?\d+(?:\.\d+)?', text)
-    return [float(v) for v in numbers[:4]] if len(numbers) >= 4 else None
-
-
-def iou(a, b):
-    """Intersection over union of two boxes [x1, y1, x2, y2] (reversed corners are put in order)."""
-    a, b = [min(a[0], a[2]), min(a[1], a[3]), max(a[0], a[2]), max(a[1], a[3])], \
-        [min(b[0], b[2]), min(b[1], b[3]), max(b[0], b[2]), max(b[1], b[3])]
-    inter = max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
-
-
 def grounding_chance():
     """The accuracy of the best answer that ignores the image: the one box that reaches GROUNDING_IOU for the most
     of the boxes the task asks for (cells, sizes and shapes uniform)."""
     boxes = [object_box(dict(cell=c, size=z, shape=s)) for c in range(9) for z in SIZES for s in SHAPES]
-    return max(np.mean([iou(g, b) >= GROUNDING_IOU for b in boxes]) for g in boxes)
+    return max(np.mean([box_iou(g, b) >= GROUNDING_IOU for b in boxes]) for g in boxes)
 
 
 def render(scene, size=48):
@@ -300,18 +283,22 @@ def render(scene, size=48):
 
 
 def describe(obj, rng):
-    words = f"{obj['size'] + ' ' if rng.random() < 0.5 else ''}{obj['color']} {obj['shape']}"  # size: sometimes
-    return f"{'an' if words[0] in 'aeiou' else 'a'} {words} at the {POSITIONS[obj['cell']]}"
+    """One object in one of several phrasings, each naming its color, shape and place (and sometimes its size), in
+    every order a question asks for them: what is at a place, what color a shape is, where a colored shape is."""
+    size = obj['size'] + ' ' if rng.random() < 0.5 else ''
+    color, shape, place = obj['color'], obj['shape'], POSITIONS[obj['cell']]
+    return rng.choice([f"{'an' if (size or color)[0] in 'aeiou' else 'a'} {size}{color} {shape} at the {place}",
+                       f'the {size}{shape} at the {place} is {color}', f'the {size}{color} {shape} is at the {place}',
+                       f'the {size}{color} object at the {place} is a {shape}'])
 
 
 def caption(scene, rng):
-    """Every object of the scene by color, shape and place (and size, half the time), and half the time the count."""
+    """Every object of the scene, each in its own phrasing, and half the time the count first."""
     objs = [describe(o, rng) for o in rng.sample(scene, len(scene))]
     listed = objs[0] if len(objs) == 1 else ', '.join(objs[:-1]) + ' and ' + objs[-1]
     n = len(scene)
     counted = 'There ' + ('is one shape' if n == 1 else f'are {NUMBER_WORDS[n]} shapes')
-    template = rng.choice(['{l}.', 'In this picture: {l}.', counted + ': {l}.', counted + '. We see {l}.'])
-    text = template.format(l=listed)
+    text = rng.choice(['{l}.', counted + ': {l}.']).format(l=listed)
     return text[0].upper() + text[1:]
 
 
@@ -326,24 +313,26 @@ def scene_with(rng, first, n=None):
                                   rng.choice([k for k in COLORS if k != obj['color']])) for c in others]
 
 
-def question(rng, task, concepts=CONCEPTS):
+def question(rng, task, referents=REFERENTS):
     """
-    (scene, question, answer, chance, named) with the answer uniform over the task's answers among `concepts` and the
-    question naming only `concepts` (CONCEPTS: evaluation; SEEN: fine-tuning). chance: what an answer that ignores
-    the image scores on evaluation's full sets; named: the (kind, value) pairs the question and answer name.
+    (scene, question, answer, chance, named): a question about one object named by a color or a shape of
+    `referents` (REFERENTS: evaluation; SEEN: fine-tuning), its answer uniform over the task's answers (a color or a
+    shape answer is a seen one), chance what an answer that ignores the image scores, named the (kind, value)
+    pairs the question names.
     """
-    color, shape = rng.choice(concepts['color']), rng.choice(concepts['shape'])
+    color, shape = rng.choice(referents['color']), rng.choice(referents['shape'])
     named = [('color', color), ('shape', shape)]
     if task == 'color':  # the color of the one object of a shape
-        scene = scene_with(rng, {'color': color, 'shape': shape})
-        return scene, f'What color is the {shape}?', color, 1 / len(COLORS), named
+        answer = rng.choice(SEEN['color'])
+        scene = scene_with(rng, {'color': answer, 'shape': shape})
+        return scene, f'What color is the {shape}?', answer, 1 / len(SEEN['color']), named[1:]
     if task == 'shape':
-        scene = scene_with(rng, {'color': color, 'shape': shape})
-        return scene, f'What shape is the {color} object?', shape, 1 / len(SHAPES), named
+        answer = rng.choice(SEEN['shape'])
+        scene = scene_with(rng, {'color': color, 'shape': answer})
+        return scene, f'What shape is the {color} object?', answer, 1 / len(SEEN['shape']), named[:1]
     if task == 'count':
-        n = rng.choice(concepts['count'])
-        scene = scene_with(rng, {}, NUMBER_WORDS.index(n))
-        return scene, 'How many shapes are there?', n, 1 / len(CONCEPTS['count']), [('count', n)]
+        n = rng.randint(1, MAX_OBJECTS)
+        return scene_with(rng, {}, n), 'How many shapes are there?', NUMBER_WORDS[n], 1 / MAX_OBJECTS, []
     if task == 'exists':  # a color and a shape named, present together in the scene or not
         if rng.random() < 0.5:
             scene, answer = scene_with(rng, {'color': color, 'shape': shape}), 'yes'
@@ -354,9 +343,9 @@ def question(rng, task, concepts=CONCEPTS):
                 scene = scene_with(rng, {})
         return scene, f'Is there a {color} {shape}?', answer, 1 / 2, named
     if task == 'position':
-        place = rng.choice(concepts['position'])
-        scene = scene_with(rng, {'shape': shape, 'cell': POSITIONS.index(place)})
-        return scene, f'Where is the {shape}?', place, 1 / len(POSITIONS), [('shape', shape), ('position', place)]
+        cell = rng.randrange(9)
+        scene = scene_with(rng, {'shape': shape, 'cell': cell})
+        return scene, f'Where is the {shape}?', POSITIONS[cell], 1 / len(POSITIONS), named[1:]
     if task == 'grounding':  # a referring expression in, its box out, as RefCOCO asks (cells and sizes uniform)
         scene = scene_with(rng, {'color': color, 'shape': shape, 'cell': rng.randrange(9), 'size': rng.choice(SIZES)})
         return scene, GROUNDING_PROMPT.format(color, shape), box_text(object_box(scene[0])), GROUNDING_CHANCE, named
@@ -367,10 +356,10 @@ GROUNDING_CHANCE = grounding_chance()
 
 
 def conversation(rng):
-    """A scene and one or two question-answer turns about it, naming only SEEN concepts."""
+    """A scene and one or two question-answer turns about it, naming only SEEN colors and shapes."""
     scene, q, a, _, _ = question(rng, rng.choice(VISION_TASKS), SEEN)
     turns = [(q, a)]
-    if rng.random() < 0.3 and NUMBER_WORDS[len(scene)] in SEEN['count']:  # a second turn, when its answer is seen
+    if rng.random() < 0.3:  # a second turn that any scene answers
         turns.append(('How many shapes are there?', NUMBER_WORDS[len(scene)]))
     return scene, turns
 
@@ -388,14 +377,14 @@ def image_sets(n_captions, n_instruct, n_eval):
     eval_items = []
     for i, task in enumerate(VISION_TASKS):  # a stream per task: the first n questions do not depend on n_eval
         rng = random.Random(SPLIT_SEEDS['test'] * 1000 + 7 + i)
-        eval_items += [dict(task=task, scene=s, question=q, answer=a, chance=c,
+        eval_items += [dict(task=task, scene=s, question=q, answer=a, chance=c, box=object_box(s[0]),
                             held_out=any(v not in SEEN[kind] for kind, v in named))
                        for s, q, a, c, named in (question(rng, task) for _ in range(n_eval))]
     return caption_scenes, conversations, eval_items
 
 
 def images_path(folder, scene_size, n_captions, n_instruct, n_eval):
-    return os.path.join(folder, f'images_v{SHAPES_VERSION}_{scene_size}px_{n_captions}_{n_instruct}_{n_eval}.npy')
+    return os.path.join(folder, f'images_{WORLD_CODE}_{scene_size}px_{n_captions}_{n_instruct}_{n_eval}.npy')
 
 
 def prepare_images(folder, scene_size, n_captions=8000, n_instruct=6000, n_eval=EVAL_ITEMS):
@@ -461,12 +450,12 @@ def prepare_text(data_dir='data', train_bytes=3_000_000, val_bytes=100_000, n_ta
     meta_path = os.path.join(out, 'meta.json')
     if os.path.exists(meta_path):
         with open(meta_path) as f:
-            if json.load(f).get('version') == SHAPES_VERSION:
+            if json.load(f).get('version') == WORLD_CODE:
                 return out
     os.makedirs(out, exist_ok=True)
     enc, world = get_tokenizer('bytes'), make_world()
     eot = special_id(enc, '<|endoftext|>')
-    meta = {'version': SHAPES_VERSION, 'tokenizer': 'bytes', 'vocab_size': enc.n_vocab, 'dtype': 'uint16',
+    meta = {'version': WORLD_CODE, 'tokenizer': 'bytes', 'vocab_size': enc.n_vocab, 'dtype': 'uint16',
             'world_seed': WORLD_SEED, 'tokens': {}}
     for split, n_bytes in (('train', train_bytes), ('val', val_bytes)):
         docs = make_corpus(world, SPLIT_SEEDS[split], n_bytes)

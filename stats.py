@@ -154,6 +154,40 @@ def holm(pvalues):
 
 
 # -----------------------------------------------------------------------------
+# one checkpoint's scores: a task's accuracy and a stable score, with bootstrap intervals over its items
+
+
+def bootstrap_means(scores, n_boot, rng):
+    """n_boot bootstrap resamples of the mean of scores."""
+    scores = np.asarray(scores, dtype=np.float64)
+    return scores[rng.integers(0, len(scores), size=(n_boot, len(scores)))].mean(axis=1)
+
+
+def interval(samples):
+    return [float(np.percentile(samples, 2.5)), float(np.percentile(samples, 97.5))]
+
+
+def task_result(modality, scores, chance, rng, n_boot=1000, **extra):
+    """One task's accuracy, centered accuracy and interval; a task with no item left has none of them (not 0)."""
+    if not len(scores):
+        return dict(modality=modality, accuracy=None, chance=chance, centered=None, n=0, ci95=None, scores=[],
+                    **extra)
+    acc = float(np.mean(scores))
+    boots = centered(bootstrap_means(scores, n_boot, rng), chance)
+    return dict(modality=modality, accuracy=acc, chance=chance, centered=centered(acc, chance), n=len(scores),
+                ci95=interval(boots), scores=[float(s) for s in scores], **extra)
+
+
+def stable_score(tasks, modality, rng, n_boot=1000):
+    """Mean centered accuracy over the tasks of one modality, with a bootstrap interval that resamples each task."""
+    chosen = [t for t in tasks.values() if t['modality'] == modality and t['n']]
+    if not chosen:
+        return None, None
+    boots = np.mean([centered(bootstrap_means(t['scores'], n_boot, rng), t['chance']) for t in chosen], axis=0)
+    return float(np.mean([t['centered'] for t in chosen])), interval(boots)
+
+
+# -----------------------------------------------------------------------------
 # the crossed model, on arrays
 
 

@@ -39,12 +39,11 @@ from runtime import Clock, Metrics, Progress, TrainingError, log
 # I/O
 out_dir = 'out'  # this run's image and finetune stages write to {out_dir}/image and {out_dir}/finetune
 text_out_dir = 'out/text'  # the text stage's checkpoints; ablation cells that share it share one text stage
-image_out_dir = ''  # where the image stage writes image/ and image_steps/ ('': out_dir); cells that differ only in
-# fine-tuning share it
+image_out_dir = ''  # the image stage's image/ and image_steps/ ('': out_dir); cells differing only in finetuning share it
 stages = 'text,image,finetune'  # comma-separated stages to run, in order; each starts from the one before it
 init_from = 'scratch'  # 'scratch', or 'resume': continue an interrupted stage from its newest checkpoint
 allow_stale = False  # reuse a finished stage although its fingerprint differs (other code, data or settings)
-evaluate = True  # score each checkpoint a stage saves on the dataset's tasks (eval.json); False: later, with eval.py
+evaluate = 'all'  # the stages whose saved checkpoints are scored (eval.json): 'all', some ('finetune') or ''
 eval_interval = 100  # steps between validation-loss estimates
 eval_iters = 10  # batches per validation-loss estimate
 eval_items = 500  # items scored per vision task of the shapes world (the same first ones every time; up to 1000)
@@ -107,6 +106,7 @@ conversations = 6000  # shapes-world instruction conversations (fine-tuning, and
 
 # finetune stage
 finetune_epochs = 3  # passes over the instruction conversations
+finetune_conversations = 0  # fine-tune on the first this many of them (0: all): the fine-tuning set's size
 finetune_lr = 1e-3  # peak LR of fine-tuning (re-warmed)
 finetune_text_ratio = 0.25  # fraction of each fine-tuning batch that is plain text, so text is not forgotten
 
@@ -132,10 +132,11 @@ def get_config(args):
     cfg = Config(**configure(args, script_config(globals()), source=__file__, types=Config.__annotations__))
     cfg.text_seed, cfg.encoder_seed = (cfg.seed if s is None else s for s in (cfg.text_seed, cfg.encoder_seed))
     names = cfg.stages.split(',')
-    if not set(names) <= set(STAGES):
-        raise ConfigError(f'stages={cfg.stages!r}: unknown stage {sorted(set(names) - set(STAGES))[0]!r}; the stages '
-                          f'are {", ".join(STAGES)}')
-    prepare.check_config(cfg, images=any(STAGES[name].reads_images for name in names))  # ranges, choices, files
+    for key, value in (('stages', cfg.stages), ('evaluate', cfg.evaluate)):
+        if not set(value.split(',')) - {'', 'all'} <= set(STAGES):
+            raise ConfigError(f'{key}={value!r}: unknown stage {sorted(set(value.split(",")) - set(STAGES))[0]!r}; '
+                              f'the stages are {", ".join(STAGES)}')
+    prepare.check_config(cfg, reads_images=any(STAGES[name].reads_images for name in names))  # ranges, choices, files
     before = STAGES[names[0]].after  # the first stage's input must exist already
     if before and not from_scratch(cfg, names[0]) and not is_checkpoint(checkpoint_of(cfg, before)):
         raise ConfigError(f'{checkpoint_of(cfg, before)} does not exist: run the {before} stage first (the default '
@@ -160,10 +161,9 @@ def text_schedule(cfg):
 
 def image_schedule(cfg):
     """
-    The paper's injection rule. Images injected into a text checkpoint before the end of its run (0 < frac < 1)
-    continue its schedule: from the LR the text stage had reached at the injection step, a cosine down to min_lr
-    over the image steps, the cooldown the text run would have had. Injected into the fully trained LM (frac 1.0):
-    re-warm up to image_lr, then down to min_lr. From scratch (frac 0): the text stage's own schedule.
+    The paper's injection rule. Injected before the end of the text run (0 < frac < 1), images continue its schedule:
+    from the LR it had reached at the injection step, a cosine to min_lr over the image steps, the cooldown it would
+    have had. Into the fully trained LM (frac 1.0): re-warm to image_lr, then down. From scratch (0): the text's own.
     """
     if cfg.image_inject_frac == 0:
         return lambda step: cosine_lr(step, cfg.learning_rate, cfg.warmup_iters, cfg.image_iters, cfg.min_lr)
@@ -175,11 +175,9 @@ def image_schedule(cfg):
 
 def encoder_schedule(cfg, iters, lm_schedule):
     """
-    A trained encoder's LR in the image and finetune stages. A pre-trained one has its own: a warmup over
-    rewarm_iters (its first gradients come through a projector that is still random) up to encoder_lr, then a
-    cosine down to encoder_lr * min_lr / learning_rate (the LM's floor-to-peak ratio). It does not take the LR the
-    LM had reached at the injection point: an encoder that starts to train needs a warmup, not the tail of a
-    cooldown. One learned from scratch (patch) is a new part of the model like the projector: the LM's schedule.
+    A trained encoder's LR: a pre-trained one re-warms over rewarm_iters (its first gradients come through a random
+    projector) to encoder_lr, then a cosine to encoder_lr * min_lr / learning_rate, not the tail of the LM's cooldown;
+    one learned from scratch (patch) is a new part like the projector: the LM's schedule.
     """
     if not ENCODERS[cfg.encoder].pretrained:
         return lm_schedule
@@ -266,10 +264,10 @@ def finetune_stage(cfg, rt, prep):
     features = prepare.feature_cache(cfg, prep, vlm.encoder)
     text_tokens = data.open_shard(prep.folder, 'train')
     epochs = data.finetune_plan(source, enc, cfg.block_size, n_image_tokens, cfg.finetune_epochs, cfg.seed + 2,
-                                verbose=rt.master)
+                                cfg.finetune_conversations, verbose=rt.master)
     n_conv, n_text, steps_per_epoch = data.finetune_split(len(epochs[0]), cfg.batch_size, cfg.finetune_text_ratio)
     iters = steps_per_epoch * cfg.finetune_epochs
-    log(rt, f'finetune stage: {source.n_conversations:,} conversations in {len(epochs[0])} rows, '
+    log(rt, f'finetune stage: {sum(map(len, epochs[0])):,} conversations in {len(epochs[0])} rows, '
             f'{cfg.finetune_epochs} epochs = {iters} steps of {n_conv} conversation + {n_text} text rows')
 
     def batch(step, rows):
@@ -302,7 +300,7 @@ STAGES = {
         'projector', 'image_inject_layer', 'cache_features', 'image_data', 'caption_key', 'instruct_data',
         'instruct_images', 'scene_size', 'caption_scenes', 'conversations', 'text_checkpoint')),
     'finetune': StageKind(finetune_stage, after='image', reads_images=True, keys=(
-        'finetune_epochs', 'finetune_lr', 'finetune_text_ratio')),
+        'finetune_epochs', 'finetune_conversations', 'finetune_lr', 'finetune_text_ratio')),
 }
 
 
@@ -332,10 +330,8 @@ def stage_input(cfg, rt, prep, name):
 # the training loop: every stage runs through it
 
 def train_stage(cfg, rt, clock, prep, name, wandb_run=None, step_offset=0):
-    """
-    Reuse stage `name` when it is finished and current; otherwise build it, resume it where it stopped, and train it
-    to its end, saving and scoring its checkpoints. Returns the steps it trained (wandb's axis runs over stages).
-    """
+    """Reuse stage `name` when it is finished and current, or build it, resume it where it stopped and train it to its
+    end, saving and scoring its checkpoints. Returns the steps it trained (wandb's axis runs over stages)."""
     with clock.part(f'{name} set-up'):
         made_by, folders = fingerprint(cfg, name, prep), stage_outputs(cfg, name)
         finished = [f for f in folders.values() if is_checkpoint(f)]
@@ -363,9 +359,8 @@ def train_stage(cfg, rt, clock, prep, name, wandb_run=None, step_offset=0):
             for group in optimizer.param_groups:  # each param group's LR from its schedule
                 group['lr'] = (stage.encoder_lr if group['schedule'] == 'encoder' else stage.lr)(step)
             micro_batches = progress.next(batches, rt.micro_steps)  # built ahead by the DataLoader workers
-            # the step's loss is the mean over all its scored targets, on every rank and micro-step: each micro-batch's
-            # mean loss is weighted by its share of them (rows of captions and conversations score unequal numbers),
-            # so the gradient does not depend on how the batch is split over ranks and micro-steps
+            # the step's loss is the mean over all its scored targets on every rank and micro-step, each micro-batch's
+            # weighted by its share of them: the gradient does not depend on how the batch is split
             counts, total = runtime.scored_targets(rt, micro_batches)
             step_loss = 0.0  # this rank's mean over its scored targets, for the log
             for micro, (x, y, inputs, _) in enumerate(micro_batches):
@@ -376,8 +371,7 @@ def train_stage(cfg, rt, clock, prep, name, wandb_run=None, step_offset=0):
                     # DDP and FSDP average the ranks' gradients: scale by world_size to make that average a sum
                     (loss * (counts[micro] * rt.world_size / total)).backward()
                 step_loss = step_loss + loss.detach() * counts[micro] / max(sum(counts), 1)
-            # the global gradient norm (clipped to grad_clip, when set) is the same on every rank, so every rank
-            # agrees on whether a step is bad; a NaN or inf loss makes it NaN too
+            # the global gradient norm (a NaN loss makes it NaN) is the same on every rank: all agree on a bad step
             norm, done = runtime.clip_grad_norm(model, cfg.grad_clip), step + 1
             if math.isfinite(norm):
                 optimizer.step()
@@ -403,10 +397,10 @@ def train_stage(cfg, rt, clock, prep, name, wandb_run=None, step_offset=0):
                         prune(steps_dir(cfg, name), cfg.keep_last, written=folder)  # never this run's own
                 last_good = folder
                 with clock.part(f'{name} evaluation'):  # rank 0 scores it (eval.json beside it), the others wait
-                    if done in saves:
-                        log(rt, f'{name} stage: saved {folder} | ' + (saved_scores(
-                            folder, cfg, rt.device, STAGES[name].scores_vision) if cfg.evaluate and rt.master else
-                            'not scored (evaluate=False): python eval.py --ckpt=FOLDER'))
+                    if done in saves:  # (evaluate: which stages; the others with python eval.py --ckpt=FOLDER)
+                        scored = rt.master and (cfg.evaluate == 'all' or name in cfg.evaluate.split(','))
+                        log(rt, f'{name} stage: saved {folder} | ' + (saved_scores(folder, cfg, rt.device, STAGES[
+                            name].scores_vision) if scored else f'not scored (evaluate={cfg.evaluate})'))
                     runtime.barrier(rt)
     if rt.compile:
         log(rt, f'{name} stage: torch.compile made {runtime.compile_count() - compiles} new graph(s)')
@@ -419,18 +413,6 @@ def main(cfg):
     rt = runtime.setup_runtime(cfg)
     clock = Clock(start_up=runtime.process_age())  # the interpreter, torch's import, the config
     wandb_run, locks = runtime.open_wandb(cfg, rt), []
-    # SIGTERM (ablate.py stopping its cell, a scheduler) ends the run as ctrl-C does: through the finally below, which
-    # gives the locks back (a SIGKILL cannot be caught, and the kernel drops their flocks all the same)
-    import signal
-    import threading
-
-    def stop(signum, frame):
-        raise SystemExit(128 + signum)
-
-    on_main = threading.current_thread() is threading.main_thread()  # only the main thread may set a handler
-    terminate = signal.getsignal(signal.SIGTERM) if on_main else None
-    if on_main:
-        signal.signal(signal.SIGTERM, stop)
     try:
         for folder in sorted({cfg.out_dir, cfg.text_out_dir, cfg.image_out_dir or cfg.out_dir}) if rt.master else ():
             locks.append(acquire_lock(folder))  # one writer per folder: a second run stops here, naming this one
@@ -451,8 +433,6 @@ def main(cfg):
     finally:
         for path in locks:
             release_lock(path)
-        if on_main:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL if terminate is None else terminate)
         if wandb_run is not None:
             wandb_run.finish()
         runtime.close_runtime(rt)
@@ -464,6 +444,7 @@ if __name__ == '__main__':
     except ConfigError as e:
         sys.exit(f'config error: {e}')
     try:
-        main(config)
+        with runtime.sigterm_exits():  # ablate.py stopping its cell: the locks are given back on the way out
+            main(config)
     except (ConfigError, TrainingError, StaleCheckpoint, FolderLocked) as e:
         sys.exit(f'error: {e}')

@@ -60,6 +60,7 @@ def test_a_cell_is_exactly_its_config_file(tmp_path):
         by_ablate, by_hand = vars(train.get_config(run['args'])), vars(train.get_config([path] + flags))
         assert by_ablate.pop('out_dir') == run['out_dir'] and by_hand.pop('out_dir') == f'out/{run["cell"].split()[0]}'
         by_ablate.pop('text_out_dir'), by_hand.pop('text_out_dir'), by_ablate.pop('image_out_dir'), by_hand.pop('image_out_dir')
+        assert by_ablate.pop('evaluate') == 'finetune' and by_hand.pop('evaluate') == 'all'  # the tables read finetune
         for key in ('seed', 'text_seed', 'encoder_seed'):  # a plan sets each seed, and by default the others follow it
             assert by_ablate.pop(key) == run['seed'] and by_hand.pop(key) == train.seed
         assert by_ablate == by_hand

@@ -52,7 +52,7 @@ def test_an_image_named_empty_or_with_a_nul_byte_is_a_counted_skip(tmp_path):
 def test_a_reader_that_names_a_folder_or_a_nul_byte_still_gets_a_counted_skip(tmp_path):
     """For a reader that does not check its names (a new benchmark's, say): the image is read as a BadImage."""
     (tmp_path / 'task' / 'images').mkdir(parents=True)
-    for name, reason in (('', 'unreadable file'), ('a\0b.jpg', 'unusable file name')):
+    for name, reason in (('', 'not a regular file'), ('a\0b.jpg', 'unusable file name')):
         with pytest.raises(BadImage, match=reason):
             ev.benchmark_image({'image': str(tmp_path / 'task' / 'images' / name)}, str(tmp_path / 'task'), 48)
 

@@ -17,7 +17,7 @@ from conftest import run_train
 TINY = ['--device=cpu', '--text_iters=10', '--save_fracs=[0.5,1.0]', '--image_inject_frac=0.5', '--warmup_iters=2',
         '--batch_size=4', '--image_iters=4', '--image_ratio=0.5', '--caption_scenes=40', '--conversations=40',
         '--finetune_epochs=1', '--rewarm_iters=1', '--log_interval=2', '--encoder=vit', '--freeze_encoder=False',
-        '--encoder_weights=random', '--evaluate=False']  # weights compared, not scores
+        '--encoder_weights=random', '--evaluate=']  # weights compared, not scores
 STAGES = ('text/ckpt_050', 'text/ckpt_100', 'image', 'finetune')
 
 

@@ -6,6 +6,7 @@ import torch.nn as nn
 import checkpoint
 import data
 import eval as ev
+import stats
 from model import GPTConfig
 
 
@@ -49,20 +50,20 @@ def test_centered_accuracy_arithmetic():
 
 def test_task_result_and_stable_score():
     rng = np.random.default_rng(0)
-    tasks = {'a': ev.task_result('text', [1, 1, 1, 0], 0.25, rng),   # acc .75 -> centered 2/3
-             'b': ev.task_result('text', [1, 0, 0, 0], 0.5, rng),    # acc .25 -> centered -1/2
-             'v': ev.task_result('vision', [1, 1], 0.5, rng)}
+    tasks = {'a': stats.task_result('text', [1, 1, 1, 0], 0.25, rng),   # acc .75 -> centered 2/3
+             'b': stats.task_result('text', [1, 0, 0, 0], 0.5, rng),    # acc .25 -> centered -1/2
+             'v': stats.task_result('vision', [1, 1], 0.5, rng)}
     assert tasks['a']['centered'] == pytest.approx(2 / 3) and tasks['a']['n'] == 4
-    score, ci = ev.stable_score(tasks, 'text', rng)
+    score, ci = stats.stable_score(tasks, 'text', rng)
     assert score == pytest.approx((2 / 3 - 1 / 2) / 2)
     assert ci[0] <= score <= ci[1]
-    assert ev.stable_score(tasks, 'missing', rng) == (None, None)
+    assert stats.stable_score(tasks, 'missing', rng) == (None, None)
 
 
 def test_bootstrap_interval_narrows_with_more_items():
     rng = np.random.default_rng(0)
-    small = ev.task_result('text', [1, 0] * 10, 0.25, rng)['ci95']
-    large = ev.task_result('text', [1, 0] * 1000, 0.25, rng)['ci95']
+    small = stats.task_result('text', [1, 0] * 10, 0.25, rng)['ci95']
+    large = stats.task_result('text', [1, 0] * 1000, 0.25, rng)['ci95']
     assert large[1] - large[0] < (small[1] - small[0]) / 4
     assert large[0] < ev.centered(0.5, 0.25) < large[1]
 

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 import benchmarks
+import grounding
 import checkpoint
 import data
 import eval as ev
@@ -50,7 +51,7 @@ def write_ocid(bench, records=REF['ocid_ref']['records'], images=True):
         for r in records.values():
             path = root / 'OCID-dataset' / r['scene_path']
             path.parent.mkdir(parents=True, exist_ok=True)
-            Image.new('RGB', benchmarks.OCID_SIZE, (r['take_id'] * 12, 60, 90)).save(path)
+            Image.new('RGB', grounding.OCID_SIZE, (r['take_id'] * 12, 60, 90)).save(path)
     return root
 
 
@@ -60,12 +61,12 @@ def write_ocid(bench, records=REF['ocid_ref']['records'], images=True):
 def test_the_scorer_is_vlm_evaluations_on_generated_predictions():
     rows = REF['scorer']
     assert len(rows) == 2000 and REF['source']['commit'].startswith('d9f58967')
-    parsed = [benchmarks.parse_box(text) for text, *_ in rows]
+    parsed = [grounding.parse_box(text) for text, *_ in rows]
     assert parsed == [box for _, _, box, *_ in rows]  # malformed, reversed, out of range, non-numeric: None alike
-    assert [None if p is None else benchmarks.box_iou(p, gt) for p, (_, gt, *_) in zip(parsed, rows)] == \
+    assert [None if p is None else grounding.box_iou(p, gt) for p, (_, gt, *_) in zip(parsed, rows)] == \
         [iou for _, _, _, iou, _, _ in rows]  # exactly: the same arithmetic
     for threshold, column in ((0.5, 4), (0.25, 5)):
-        assert [benchmarks.grounding_accuracy(text, gt, threshold) for text, gt, *_ in rows] == \
+        assert [grounding.grounding_accuracy(text, gt, threshold) for text, gt, *_ in rows] == \
             [float(row[column]) for row in rows]
     assert 300 < sum(p is None for p in parsed) < 1700
     assert 100 < sum(row[4] for row in rows) < sum(row[5] for row in rows)  # both sides of both thresholds
@@ -75,13 +76,13 @@ def test_boxes_are_normalized_and_rounded_as_vlm_evaluation_does():
     for case in REF['normalization']:
         if 'refcoco' in case:
             x, y, w, h = case['xywh']
-            assert benchmarks.normalized_box(x, y, x + w, y + h, case['size']) == case['refcoco']
+            assert grounding.normalized_box(x, y, x + w, y + h, case['size']) == case['refcoco']
         else:
-            assert benchmarks.normalized_box(*case['xyxy'], case['size']) == case['ocidref']
+            assert grounding.normalized_box(*case['xyxy'], case['size']) == case['ocidref']
     with pytest.raises(benchmarks.Skip, match='box outside its image'):
-        benchmarks.normalized_box(10, 10, 30, 50, (20, 100))
+        grounding.normalized_box(10, 10, 30, 50, (20, 100))
     with pytest.raises(benchmarks.Skip, match='box outside its image'):
-        benchmarks.normalized_box(10, 10, 10, 50, (20, 100))  # empty
+        grounding.normalized_box(10, 10, 10, 50, (20, 100))  # empty
 
 
 @pytest.mark.parametrize('text,box', [('[0.1, 0.2, 0.5, 0.6]', [0.1, 0.2, 0.5, 0.6]), ('[0.5, 0.2, 0.1, 0.6]', None),
@@ -89,7 +90,7 @@ def test_boxes_are_normalized_and_rounded_as_vlm_evaluation_does():
                                       ('a dog', None), ("__import__('os').system('x')", None),
                                       ('[0, 0, 1, 1]', [0, 0, 1, 1])])
 def test_a_box_is_a_python_list_of_four_normalized_corners(text, box):
-    assert benchmarks.parse_box(text) == box
+    assert grounding.parse_box(text) == box
 
 
 # -----------------------------------------------------------------------------
@@ -107,12 +108,12 @@ def test_refcoco_readers_give_vlm_evaluations_index(tmp_path):
     assert items.keys() == index.keys()  # every sentence of every val ref, no other split
     for key, e in index.items():
         it = items[key]
-        assert it['box'] == e['bbox'] and it['question'] == benchmarks.GROUNDING_PROMPT.format(e['ref_expression'])
+        assert it['box'] == e['bbox'] and it['question'] == grounding.GROUNDING_PROMPT.format(e['ref_expression'])
         assert it['image'] == str(root / e['img_path'].removeprefix('download/refcoco/'))
     genuine = items[('RefCOCO', 1000, 100)]  # MarkHershey/refer's annotation 3007 on image 98304 (640 x 424)
     assert genuine['box'] == [0.41, 0.51, 0.45, 0.55] and genuine['size'] == [640, 424]
     assert not any(k[1] == 0 for k in items)  # the genuine ref 0 is in train
-    slim = benchmarks.refcoco_slim(str(root), REF['refcoco']['slim_n'])
+    slim = grounding.refcoco_slim(str(root), REF['refcoco']['slim_n'])
     assert slim == {(e['refer_dataset'], e['ref_id'], e['sent_id']) for e in REF['refcoco']['slim']}
     got, how = benchmarks.read_task('refcocog', str(tmp_path), slim=REF['refcoco']['slim_n'])
     assert {it['key'] for it in got} == {k for k in slim if k[0] == 'RefCOCOg'} and 'slim-4' in how['subset']
@@ -127,7 +128,7 @@ def test_ocid_reader_gives_vlm_evaluations_index_and_slim_subset(tmp_path):
         e = index[it['key'][1]]
         assert (it['box'], it['group']) == (e['bbox'], e['clutter_split'])
         assert it['image'] == str(root / e['img_path'].removeprefix('download/ocid-ref/'))
-    assert {k[1] for k in benchmarks.ocid_slim(str(root), REF['ocid_ref']['slim_n'])} == set(REF['ocid_ref']['slim'])
+    assert {k[1] for k in grounding.ocid_slim(str(root), REF['ocid_ref']['slim_n'])} == set(REF['ocid_ref']['slim'])
     assert how['version'].startswith('unknown: 70 expressions')
 
 
@@ -186,7 +187,7 @@ def test_a_pickle_that_would_run_code_is_refused_without_running_it(tmp_path):
     # behind the opcode check, the unpickler itself can make no object
     with pytest.raises(pickle.UnpicklingError, match='names the global posix.system'):
         import io
-        benchmarks.PlainUnpickler(io.BytesIO(pickle.dumps(Payload(marker), protocol=2))).load()
+        grounding.PlainUnpickler(io.BytesIO(pickle.dumps(Payload(marker), protocol=2))).load()
     assert not marker.exists()
     bad.write_bytes(pickle.dumps([{'a': 1}] * 3, protocol=2)[:-7])  # truncated
     with pytest.raises(ValueError, match=r'refs\(unc\).p is not a readable pickle'):
@@ -197,7 +198,7 @@ def test_a_pickle_that_would_run_code_is_refused_without_running_it(tmp_path):
     bad.write_bytes(pickle.dumps({'refs': []}, protocol=2))
     with pytest.raises(ValueError, match=r'refs\(unc\).p: expected the list of refs'):
         benchmarks.read_task('refcoco', str(tmp_path))
-    assert benchmarks.read_plain_pickle(str(bad)) == {'refs': []}
+    assert grounding.read_plain_pickle(str(bad)) == {'refs': []}
 
 
 # -----------------------------------------------------------------------------

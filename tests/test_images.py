@@ -154,3 +154,11 @@ def test_a_llava_prompt_and_a_benchmark_prompt_are_the_same_tokens(question):
     prompt = tokens[:mask.index(True)]
     assert prompt == data.question_prompt(enc, 'What color is the cup?', 7)
     assert enc.decode(tokens[len(prompt):-1]) == 'red'
+
+
+def test_an_empty_or_nul_image_name_is_a_counted_reason_not_a_crash(tmp_path):
+    from images import BadImage, read_image_file
+    with pytest.raises(BadImage, match='not a regular file'):
+        read_image_file(os.path.join(str(tmp_path), ''), str(tmp_path))  # "image": "" names the folder itself
+    with pytest.raises(BadImage, match='unusable file name'):
+        read_image_file(os.path.join(str(tmp_path), 'a\x00.jpg'), str(tmp_path))

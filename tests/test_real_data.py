@@ -173,7 +173,7 @@ def test_all_stages_on_real_data_then_every_benchmark(real_run, bench):
     assert 'finetune step 2/2' in finetune_log and 'skipped so far: missing file 1' in finetune_log
     assert 'stable scores' not in log  # no built-in tasks: the scores come from eval.py --tasks
     ckpt = os.path.join(out, 'finetune')
-    tasks = list(benchmarks.BENCHMARKS)
+    tasks = [t for t in benchmarks.BENCHMARKS if t not in ('refcoco', 'refcoco+', 'refcocog', 'ocid_ref')]  # grounding: tests/test_grounding.py
     result = ev.benchmark_checkpoint(ckpt, tasks, bench)
     assert set(result['tasks']) == set(tasks)
     assert result['vision_stable_score'] is not None and result['text_stable_score'] is not None

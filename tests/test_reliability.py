@@ -25,7 +25,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN = ['--device=cpu', '--stages=text,image', '--text_iters=10', '--save_fracs=[0.5,1.0]', '--image_inject_frac=0.5',
        '--warmup_iters=2', '--batch_size=2', '--image_iters=8', '--image_ratio=0.5', '--caption_scenes=40',
        '--conversations=40', '--log_interval=1', '--eval_interval=0', '--ckpt_interval=2', '--keep_last=2',
-       '--encoder=patch', '--freeze_encoder=False', '--encoder_weights=random', '--evaluate=False']
+       '--encoder=patch', '--freeze_encoder=False', '--encoder_weights=random', '--evaluate=']
 
 
 def args(out, shapes_dir, *extra):

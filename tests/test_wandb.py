@@ -11,7 +11,7 @@ wandb = pytest.importorskip('wandb')  # optional for users; .ci/run installs it 
 import train  # noqa: E402
 
 TEXT = ['--stages=text', '--block_size=64', '--batch_size=4', '--text_iters=8', '--save_fracs=[0.5,1.0]',
-        '--warmup_iters=2', '--log_interval=1', '--eval_interval=4', '--device=cpu', '--evaluate=False']
+        '--warmup_iters=2', '--log_interval=1', '--eval_interval=4', '--device=cpu', '--evaluate=']
 
 
 def log_records(path):
