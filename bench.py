@@ -434,7 +434,7 @@ def gpu_suite(cfg):
         pipeline = bench_data(data_cfg)
     elapsed = time.perf_counter() - start
     print(suite_table(rows, pipeline, sheet, base))
-    print(f'\nthe suite took {elapsed / 60:.1f} min' + ('' if tiny else f' (budget: 8 min on one H100 / H200)'))
+    print(f'\nthe suite took {elapsed / 60:.1f} min' + ('' if tiny else ' (budget: 8 min on one H100 / H200)'))
     return rows, pipeline
 
 

@@ -18,7 +18,7 @@ with open(os.path.join(ROOT, 'tests', 'reference_records.json')) as _f:
     REFERENCE = json.load(_f)  # genuine published records, and what the reference scorers make of them
 
 
-SMALL_WORLD = dict(train_bytes=300_000, val_bytes=20_000, n_task_items=40, verbose=False)  # the tests' shapes world
+SMALL_WORLD = dict(train_bytes=300_000, val_bytes=20_000, n_task_items=24, verbose=False)  # the tests' shapes world
 
 
 @pytest.fixture(scope='session')

@@ -93,7 +93,8 @@ def test_a_new_encoder_trains_as_the_readme_says(tmp_path, shapes_dir, monkeypat
                                                                             dims=(16, 32, 64, 128)))))
     out = str(tmp_path / 'run')
     train.main(train.get_config(TINY_RUN + [f'--data_dir={shapes_dir}', f'--out_dir={out}',
-                                            f'--text_out_dir={out}/text', '--encoder=convnext']))
+                                            f'--text_out_dir={out}/text', '--encoder=convnext',
+                                            '--evaluate=finetune']))
     with open(os.path.join(out, 'finetune', 'eval.json')) as f:
         assert json.load(f)['vision_stable_score'] is not None
     with open(os.path.join(out, 'finetune', 'config.json')) as f:
@@ -121,7 +122,8 @@ def test_a_new_stage_runs_as_the_readme_says(tmp_path, shapes_dir, monkeypatch, 
                                                                         reads_images=True))
     out = str(tmp_path / 'run')
     train.main(train.get_config(TINY_RUN + [f'--data_dir={shapes_dir}', f'--out_dir={out}', '--encoder=siglip',
-                                            f'--text_out_dir={out}/text', '--stages=text,image,finetune,text_cooldown']))
+                                            f'--text_out_dir={out}/text', '--stages=text,image,finetune,text_cooldown',
+                                            '--evaluate=text_cooldown']))
     with open(os.path.join(out, 'text_cooldown', 'config.json')) as f:
         info = json.load(f)
     assert info['stage'] == 'text_cooldown' and info['step'] == 4

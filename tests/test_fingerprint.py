@@ -8,7 +8,6 @@ import torch
 from safetensors.torch import save_file
 
 import checkpoint
-import eval as ev
 import prepare
 import train
 from configurator import ConfigError

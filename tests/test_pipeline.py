@@ -290,7 +290,7 @@ def test_all_stages_end_to_end(tmp_path, shapes_dir, encoder, freeze, extra, cap
                     'vision_stable_score_ci95', 'text_stable_score_ci95', 'vision_blind_stable_score_ci95'):
             assert (result[key] is not None) == (vision or key.startswith('text')), (stage, key)
         assert set(result['tasks']) == (set(shapes.VISION_TASKS) if vision else set()) | set(shapes.TEXT_TASKS)
-        assert {t['n'] for t in result['tasks'].values()} == ({20, 40} if vision else {40})  # text: all 40 items
+        assert {t['n'] for t in result['tasks'].values()} == ({20, 24} if vision else {24})  # text: all 24 items
     assert result['tasks']['position']['chance'] == pytest.approx(1 / 9)
     assert result['tasks']['grounding']['chance'] == pytest.approx(shapes.GROUNDING_CHANCE)
     model, info = checkpoint.load_model(os.path.join(out, 'finetune'))

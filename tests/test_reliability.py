@@ -15,7 +15,6 @@ import torch
 from safetensors.torch import load_file
 
 import checkpoint
-import eval as ev
 import model
 import train
 from configurator import ConfigError

@@ -53,7 +53,7 @@ def test_eval_json_has_design_keys(tmp_path, shapes_dir):
     assert set(result['tasks']) == set(shapes.TEXT_TASKS)
     for task in result['tasks'].values():
         assert set(task) >= {'modality', 'accuracy', 'chance', 'centered', 'n', 'ci95'}
-        assert task['chance'] == 0.25 and task['n'] == 40
+        assert task['chance'] == 0.25 and task['n'] == 24
 
 
 def test_checkpoint_round_trip_is_exact(tmp_path):
