@@ -195,10 +195,15 @@ def resume_args(run):
     newest has the fingerprint this run would write), so an interrupted cell goes on from its last checkpoint, not
     from step 0; and the line that says which, or why a stage restarts at step 0 instead.
     """
-    dirs = [os.path.join(run['out_dir'], 'finetune_steps'),
-            os.path.join(arg(run, 'image_out_dir') or run['out_dir'], 'image_steps')] + \
-        ([os.path.join(arg(run, 'text_out_dir'), 'steps')] if arg(run, 'text_out_dir') else [])
-    if arg(run, 'init_from') == 'resume' or not any(checkpoint.finished_checkpoints(d) for d in dirs):
+    try:
+        cfg = run_config(run)
+    except ConfigError:  # train.py will say so
+        return [], None
+    # a stage is interrupted when it has periodic checkpoints and not all of its outputs; a finished stage keeps its
+    # last periodic ones (keep_last), which a new cell sharing it must not take for an interruption of its own
+    interrupted = [n for n in stage_names(cfg) if checkpoint.finished_checkpoints(prepare.steps_dir(cfg, n))
+                   and not all(checkpoint.is_checkpoint(f) for f in prepare.stage_outputs(cfg, n).values())]
+    if arg(run, 'init_from') == 'resume' or not interrupted:
         return [], None
     try:
         stale = stale_checkpoints(run, periodic=True)

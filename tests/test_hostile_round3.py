@@ -320,8 +320,12 @@ def test_an_interrupted_cell_resumes_from_its_last_periodic_checkpoint(tmp_path,
     c = run_config(run)
     for folder in prepare.stage_outputs(c, 'text').values():  # the text stage finished, the image stage stopped
         fake_checkpoint(run, folder, 'text')
-    fake_checkpoint(run, os.path.join(prepare.steps_dir(c, 'image'), 'step_000150'), 'image', step=150)
+    # a finished text stage keeps its last periodic checkpoints: a new cell that shares it was not interrupted
+    fake_checkpoint(run, os.path.join(prepare.steps_dir(c, 'text'), 'step_000400'), 'text', step=400)
     monkeypatch.setattr(ablate, 'run_cell', lambda r: calls.append(r['args']) or 'exit code 1: stopped')
+    ablate.run_plan(runs)
+    assert '--init_from=resume' not in calls[-1] and 'resumes' not in capsys.readouterr().out
+    fake_checkpoint(run, os.path.join(prepare.steps_dir(c, 'image'), 'step_000150'), 'image', step=150)
     ablate.run_plan(runs)
     assert calls[-1][-1] == '--init_from=resume' and 'resumes from its last periodic checkpoint' in \
         capsys.readouterr().out
