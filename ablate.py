@@ -339,6 +339,9 @@ def collect(cfg, plan_runs, errors, baseline_name, skipped=()):
     primary, contrasts = report.primary_table(results, cfg['primary']) if cfg['primary'] else ('', [])
     if primary:  # declared before the plan ran: the paper's findings it tests, corrected together (Holm)
         table = primary + '\n\n' + table
+    referents = report.referent_table(results)
+    if referents:  # the shapes world: what fine-tuning named (seen) against what only captions did (held out)
+        table += '\n\n' + referents
     os.makedirs(cfg['out_dir'], exist_ok=True)
     with open(os.path.join(cfg['out_dir'], 'results.json'), 'w') as f:
         json.dump({'runs': records, 'primary': contrasts, 'baseline': baseline_name}, f)

@@ -10,8 +10,9 @@ import os
 
 import numpy as np
 
+import shapes
 import stats
-from eval import STABLE_SCORES
+from eval import STABLE_SCORES, normalize_answer
 from runtime import format_time
 
 # -----------------------------------------------------------------------------
@@ -102,6 +103,43 @@ def primary_table(results, primary):
                             p=est.p, holm_p=adjusted[i], mde=est.mde, df=est.df, model=est.model, seeds=est.seeds))
     rows += [f'| {c} − {v} | {m} | not scored yet | | | | |' for (c, v, m), e in found if e is None]
     return '\n'.join(rows), records
+
+
+def referent_table(results):
+    """
+    The shapes world's referents, per cell (mean over its seeds), for each vision task whose questions name a color
+    or a shape: accuracy on seen and on held-out referents; on the held-out ones, the accuracy on scenes of two or
+    more objects (where the named object must be picked out: one object answers a question about itself whatever
+    its name) and the share of answers outside the task's answer set (a reply that is no answer at all). '' when
+    the runs hold no shapes vision tasks.
+    """
+    first = next((e for seeds in results.values() for e in seeds.values()), None)
+    tasks = [t for t in shapes.VISION_TASKS if first and 'accuracy_held_out' in first['tasks'].get(t, {})]
+    if not tasks:
+        return ''
+    items = {}  # each task's questions in the order scored: a stream per task, the first n whatever n is
+    for it in shapes.image_sets(0, 0, shapes.EVAL_ITEMS)[2]:
+        items.setdefault(it['task'], []).append(it)
+    header = ['cell', 'seeds'] + [f'{t}: seen / held out / held out, 2+ objects / no answer' for t in tasks]
+    rows = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+    for cell, seeds in results.items():
+        parts = []
+        for task in tasks:
+            answers = {normalize_answer(it['answer']) for it in items[task]}
+            seen, held, crowded, off = [], [], [], []
+            for e in seeds.values():
+                result = e['tasks'][task]
+                for it, score, reply in zip(items[task], result['scores'], result['predictions']):
+                    (held if it['held_out'] else seen).append(score)
+                    if it['held_out']:
+                        if len(it['scene']) > 1:
+                            crowded.append(score)
+                        if task != 'grounding':
+                            off.append(normalize_answer(reply) not in answers)
+            mean = lambda v: f'{np.mean(v):.3f}' if v else 'n/a'
+            parts.append(f'{mean(seen)} / {mean(held)} / {mean(crowded)} / {mean(off)}')
+        rows.append('| ' + ' | '.join([cell, str(len(seeds))] + parts) + ' |')
+    return '\n'.join(rows)
 
 
 def study_table(plan_dirs):

@@ -26,6 +26,7 @@ def test_encoder_flops_are_counted_from_shapes_alone():
     assert two >= 2 * block_weights * 36 * 2
 
 
+@pytest.mark.slow
 def test_vlm_step_reports_images_encoder_share_and_mfu(capsys):
     out = run(['--encoder=siglip', '--modes=unfrozen,cached', '--steps=1', '--warmup=1', '--batch_size=4',
                '--device=cpu'], capsys)

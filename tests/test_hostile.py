@@ -33,6 +33,7 @@ def png(size, color=(200, 30, 30)):
 
 # 1. a thin image is not a memory bomb
 
+@pytest.mark.slow
 def test_a_thin_image_is_skipped_under_a_memory_cap(tmp_path):
     (tmp_path / 'thin.png').write_bytes(png((65000, 8)))  # a few hundred bytes; padded to a square: 12.7 GB
     proc = run_capped(f'import images\ntry:\n    images.decode_image(open("{tmp_path}/thin.png", "rb").read(), 384)\n'
@@ -97,6 +98,7 @@ def sparse_tar(path, members):
         f.write(b'\0' * 1024)
 
 
+@pytest.mark.slow
 def test_a_huge_caption_is_not_read_and_a_compressed_shard_is_named(tmp_path):
     shard = tmp_path / 'bomb.tar'
     sparse_tar(shard, [('0.png', png((16, 16))), ('0.txt', 2 ** 30), ('1.png', png((16, 16))), ('1.txt', b'a cup')])
@@ -160,6 +162,7 @@ TEXT = ['--stages=text', '--block_size=64', '--batch_size=4', '--text_iters=8', 
         '--warmup_iters=1', '--log_interval=4', '--eval_interval=0', '--device=cpu']
 
 
+@pytest.mark.slow
 def test_a_second_run_into_the_same_folder_is_refused_and_a_stale_lock_taken_over(tmp_path, shapes_dir):
     out = tmp_path / 'text'
     out.mkdir()

@@ -220,6 +220,7 @@ def test_chunked_loss_trains_the_same_model(monkeypatch):
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*runs))
 
 
+@pytest.mark.slow
 def test_loss_falls_on_shapes_text(shapes_dir):
     import data
     folder = os.path.join(shapes_dir, 'shapes')

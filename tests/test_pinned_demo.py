@@ -7,7 +7,7 @@ the file: `python tests/test_pinned_demo.py` runs this very configuration and wr
 The weights are pinned by each tensor's L2 norm, to a relative 1e-5. Another CPU's float kernels moved a signed sum
 of 49k weights (about 0.07, near zero) by 2.6e-5, about 1e-7 a weight; that moves a norm by some 1e-8 of itself. A
 step that computes anything else moves the norms by more: the second test moves one weight of the text stage's
-5th step by 1e-3, which moves the image and finetune checkpoints' norms by 4e-5 and 7e-5 of themselves.
+5th step by 1e-3, which moves the image checkpoint's norms by some 4e-5 of themselves (and the finetune one's by 7e-5).
 """
 import json
 import os
@@ -31,11 +31,11 @@ CHECKPOINTS = ('text/ckpt_050', 'text/ckpt_100', 'image', 'finetune')
 NORM_TOLERANCE = 1e-5  # relative
 
 
-def outputs(folder):
+def outputs(folder, names=CHECKPOINTS):
     """What is pinned of a run in folder: per checkpoint, its stable scores, every item's score, every answer, and
     each weight tensor's L2 norm."""
     found = {}
-    for name in CHECKPOINTS:
+    for name in names:
         with open(os.path.join(folder, name, 'eval.json')) as f:
             result = json.load(f)
         weights = load_file(os.path.join(folder, name, 'model.safetensors'))
@@ -50,8 +50,8 @@ def outputs(folder):
 def differences(pinned, found):
     """Where a run's outputs differ from the pins: scores and answers exactly, norms beyond NORM_TOLERANCE."""
     diffs = []
-    for name, pin in pinned.items():
-        run = found[name]
+    for name, run in found.items():  # a run of the first stages is compared on theirs
+        pin = pinned[name]
         diffs += [f'{name}: {key}' for key in ('stable_scores', 'scores', 'predictions') if run[key] != pin[key]]
         if sorted(run['weight_norms']) != sorted(pin['weight_norms']):
             diffs.append(f'{name}: other tensors')
@@ -61,9 +61,10 @@ def differences(pinned, found):
     return diffs
 
 
-def run_demo(folder, data_dir):
-    train.main(train.get_config(RUN + [f'--data_dir={data_dir}', f'--out_dir={folder}', f'--text_out_dir={folder}/text']))
-    return outputs(folder)
+def run_demo(folder, data_dir, names=CHECKPOINTS, stages='text,image,finetune'):
+    train.main(train.get_config(RUN + [f'--data_dir={data_dir}', f'--out_dir={folder}', f'--text_out_dir={folder}/text',
+                                       f'--stages={stages}']))
+    return outputs(folder, names)
 
 
 def pinned():
@@ -89,9 +90,8 @@ def test_the_pin_fails_when_one_weight_of_one_step_moves(tmp_path, shapes_dir, m
         return result
 
     monkeypatch.setattr(torch.optim.AdamW, 'step', nudged)
-    diffs = differences(pinned(), run_demo(str(tmp_path / 'run'), shapes_dir))
+    diffs = differences(pinned(), run_demo(str(tmp_path / 'run'), shapes_dir, CHECKPOINTS[:3], 'text,image'))
     assert any(d.startswith('image: ') and 'norm' in d for d in diffs), diffs
-    assert any(d.startswith('finetune: ') and 'norm' in d for d in diffs), diffs
 
 
 def pin(folder, source):

@@ -118,6 +118,7 @@ def test_cosine_schedule():
     assert train.cosine_lr(110, 0.4, 0, 110, 0.1) == pytest.approx(0.1)
 
 
+@pytest.mark.slow
 def test_log_lines_go_to_metrics_jsonl_and_to_wandb_when_switched_on(tmp_path, shapes_dir, monkeypatch):
     logged = []
 
