@@ -120,23 +120,25 @@ def referent_table(results):
     items = {}  # each task's questions in the order scored: a stream per task, the first n whatever n is
     for it in shapes.image_sets(0, 0, shapes.EVAL_ITEMS)[2]:
         items.setdefault(it['task'], []).append(it)
+    answers = {t: {normalize_answer(it['answer']) for it in items[t]} for t in tasks if t != 'grounding'}  # boxes: open
+    mean = lambda v: f'{np.mean(v):.3f}' if v else 'n/a'
     header = ['cell', 'seeds'] + [f'{t}: seen / held out / held out, 2+ objects / no answer' for t in tasks]
     rows = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
     for cell, seeds in results.items():
         parts = []
         for task in tasks:
-            answers = {normalize_answer(it['answer']) for it in items[task]}
             seen, held, crowded, off = [], [], [], []
             for e in seeds.values():
                 result = e['tasks'][task]
                 for it, score, reply in zip(items[task], result['scores'], result['predictions']):
-                    (held if it['held_out'] else seen).append(score)
-                    if it['held_out']:
-                        if len(it['scene']) > 1:
-                            crowded.append(score)
-                        if task != 'grounding':
-                            off.append(normalize_answer(reply) not in answers)
-            mean = lambda v: f'{np.mean(v):.3f}' if v else 'n/a'
+                    if not it['held_out']:
+                        seen.append(score)
+                        continue
+                    held.append(score)
+                    if len(it['scene']) > 1:
+                        crowded.append(score)
+                    if task in answers:
+                        off.append(normalize_answer(reply) not in answers[task])
             parts.append(f'{mean(seen)} / {mean(held)} / {mean(crowded)} / {mean(off)}')
         rows.append('| ' + ' | '.join([cell, str(len(seeds))] + parts) + ' |')
     return '\n'.join(rows)
