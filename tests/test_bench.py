@@ -77,7 +77,9 @@ def test_gpu_suite_plan_and_table_at_tiny_shapes(capsys):
     assert rows['`79m` text step'][9] == 'n/a'  # a CPU has no datasheet peak
     frozen = rows['image stage, SigLIP frozen']
     assert f'({0.8 * text_speed:,.0f} tokens/s)' in frozen[8]
-    assert frozen[9] == ('yes' if float(frozen[2].replace(',', '')) >= 0.8 * text_speed else 'no')
+    frozen_speed = float(frozen[2].replace(',', ''))
+    if abs(frozen_speed - 0.8 * text_speed) > 2:  # the table rounds both speeds to whole tokens/s
+        assert frozen[9] == ('yes' if frozen_speed >= 0.8 * text_speed else 'no')
     assert rows['image stage, DINO-SigLIP trained'][8] == ''  # a trained encoder's stage has no target
     assert int(rows['DataLoader workers per GPU'][9].split()[0]) >= 1
 

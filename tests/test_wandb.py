@@ -52,6 +52,13 @@ def offline_history(run_file):
     return rows
 
 
+def warnings_of(run_dir):
+    """wandb's own warnings and errors about the run (its internal log), to say why a row is missing."""
+    path = os.path.join(run_dir, 'logs', 'debug-internal.log')
+    lines = open(path, errors='replace').read().splitlines() if os.path.exists(path) else []
+    return [line for line in lines if 'WARN' in line or 'ERROR' in line][:20]
+
+
 @pytest.mark.slow
 def test_an_offline_run_holds_the_metrics_of_the_stage(tmp_path, shapes_dir, monkeypatch):
     # offline, every file in tmp_path; generous timeouts for wandb's service process on a loaded machine
@@ -66,6 +73,8 @@ def test_an_offline_run_holds_the_metrics_of_the_stage(tmp_path, shapes_dir, mon
     run_files = glob.glob(str(tmp_path / 'wandb' / 'offline-run-*' / 'run-*.wandb'))
     assert len(run_files) == 1, os.listdir(tmp_path)
     rows = {row['_step']: row for row in offline_history(run_files[0])}
+    missing = sorted({line['global_step'] for line in lines} - set(rows))
+    assert not missing, (missing, wandb.__version__, warnings_of(os.path.dirname(run_files[0])))
 
     trained = [line for line in lines if 'loss' in line]
     assert len(trained) == 8 and len({line['step'] for line in trained}) == 8  # every step logged (log_interval=1)
