@@ -113,6 +113,15 @@ def continuation_logprobs(model, seqs, device, images=None, max_elements=2 ** 25
     return out
 
 
+def likeliest(model, prompts, images, choices, device):
+    """For each prompt (tokens) with its image, the index of its likeliest choice (token lists), the first on a tie."""
+    seqs = [(p, c) for p, cs in zip(prompts, choices) for c in cs]
+    logprobs = [lp for lp, _ in continuation_logprobs(model, seqs, device,
+                                                      images=[im for im, cs in zip(images, choices) for _ in cs])]
+    ends = np.cumsum([len(cs) for cs in choices])
+    return [int(np.argmax(logprobs[end - len(cs):end])) for end, cs in zip(ends, choices)]
+
+
 def choice_requests(enc, item):
     """An item's (context, continuation) tokens, one per choice: its prompt, or one prompt per choice (Winogrande's
     partial scoring)."""
@@ -193,8 +202,11 @@ def decode_reply(enc, ids):
 def vision_tasks(model, enc, world, device, rng, blind=False, eval_items=shapes.EVAL_ITEMS):
     """
     The shapes world's vision questions, the first eval_items of each task; blind: every image replaced by a
-    uniform gray one. Answers are scored by normalized exact match, boxes (grounding) by IoU >= 0.5; each task also
-    reports its accuracy on the items that name only concepts fine-tuning names (seen) and on the others (held out).
+    uniform gray one. A task with a closed answer set (shapes.ANSWERS) answers with the likeliest reply of its set
+    (the reply and its end token), as POPE and the text tasks are scored: a model that knows the answer is not
+    scored wrong for leaving the format at a word it never met in a question. Boxes (grounding) are generated and
+    scored by IoU >= 0.5. Each task also reports its accuracy on the items that name only concepts fine-tuning
+    names (seen) and on the others (held out).
     """
     n_tokens = model.encoder.num_tokens
     kept = shapes.first_per_task(world.eval_items, eval_items)
@@ -204,11 +216,16 @@ def vision_tasks(model, enc, world, device, rng, blind=False, eval_items=shapes.
     if blind:
         images = np.full_like(images, 128)
     predictions = [None] * len(items)
-    for boxes, max_new in ((False, 16), (True, 32)):  # a box is about 24 bytes long, a word shorter
-        chosen = [i for i, it in enumerate(items) if (it['task'] == 'grounding') == boxes]
-        replies = answer(model, enc, [prompts[i] for i in chosen], [images[i] for i in chosen], device, max_new)
-        for i, reply in zip(chosen, replies):
-            predictions[i] = reply
+    closed = [i for i, it in enumerate(items) if it['task'] in shapes.ANSWERS]
+    eot = data.special_id(enc, '<|endoftext|>')
+    replies = {task: [enc.encode_ordinary(a) + [eot] for a in answers] for task, answers in shapes.ANSWERS.items()}
+    picks = likeliest(model, [prompts[i] for i in closed], [images[i] for i in closed],
+                      [replies[items[i]['task']] for i in closed], device)
+    for i, k in zip(closed, picks):
+        predictions[i] = shapes.ANSWERS[items[i]['task']][k]
+    boxes = [i for i, it in enumerate(items) if it['task'] not in shapes.ANSWERS]  # a box is about 24 bytes long
+    for i, reply in zip(boxes, answer(model, enc, [prompts[i] for i in boxes], [images[i] for i in boxes], device, 32)):
+        predictions[i] = reply
     tasks = {}
     for name in shapes.VISION_TASKS:
         chosen = [(p, it) for p, it in zip(predictions, items) if it['task'] == name]
@@ -428,9 +445,7 @@ def pope_result(model, enc, prompts, images, items, device, rng, n_boot=1000, **
     """
     import benchmarks as bm
     yes_no = [enc.encode_ordinary(w) for w in POPE_WORDS]
-    logprobs = [lp for lp, _ in continuation_logprobs(model, [(p, w) for p in prompts for w in yes_no], device,
-                                                      images=[im for im in images for _ in yes_no])]
-    said_yes = [y >= n for y, n in zip(logprobs[::2], logprobs[1::2])]
+    said_yes = [k == 0 for k in likeliest(model, prompts, images, [yes_no] * len(prompts), device)]
     splits = bm.pope_splits(said_yes, items)
     scores = [float(y == (it['answers'][0] == 'yes')) for y, it in zip(said_yes, items)]
     result = task_result('vision', scores, 0.0, rng, splits=splits, predictions=['yes' if y else 'no' for y in said_yes],

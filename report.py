@@ -12,7 +12,7 @@ import numpy as np
 
 import shapes
 import stats
-from eval import STABLE_SCORES, normalize_answer
+from eval import STABLE_SCORES
 from runtime import format_time
 
 # -----------------------------------------------------------------------------
@@ -108,38 +108,18 @@ def primary_table(results, primary):
 def referent_table(results):
     """
     The shapes world's referents, per cell (mean over its seeds), for each vision task whose questions name a color
-    or a shape: accuracy on seen and on held-out referents; on the held-out ones, the accuracy on scenes of two or
-    more objects (where the named object must be picked out: one object answers a question about itself whatever
-    its name) and the share of answers outside the task's answer set (a reply that is no answer at all). '' when
-    the runs hold no shapes vision tasks.
+    or a shape: the accuracy on seen referents (fine-tuning named them) and on held-out ones (only captions did).
+    '' when the runs hold no shapes vision tasks.
     """
     first = next((e for seeds in results.values() for e in seeds.values()), None)
     tasks = [t for t in shapes.VISION_TASKS if first and 'accuracy_held_out' in first['tasks'].get(t, {})]
     if not tasks:
         return ''
-    items = {}  # each task's questions in the order scored: a stream per task, the first n whatever n is
-    for it in shapes.image_sets(0, 0, shapes.EVAL_ITEMS)[2]:
-        items.setdefault(it['task'], []).append(it)
-    answers = {t: {normalize_answer(it['answer']) for it in items[t]} for t in tasks if t != 'grounding'}  # boxes: open
-    mean = lambda v: f'{np.mean(v):.3f}' if v else 'n/a'
-    header = ['cell', 'seeds'] + [f'{t}: seen / held out / held out, 2+ objects / no answer' for t in tasks]
+    header = ['cell', 'seeds'] + [f'{t}: seen / held out' for t in tasks]
     rows = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
-    for cell, seeds in results.items():
-        parts = []
-        for task in tasks:
-            seen, held, crowded, off = [], [], [], []
-            for e in seeds.values():
-                result = e['tasks'][task]
-                for it, score, reply in zip(items[task], result['scores'], result['predictions']):
-                    if not it['held_out']:
-                        seen.append(score)
-                        continue
-                    held.append(score)
-                    if len(it['scene']) > 1:
-                        crowded.append(score)
-                    if task in answers:
-                        off.append(normalize_answer(reply) not in answers[task])
-            parts.append(f'{mean(seen)} / {mean(held)} / {mean(crowded)} / {mean(off)}')
+    for cell, seeds in ((cell, seeds) for cell, seeds in results.items() if seeds):  # a cell no seed finished: none
+        parts = [' / '.join(f"{np.mean([e['tasks'][t][f'accuracy_{part}'] for e in seeds.values()]):.3f}"
+                            for part in ('seen', 'held_out')) for t in tasks]
         rows.append('| ' + ' | '.join([cell, str(len(seeds))] + parts) + ' |')
     return '\n'.join(rows)
 

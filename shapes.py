@@ -228,10 +228,23 @@ VISION_TASKS = ('color', 'shape', 'count', 'exists', 'position', 'grounding')
 # image-text stage, as in the paper, and fine-tuning teaches the question format on the seen half.
 SEEN = {'color': ['red', 'blue', 'yellow'], 'shape': ['circle', 'triangle']}
 REFERENTS = {'color': COLORS, 'shape': SHAPES}  # what evaluation's questions name
+# The closed answer set of each task but grounding (a box): evaluation ranks them by likelihood (eval.vision_tasks)
+ANSWERS = {'color': SEEN['color'], 'shape': SEEN['shape'], 'count': NUMBER_WORDS[1:MAX_OBJECTS + 1],
+           'exists': ['yes', 'no'], 'position': POSITIONS}
 GROUNDING_PROMPT = 'Please provide the bounding box coordinate of the region this sentence describes: the {} {}.'
 GROUNDING_IOU = 0.5  # a box counts when its IoU with the object's reaches this (RefCOCO's threshold)
 TEXT_TASKS = ('facts', 'rare_facts', 'arithmetic', 'long_arithmetic', 'sequence')
 EVAL_ITEMS = 1000  # items made per task, text and vision; a run scores the first eval_items of each (train.py)
+
+
+def article(word):
+    return 'an' if word[0] in 'aeiou' else 'a'
+
+
+def half(kind, value):
+    """The seen values of a kind ('color', 'shape') if value is one of them, else the held-out ones."""
+    seen = SEEN[kind]
+    return seen if value in seen else [v for v in REFERENTS[kind] if v not in seen]
 
 
 def random_object(rng, cell, shape=None, color=None, size=None):
@@ -287,7 +300,7 @@ def describe(obj, rng):
     every order a question asks for them: what is at a place, what color a shape is, where a colored shape is."""
     size = obj['size'] + ' ' if rng.random() < 0.5 else ''
     color, shape, place = obj['color'], obj['shape'], POSITIONS[obj['cell']]
-    return rng.choice([f"{'an' if (size or color)[0] in 'aeiou' else 'a'} {size}{color} {shape} at the {place}",
+    return rng.choice([f'{article(size or color)} {size}{color} {shape} at the {place}',
                        f'the {size}{shape} at the {place} is {color}', f'the {size}{color} {shape} is at the {place}',
                        f'the {size}{color} object at the {place} is a {shape}'])
 
@@ -302,52 +315,61 @@ def caption(scene, rng):
     return text[0].upper() + text[1:]
 
 
-def scene_with(rng, first, n=None):
-    """A scene of n objects (1 .. MAX_OBJECTS) whose first object has the attributes in `first`; the others avoid
-    its shape and its color, so a question about it by shape or by color has one answer."""
-    n = n or rng.choices(range(1, MAX_OBJECTS + 1), weights=OBJECT_COUNT_WEIGHTS)[0]
+def scene_with(rng, first, n=None, fewest=1, colors=COLORS, shapes=SHAPES):
+    """A scene of n objects (fewest .. MAX_OBJECTS, fewer more often) whose first object has the attributes in
+    `first`; the others avoid its shape and its color, so a question about it by shape or by color has one answer,
+    and take theirs from `colors` and `shapes`."""
+    n = n or rng.choices(range(fewest, MAX_OBJECTS + 1), weights=OBJECT_COUNT_WEIGHTS[fewest - 1:])[0]
     cell = first.get('cell', rng.randrange(9))
     obj = random_object(rng, cell, first.get('shape'), first.get('color'), first.get('size'))
     others = rng.sample([c for c in range(9) if c != cell], n - 1)
-    return [obj] + [random_object(rng, c, rng.choice([s for s in SHAPES if s != obj['shape']]),
-                                  rng.choice([k for k in COLORS if k != obj['color']])) for c in others]
+    return [obj] + [random_object(rng, c, rng.choice([s for s in shapes if s != obj['shape']]),
+                                  rng.choice([k for k in colors if k != obj['color']])) for c in others]
 
 
-def question(rng, task, referents=REFERENTS):
+def question(rng, task, referents=REFERENTS, fewest=1):
     """
     (scene, question, answer, chance, named): a question about one object named by a color or a shape of
     `referents` (REFERENTS: evaluation; SEEN: fine-tuning), its answer uniform over the task's answers (a color or a
     shape answer is a seen one), chance what an answer that ignores the image scores, named the (kind, value)
-    pairs the question names.
+    pairs the question names. A question that names something asks about a scene of at least `fewest` objects.
+
+    No object is singled out by anything but the name: the other objects' named attribute comes from the same half
+    (seen or held out) as the named value, and their answered one from the task's answers. Otherwise a model that
+    never learned "square" could answer "Where is the square?" with the one object fine-tuning never named, and
+    "What color is the square?" with the one object whose color is an answer.
     """
     color, shape = rng.choice(referents['color']), rng.choice(referents['shape'])
     named = [('color', color), ('shape', shape)]
+    alike = dict(fewest=fewest, colors=half('color', color), shapes=half('shape', shape))
     if task == 'color':  # the color of the one object of a shape
-        answer = rng.choice(SEEN['color'])
-        scene = scene_with(rng, {'color': answer, 'shape': shape})
-        return scene, f'What color is the {shape}?', answer, 1 / len(SEEN['color']), named[1:]
+        answer = rng.choice(ANSWERS['color'])
+        scene = scene_with(rng, {'color': answer, 'shape': shape}, **dict(alike, colors=ANSWERS['color']))
+        return scene, f'What color is the {shape}?', answer, 1 / len(ANSWERS['color']), named[1:]
     if task == 'shape':
-        answer = rng.choice(SEEN['shape'])
-        scene = scene_with(rng, {'color': color, 'shape': answer})
-        return scene, f'What shape is the {color} object?', answer, 1 / len(SEEN['shape']), named[:1]
+        answer = rng.choice(ANSWERS['shape'])
+        scene = scene_with(rng, {'color': color, 'shape': answer}, **dict(alike, shapes=ANSWERS['shape']))
+        return scene, f'What shape is the {color} object?', answer, 1 / len(ANSWERS['shape']), named[:1]
     if task == 'count':
         n = rng.randint(1, MAX_OBJECTS)
         return scene_with(rng, {}, n), 'How many shapes are there?', NUMBER_WORDS[n], 1 / MAX_OBJECTS, []
     if task == 'exists':  # a color and a shape named, present together in the scene or not
         if rng.random() < 0.5:
-            scene, answer = scene_with(rng, {'color': color, 'shape': shape}), 'yes'
-            rng.shuffle(scene)
-        else:
-            scene, answer = scene_with(rng, {}), 'no'
+            scene, answer = scene_with(rng, {'color': color, 'shape': shape}, **alike), 'yes'
+        else:  # near misses: objects of the named color or the named shape, never both
+            answer, scene = 'no', [dict(color=color, shape=shape)]
             while any((o['color'], o['shape']) == (color, shape) for o in scene):
-                scene = scene_with(rng, {})
-        return scene, f'Is there a {color} {shape}?', answer, 1 / 2, named
+                scene = scene_with(rng, {'color': rng.choice(alike['colors']), 'shape': rng.choice(alike['shapes'])},
+                                   **alike)
+        rng.shuffle(scene)
+        return scene, f'Is there {article(color)} {color} {shape}?', answer, 1 / 2, named
     if task == 'position':
         cell = rng.randrange(9)
-        scene = scene_with(rng, {'shape': shape, 'cell': cell})
+        scene = scene_with(rng, {'shape': shape, 'cell': cell}, **alike)
         return scene, f'Where is the {shape}?', POSITIONS[cell], 1 / len(POSITIONS), named[1:]
     if task == 'grounding':  # a referring expression in, its box out, as RefCOCO asks (cells and sizes uniform)
-        scene = scene_with(rng, {'color': color, 'shape': shape, 'cell': rng.randrange(9), 'size': rng.choice(SIZES)})
+        scene = scene_with(rng, {'color': color, 'shape': shape, 'cell': rng.randrange(9), 'size': rng.choice(SIZES)},
+                           **alike)
         return scene, GROUNDING_PROMPT.format(color, shape), box_text(object_box(scene[0])), GROUNDING_CHANCE, named
     raise ValueError(f'unknown vision task {task!r}; the tasks are {", ".join(VISION_TASKS)}')
 
@@ -379,7 +401,7 @@ def image_sets(n_captions, n_instruct, n_eval):
         rng = random.Random(SPLIT_SEEDS['test'] * 1000 + 7 + i)
         eval_items += [dict(task=task, scene=s, question=q, answer=a, chance=c, box=object_box(s[0]),
                             held_out=any(v not in SEEN[kind] for kind, v in named))
-                       for s, q, a, c, named in (question(rng, task) for _ in range(n_eval))]
+                       for s, q, a, c, named in (question(rng, task, fewest=2) for _ in range(n_eval))]
     return caption_scenes, conversations, eval_items
 
 

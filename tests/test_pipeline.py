@@ -49,10 +49,6 @@ def test_scenes_render_their_objects():
     assert (img == shapes.RGB['red']).all(-1).sum() > 100
 
 
-ANSWERS = {'color': shapes.SEEN['color'], 'shape': shapes.SEEN['shape'], 'count': shapes.NUMBER_WORDS[1:5],
-           'exists': ['yes', 'no'], 'position': shapes.POSITIONS}
-
-
 @pytest.mark.parametrize('task', shapes.VISION_TASKS)
 def test_questions_are_answerable_and_balanced(task):
     rng = random.Random(0)
@@ -66,7 +62,8 @@ def test_questions_are_answerable_and_balanced(task):
         if task == 'count':
             assert shapes.NUMBER_WORDS[len(scene)] == a
         if task == 'exists':
-            color, shape = q[:-1].split()[-2:]
+            article, color, shape = q[:-1].split()[-3:]
+            assert article == ('an' if color == 'orange' else 'a')
             assert (a == 'yes') == any(o['color'] == color and o['shape'] == shape for o in scene)
         if task == 'position':
             assert [shapes.POSITIONS[o['cell']] for o in scene if o['shape'] == q.split()[-1][:-1]] == [a]
@@ -76,7 +73,7 @@ def test_questions_are_answerable_and_balanced(task):
             assert len(target) == 1 and a == shapes.box_text(shapes.object_box(target[0]))
             a = (target[0]['cell'], target[0]['size'])
         answers.append(a)
-    choices = ANSWERS.get(task) or [(c, z) for c in range(9) for z in shapes.SIZES]
+    choices = shapes.ANSWERS.get(task) or [(c, z) for c in range(9) for z in shapes.SIZES]
     assert chance == (shapes.GROUNDING_CHANCE if task == 'grounding' else 1 / len(choices))
     counts = np.array([answers.count(c) for c in choices])
     assert counts.min() > 0.6 * 600 / len(choices)  # every answer about equally often: chance is 1/k
@@ -114,6 +111,26 @@ def test_fine_tuning_names_only_seen_colors_and_shapes_and_evaluation_all():
                for it in held)
     assert {it['answer'] for it in items if it['task'] == 'color'} == set(shapes.SEEN['color'])  # answers: seen
     assert {it['answer'] for it in items if it['task'] == 'position'} == set(shapes.POSITIONS)
+
+
+def test_only_its_name_picks_out_the_object_an_evaluation_question_asks_about():
+    _, _, items = shapes.image_sets(0, 0, 300)
+    for it in items:
+        words, scene, task = it['question'].rstrip('?.').split(), it['scene'], it['task']
+        if task == 'count':
+            continue
+        # one object answers a question about itself, whatever its name
+        assert len(scene) >= 2, it['question']
+        named = {'color': words[-1], 'shape': words[-2], 'position': words[-1]}.get(task, words[-2:])
+        colors, shapes_ = {o['color'] for o in scene}, {o['shape'] for o in scene}
+        if task == 'color':  # every object's color an answer; every shape of the named shape's half
+            assert colors <= set(shapes.ANSWERS['color']) and shapes_ <= set(shapes.half('shape', named))
+        elif task == 'shape':
+            assert shapes_ <= set(shapes.ANSWERS['shape']) and colors <= set(shapes.half('color', named))
+        elif task == 'position':
+            assert shapes_ <= set(shapes.half('shape', named))
+        else:  # exists, grounding: a color and a shape named
+            assert colors <= set(shapes.half('color', named[0])) and shapes_ <= set(shapes.half('shape', named[1]))
 
 
 def test_caption_describes_every_object_in_some_phrasing():
@@ -241,8 +258,13 @@ def test_bad_injection_point_and_block_size_fail_before_training():
 def test_blind_eval_feeds_gray_images(world, enc):
     seen = []
 
-    class Spy(torch.nn.Module):
+    class Spy(torch.nn.Module):  # answers every closed question by likelihood (forward), grounding by generate
         encoder = type('E', (), {'num_tokens': N})()
+        config = type('C', (), {'block_size': 256, 'vocab_size': enc.n_vocab})()
+
+        def forward(self, idx, images):
+            seen.append(images.clone())
+            return torch.zeros(*idx.shape, enc.n_vocab), None
 
         def generate(self, idx, images, max_new_tokens, stop_token=None):
             seen.append(images.clone())
@@ -250,7 +272,9 @@ def test_blind_eval_feeds_gray_images(world, enc):
 
     rng = np.random.default_rng(0)
     ev.vision_tasks(Spy(), enc, world, 'cpu', rng, blind=True)
-    assert all((imgs == 128).all() for imgs in seen) and sum(len(i) for i in seen) == len(world.eval_items)
+    # every question once; a closed one once per reply in its answer set
+    asked = sum(len(shapes.ANSWERS.get(it['task'], [None])) for it in world.eval_items)
+    assert all((imgs == 128).all() for imgs in seen) and sum(len(i) for i in seen) == asked
     seen.clear()
     ev.vision_tasks(Spy(), enc, world, 'cpu', rng)
     assert any((imgs != 128).any() for imgs in seen)
