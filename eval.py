@@ -75,17 +75,19 @@ def windows(ctx, cont, block):
 
 
 @torch.no_grad()
-def continuation_logprobs(model, seqs, device, images=None, max_elements=2 ** 25):
+def continuation_logprobs(model, seqs, device, images=None, max_elements=2 ** 25, features=None, feature_of=None):
     """
     For each (context tokens, continuation tokens) in seqs: the summed log-probability of the continuation after the
     context, and whether each of its tokens is the most likely one (lm-evaluation-harness's is_greedy). A sequence
     is scored in windows (windows()): its context cut from the left to fit, a continuation longer than block_size in
     pieces. Batched longest-first, as many rows as keep the logits under max_elements floats; images (a VLM's, one
-    per sequence) go with their rows, and a sequence with an image must fit whole (its image tokens cannot be cut).
+    per sequence) go with their rows, and a sequence with an image must fit whole (its image tokens cannot be cut);
+    or the encoder's features of sequence i's image, features[feature_of[i]] (sequences that share an image encode
+    it once).
     """
     block, vocab = model.config.block_size, model.config.vocab_size
     rows = [(w_ctx, w_cont, i) for i, (ctx, cont) in enumerate(seqs) for w_ctx, w_cont in windows(ctx, cont, block)]
-    if images is not None:
+    if images is not None or features is not None:
         longest = max((len(c) + len(t) for c, t in seqs), default=0)
         if longest > block + 1:
             raise ValueError(f'a sequence of {longest} tokens with an image does not fit block_size={block} + 1: '
@@ -101,8 +103,11 @@ def continuation_logprobs(model, seqs, device, images=None, max_elements=2 ** 25
         for r, k in enumerate(chunk):
             full = rows[k][0] + rows[k][1]
             x[r, :len(full) - 1] = torch.tensor(full[:-1])
-        kwargs = {} if images is None else {
-            'images': torch.from_numpy(np.stack([images[rows[k][2]] for k in chunk])).to(device)}
+        kwargs = {}
+        if images is not None:
+            kwargs['images'] = torch.from_numpy(np.stack([images[rows[k][2]] for k in chunk])).to(device)
+        elif features is not None:
+            kwargs['features'] = features[[feature_of[rows[k][2]] for k in chunk]].to(device)
         logprobs = F.log_softmax(model(x.to(device), **kwargs)[0].float(), dim=-1).cpu()
         for r, k in enumerate(chunk):
             ctx, cont, i = rows[k]
@@ -113,11 +118,17 @@ def continuation_logprobs(model, seqs, device, images=None, max_elements=2 ** 25
     return out
 
 
-def likeliest(model, prompts, images, choices, device):
-    """For each prompt (tokens) with its image, the index of its likeliest choice (token lists), the first on a tie."""
+@torch.no_grad()
+def likeliest(model, prompts, images, choices, device, batch_size=64):
+    """For each prompt (tokens) with its image (uint8 [H, W, 3]), the index of its likeliest choice (token lists),
+    the first on a tie. Each image is encoded once, not once per choice."""
+    if not prompts:
+        return []
+    features = torch.cat([model.encoder.encode(np.stack(images[i:i + batch_size])).cpu()
+                          for i in range(0, len(images), batch_size)])
     seqs = [(p, c) for p, cs in zip(prompts, choices) for c in cs]
-    logprobs = [lp for lp, _ in continuation_logprobs(model, seqs, device,
-                                                      images=[im for im, cs in zip(images, choices) for _ in cs])]
+    logprobs = [lp for lp, _ in continuation_logprobs(model, seqs, device, features=features,
+                                                      feature_of=[i for i, cs in enumerate(choices) for _ in cs])]
     ends = np.cumsum([len(cs) for cs in choices])
     return [int(np.argmax(logprobs[end - len(cs):end])) for end, cs in zip(ends, choices)]
 

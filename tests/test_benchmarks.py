@@ -80,7 +80,7 @@ def test_vision_benchmarks_use_their_metrics(bench, monkeypatch):
         texts = [enc.decode([t for t in p if t < 256]) for p in prompts]
         return [next(v for k, v in replies.items() if k in t) for t in texts]
 
-    def always_yes(model, seqs, device, images=None):  # POPE: 'Yes' likelier than 'No' after every question
+    def always_yes(model, seqs, device, **images):  # POPE: 'Yes' likelier than 'No' after every question
         return [(0.0 if enc.decode(cont) == 'Yes' else -1.0, False) for _, cont in seqs]
 
     monkeypatch.setattr(ev, 'answer', fake_answer)
