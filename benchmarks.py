@@ -6,7 +6,7 @@ score them, so the numbers compare with published ones: one registry, BENCHMARKS
     python eval.py --ckpt=out/finetune --tasks=vqav2,pope,arc_easy --bench_dir=BENCH --limit=500
     python eval.py --ckpt=out/finetune --tasks=paper --bench_dir=BENCH    # the paper's seven vision benchmarks
 
-Text tasks are built as lm-evaluation-harness builds them and scored by log-likelihood (eval.multiple_choice): acc,
+Text tasks are built as lm-evaluation-harness builds them and scored by log-likelihood (likelihood.multiple_choice): acc,
 and acc_norm (per character). Vision tasks are answered greedily and scored as TRI-ML vlm-evaluation scores them
 (VQAv2, TextVQA with LLaVA-1.5's OCR prompt when its file is there, GQA), VizWiz as its official evaluation does;
 POPE is the likelier of 'Yes' and 'No' (TRI-ML), with accuracy, precision, recall, F1 and yes-ratio per split. A

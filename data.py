@@ -206,7 +206,7 @@ def text_batch(tokens, batch_size, block_size, generator, rows=slice(None)):
     return batch[:, :-1], batch[:, 1:]
 
 
-# An image source (shapes.ImageWorld, images.RealImages) is what the image batches read: n_captions and
+# An image source (images.ImageWorld, images.RealImages) is what the image batches read: n_captions and
 # n_conversations; caption_sample(i, enc, n_image_tokens, generator) and conversation_sample(i, enc, n_image_tokens),
 # each (tokens, loss mask, image refs); usable(ref), which decodes an image and counts a failure in skipped (a
 # Counter) by reason; pixels(refs), uint8 [len(refs), H, W, 3]. A new kind of image data implements these.

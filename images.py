@@ -18,6 +18,7 @@ of reasons that the training log reports. Memory stays bounded whatever a file c
 import io
 import json
 import os
+import random
 import stat
 import tarfile
 from collections import Counter
@@ -25,6 +26,7 @@ from collections import Counter
 import numpy as np
 
 import data
+import shapes
 
 MIN_SIDE = 8  # pixels: smaller images (tracking pixels, 1x1 spacers) carry nothing to caption
 MAX_PIXELS = 64 * 2 ** 20  # width x height above this is refused from the header alone, before any decoding
@@ -286,9 +288,58 @@ def cached_index(path, caption_key, cache_dir):
     return ranges, skipped
 
 
+# -----------------------------------------------------------------------------
+# the image sources the image and fine-tuning stages read: the shapes world's renders, and real data
+
+class ImageWorld:
+    """
+    The shapes world's image data, as rendered by prepare_images: the caption scenes and the instruction
+    conversations of the train split (fixed sets, so a frozen encoder's features can be cached), and the vision
+    eval items of the test split.
+    """
+
+    def __init__(self, folder, scene_size, n_captions=8000, n_instruct=6000, n_eval=shapes.EVAL_ITEMS):
+        self.folder, self.scene_size = folder, scene_size
+        self.caption_scenes, self.conversations, self.eval_items = shapes.image_sets(n_captions, n_instruct, n_eval)
+        path = shapes.images_path(folder, scene_size, n_captions, n_instruct, n_eval)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f'{path} is missing: shapes.prepare_images renders it (train.py and eval.py '
+                                    f'do so before they read it)')
+        self.images = np.load(path, mmap_mode='r')
+        self.caption_ids = np.arange(n_captions)
+        self.conversation_ids = n_captions + np.arange(n_instruct)
+        self.eval_ids = n_captions + n_instruct + np.arange(len(self.eval_items))
+        if len(self.images) != len(self.eval_ids) + n_captions + n_instruct:
+            raise ValueError(f'{path} does not match the scene lists: delete it to render it again')
+        self.skipped = Counter()  # rendered pictures never fail; images.RealImages counts its skips here
+
+    # the image source interface that mixture_batch and the fine-tuning rows use (images.RealImages has it too):
+    # samples are (tokens, loss mask, image refs), and a ref is an index into self.images
+    @property
+    def n_captions(self):
+        return len(self.caption_ids)
+
+    @property
+    def n_conversations(self):
+        return len(self.conversation_ids)
+
+    def caption_sample(self, i, enc, n_image_tokens, generator):
+        text = shapes.caption(self.caption_scenes[i], random.Random(data.randint(generator, 2 ** 31)))  # a phrasing per draw
+        return data.caption_sample(enc, text, n_image_tokens) + ([int(self.caption_ids[i])],)
+
+    def conversation_sample(self, i, enc, n_image_tokens):
+        return data.chat_sample(enc, self.conversations[i][1], n_image_tokens) + ([int(self.conversation_ids[i])],)
+
+    def usable(self, ref):
+        return True
+
+    def pixels(self, refs):
+        return np.asarray(self.images[refs])
+
+
 class RealImages:
     """
-    Real image data behind the image source interface (data.py, above MAX_DRAWS; shapes.ImageWorld has it too), so data.mixture_batch and
+    Real image data behind the image source interface (data.py, above MAX_DRAWS; ImageWorld above has it too), so data.mixture_batch and
     the fine-tuning rows read either: the captions of image_data (img2dataset tar shards, each indexed once into
     cache_dir, then read by random access) and the conversations of instruct_data (a LLaVA json; its image paths are
     relative to instruct_images). Random access rather than streaming keeps a batch a function of its step, as the

@@ -6,8 +6,8 @@ its tasks. lm-evaluation-harness is optional (pip install lm_eval) and imported 
     python lm_harness.py --model nanovlp --model_args ckpt=out/text/ckpt_100,device=cuda --tasks piqa --limit 100
 
 The arguments are lm_eval's own: this script registers the model `nanovlp`, then runs lm_eval's command line. From
-Python, pass NanoVLP(ckpt) to lm_eval.simple_evaluate. Requests are scored by eval.py's own functions
-(harness_tokens, continuation_logprobs), so a task that eval.py --tasks also has gets the same numbers item by item.
+Python, pass NanoVLP(ckpt) to lm_eval.simple_evaluate. Requests are scored by the functions eval.py scores with
+(likelihood.py's harness_tokens and continuation_logprobs), so a task eval.py --tasks also has gets the same numbers.
 """
 
 import sys
@@ -23,6 +23,7 @@ import torch
 import checkpoint
 import data
 import eval as ev
+import likelihood
 
 
 @register_model('nanovlp')
@@ -42,9 +43,9 @@ class NanoVLP(LM):
 
     def loglikelihood(self, requests):
         """[(log-probability of the continuation after the context, whether greedy decoding gives it)]."""
-        seqs = [ev.harness_tokens(self.enc, context, continuation) for context, continuation in
+        seqs = [likelihood.harness_tokens(self.enc, context, continuation) for context, continuation in
                 (r.args for r in requests)]
-        return ev.continuation_logprobs(self.model, seqs, self.torch_device)
+        return likelihood.continuation_logprobs(self.model, seqs, self.torch_device)
 
     def loglikelihood_rolling(self, requests):
         """
@@ -52,7 +53,7 @@ class NanoVLP(LM):
         each predicted with as many of the tokens before it as fit (the harness's rolling windows, eval.windows).
         """
         seqs = [([self.eot], self.enc.encode_ordinary(text)) for (text,) in (r.args for r in requests)]
-        return [lp for lp, _ in ev.continuation_logprobs(self.model, seqs, self.torch_device)]
+        return [lp for lp, _ in likelihood.continuation_logprobs(self.model, seqs, self.torch_device)]
 
     @torch.no_grad()
     def generate_until(self, requests):

@@ -9,8 +9,8 @@ The arguments are lmms-eval's own: this script registers the model `nanovlp`, th
 Python, pass NanoVLPLMMs(ckpt) to lmms_eval.evaluator.simple_evaluate. A request with an image is asked as eval.py
 asks a benchmark question (the chat format: the image's tokens, <|user|> the task's text <|assistant|>), its image
 decoded as eval.py decodes a benchmark's; a request without one is scored as lm_harness.py scores text. Answers come
-from eval.py's own functions (answer, continuation_logprobs), so a task eval.py --tasks also has gets the same
-answers item by item.
+from the functions eval.py answers with (its answer, likelihood.continuation_logprobs), so a task eval.py --tasks
+also has gets the same answers item by item.
 """
 
 import io
@@ -28,6 +28,7 @@ import torch
 import checkpoint
 import data
 import eval as ev
+import likelihood
 from images import BadImage, decode_image, to_rgb
 from model import VLM
 
@@ -97,15 +98,15 @@ class NanoVLPLMMs(lmms):
             continuation = target if isinstance(target, str) else target(doc)
             image = self.image_of(doc_to_visual, doc_id, task, split)
             if image is None:
-                text_only.append((n, ev.harness_tokens(self.enc, context, continuation)))
+                text_only.append((n, likelihood.harness_tokens(self.enc, context, continuation)))
             else:
                 cont = self.enc.encode_ordinary(continuation)
                 with_image.append((n, (self.prompt(context, len(cont) - 1, task, doc_id), cont), image))
-        for n, (lp, greedy) in zip([n for n, _ in text_only], ev.continuation_logprobs(
+        for n, (lp, greedy) in zip([n for n, _ in text_only], likelihood.continuation_logprobs(
                 self.model, [s for _, s in text_only], self.torch_device)):
             out[n] = (-lp, greedy)
         if with_image:
-            scored = ev.continuation_logprobs(self.model, [s for _, s, _ in with_image], self.torch_device,
+            scored = likelihood.continuation_logprobs(self.model, [s for _, s, _ in with_image], self.torch_device,
                                               images=[im for _, _, im in with_image])
             for (n, _, _), (lp, greedy) in zip(with_image, scored):
                 out[n] = (-lp, greedy)

@@ -227,7 +227,7 @@ class Prepared:
     folder: str  # the token dataset: train.bin, val.bin, meta.json (and the shapes world's tasks)
     enc: tiktoken.Encoding  # its tokenizer, with the special tokens
     weights: Any = None  # the encoder weights the image stages load: 'random', 'hub', a path, or {half: path}
-    source: Any = None  # the image source (shapes.ImageWorld or images.RealImages), for the image stages
+    source: Any = None  # the image source (images.ImageWorld or images.RealImages), for the image stages
 
 
 def prepare_run(cfg, reads_images, verbose=True):
@@ -252,7 +252,7 @@ def prepare_run(cfg, reads_images, verbose=True):
     else:
         world = (folder, cfg.scene_size, cfg.caption_scenes, cfg.conversations)
         shapes.prepare_images(*world)
-        source = shapes.ImageWorld(*world)
+        source = images.ImageWorld(*world)
     prep = Prepared(folder, enc, weights, source)
     if caches_features(cfg):
         with torch.random.fork_rng(devices=[]):
@@ -288,6 +288,7 @@ def feature_cache(cfg, prep, encoder, create=False, verbose=False):
 NOT_FINGERPRINTED = {
     'checkpoint.py': 'writes and reads the files; their bytes are verified by the checksums config.json records',
     'eval.py': 'scores a saved checkpoint into eval.json, which python eval.py can always make again',
+    'likelihood.py': 'the log-likelihood scoring eval.py scores with, likewise',
     'grounding.py': 'its box scorer scores the shapes world\'s grounding task into eval.json, likewise',
     'benchmarks.py': 'the helpers grounding.py reads files with, imported with it',
     'stats.py': 'the statistics of eval.json (centered accuracy), likewise',
@@ -325,7 +326,7 @@ def fingerprint(cfg, prep, stages, name):
     config, code, reads_images = defining_keys(vars(cfg), stages, name), kind.code, kind.reads_images
     modules = set(STAGE_CODE + tuple(code)) | ({'shapes.py'} if cfg.dataset == 'shapes' else set())
     if reads_images:
-        modules |= {'encoders.py', 'images.py' if real_image_data(cfg) else 'shapes.py'}
+        modules |= {'encoders.py', 'images.py'} | (set() if real_image_data(cfg) else {'shapes.py'})  # the source
     made = {'config': config,
             'code': {m: code_digest(os.path.join(HERE, m)) for m in sorted(modules)},
             'data': {'meta.json': file_digest(os.path.join(prep.folder, 'meta.json'))}}

@@ -21,10 +21,11 @@ import sys
 import numpy as np
 
 import data
+import images
 import shapes
 from checkpoint import load_model
 from configurator import configure, script_config
-from eval import likeliest
+from likelihood import likeliest
 
 # -----------------------------------------------------------------------------
 # config for `python probe.py`
@@ -65,7 +66,7 @@ def probe_checkpoint(ckpt_dir, device='cpu', data_dir='data', eval_items=500):
     folder = shapes.prepare_text(data_dir, verbose=False)
     world_args = (c['scene_size'], c['caption_scenes'], c['conversations'])
     shapes.prepare_images(folder, *world_args)
-    result = caption_probe(model, enc, shapes.ImageWorld(folder, *world_args), device, eval_items)
+    result = caption_probe(model, enc, images.ImageWorld(folder, *world_args), device, eval_items)
     with open(os.path.join(ckpt_dir, 'probe.json'), 'w') as f:
         json.dump(result, f)
     return result

@@ -19,7 +19,7 @@ import numpy as np
 
 from configurator import configure
 from checkpoint import code_digest
-from data import caption_sample, chat_sample, get_tokenizer, randint, special_id, write_shard
+from data import get_tokenizer, special_id, write_shard
 from grounding import box_iou  # vlm-evaluation's, as the paper's RefCOCO is scored
 
 # -----------------------------------------------------------------------------
@@ -418,52 +418,6 @@ def prepare_images(folder, scene_size, n_captions=8000, n_instruct=6000, n_eval=
         np.save(path + '.tmp.npy', render_all(scenes, scene_size))
         os.replace(path + '.tmp.npy', path)  # only a complete file carries the final name
     return path
-
-
-class ImageWorld:
-    """
-    The shapes world's image data, as rendered by prepare_images: the caption scenes and the instruction
-    conversations of the train split (fixed sets, so a frozen encoder's features can be cached), and the vision
-    eval items of the test split.
-    """
-
-    def __init__(self, folder, scene_size, n_captions=8000, n_instruct=6000, n_eval=EVAL_ITEMS):
-        self.folder, self.scene_size = folder, scene_size
-        self.caption_scenes, self.conversations, self.eval_items = image_sets(n_captions, n_instruct, n_eval)
-        path = images_path(folder, scene_size, n_captions, n_instruct, n_eval)
-        if not os.path.exists(path):
-            raise FileNotFoundError(f'{path} is missing: shapes.prepare_images renders it (train.py and eval.py '
-                                    f'do so before they read it)')
-        self.images = np.load(path, mmap_mode='r')
-        self.caption_ids = np.arange(n_captions)
-        self.conversation_ids = n_captions + np.arange(n_instruct)
-        self.eval_ids = n_captions + n_instruct + np.arange(len(self.eval_items))
-        if len(self.images) != len(self.eval_ids) + n_captions + n_instruct:
-            raise ValueError(f'{path} does not match the scene lists: delete it to render it again')
-        self.skipped = Counter()  # rendered pictures never fail; images.RealImages counts its skips here
-
-    # the image source interface that mixture_batch and the fine-tuning rows use (images.RealImages has it too):
-    # samples are (tokens, loss mask, image refs), and a ref is an index into self.images
-    @property
-    def n_captions(self):
-        return len(self.caption_ids)
-
-    @property
-    def n_conversations(self):
-        return len(self.conversation_ids)
-
-    def caption_sample(self, i, enc, n_image_tokens, generator):
-        text = caption(self.caption_scenes[i], random.Random(randint(generator, 2 ** 31)))  # a phrasing per draw
-        return caption_sample(enc, text, n_image_tokens) + ([int(self.caption_ids[i])],)
-
-    def conversation_sample(self, i, enc, n_image_tokens):
-        return chat_sample(enc, self.conversations[i][1], n_image_tokens) + ([int(self.conversation_ids[i])],)
-
-    def usable(self, ref):
-        return True
-
-    def pixels(self, refs):
-        return np.asarray(self.images[refs])
 
 
 def prepare_text(data_dir='data', train_bytes=3_000_000, val_bytes=100_000, n_task_items=EVAL_ITEMS, verbose=True):

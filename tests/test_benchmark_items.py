@@ -12,6 +12,7 @@ import torch.nn.functional as F
 import benchmarks
 import data
 import eval as ev
+import likelihood
 from conftest import jsonl, mc
 from encoders import build_encoder
 from images import BadImage
@@ -122,14 +123,14 @@ def window_logprob(model, ctx, cont):
 def test_a_continuation_longer_than_the_block_is_scored_in_windows(tmp_path):
     model = Tiny()
     ctx, cont = ENC.encode_ordinary('Question: how?\nAnswer:'), ENC.encode_ordinary(' ' + 'x' * 40)  # 41 > 16
-    (lp, greedy), = ev.continuation_logprobs(model, [(ctx, cont)], 'cpu')  # IndexError: index -... before
+    (lp, greedy), = likelihood.continuation_logprobs(model, [(ctx, cont)], 'cpu')  # IndexError: index -... before
     full = ctx + cont  # windows of 16 predicted tokens, each after the 16 tokens (or as many as fit) before it
     pieces = [(full[:len(ctx) + 16][-17:-16], cont[:16]), (full[len(ctx) + 15:len(ctx) + 16], cont[16:32]),
               (full[len(ctx) + 32 - 8:len(ctx) + 32], cont[32:])]
-    assert ev.windows(ctx, cont, 16) == pieces
+    assert likelihood.windows(ctx, cont, 16) == pieces
     assert lp == pytest.approx(sum(window_logprob(model, c, t) for c, t in pieces), abs=1e-4)
     short = ENC.encode_ordinary(' yes')  # one that fits: one window, the context cut from the left
-    (lp_short, _), = ev.continuation_logprobs(model, [(ctx, short)], 'cpu')
+    (lp_short, _), = likelihood.continuation_logprobs(model, [(ctx, short)], 'cpu')
     assert lp_short == pytest.approx(window_logprob(model, ctx[-(17 - len(short)):], short), abs=1e-5)
 
     jsonl(tmp_path / 'piqa' / 'valid.jsonl', [{'goal': 'Open a jar', 'sol1': 'twist ' * 20, 'sol2': 'pull'},
@@ -138,4 +139,4 @@ def test_a_continuation_longer_than_the_block_is_scored_in_windows(tmp_path):
     out = ev.run_benchmarks(model, ENC, ['piqa'], str(tmp_path))
     assert out['tasks']['piqa']['n'] == 2 and out['tasks']['piqa']['windowed'] == 1
     with pytest.raises(ValueError, match='at least one token'):
-        ev.windows([], cont, 16)
+        likelihood.windows([], cont, 16)

@@ -11,6 +11,7 @@ import torch
 import benchmarks
 import data
 import eval as ev
+import likelihood
 from conftest import REFERENCE, jsonl, mc
 from encoders import build_encoder
 from model import GPT, VLM, GPTConfig
@@ -84,7 +85,7 @@ def test_vision_benchmarks_use_their_metrics(bench, monkeypatch):
         return [(0.0 if enc.decode(cont) == 'Yes' else -1.0, False) for _, cont in seqs]
 
     monkeypatch.setattr(ev, 'answer', fake_answer)
-    monkeypatch.setattr(ev, 'continuation_logprobs', always_yes)
+    monkeypatch.setattr(likelihood, 'continuation_logprobs', always_yes)
     out = ev.run_benchmarks(vlm, enc, ['vqav2', 'gqa', 'textvqa', 'pope', 'vizwiz'], bench)  # grounding: its own file
     t = out['tasks']
     assert t['vqav2']['accuracy'] == pytest.approx(0.9) and t['vqav2']['n'] == 1  # 3 of 10 said red
@@ -144,8 +145,8 @@ def test_text_items_are_the_harness_requests_for_genuine_records(task, tmp_path)
 
 def test_acc_norm_counts_characters_without_the_delimiter_and_long_contexts_are_cut_from_the_left():
     enc = data.get_tokenizer('bytes')
-    assert ev.harness_tokens(enc, 'Answer: ', 'yes') == (enc.encode_ordinary('Answer:'), enc.encode_ordinary(' yes'))
-    assert ev.harness_tokens(enc, '', 'yes')[0] == [data.special_id(enc, '<|endoftext|>')]
+    assert likelihood.harness_tokens(enc, 'Answer: ', 'yes') == (enc.encode_ordinary('Answer:'), enc.encode_ordinary(' yes'))
+    assert likelihood.harness_tokens(enc, '', 'yes')[0] == [data.special_id(enc, '<|endoftext|>')]
 
     class Uniform(torch.nn.Module):  # every byte equally likely: log-likelihood is -len(bytes) * log(320)
         config = GPTConfig(block_size=32, vocab_size=320)
@@ -154,7 +155,7 @@ def test_acc_norm_counts_characters_without_the_delimiter_and_long_contexts_are_
             return torch.zeros(*idx.shape, 320), None
 
     items = [{'prompt': 'x' * 100, 'choices': [' a', ' abc'], 'answer': 1}]  # far longer than block_size
-    raw, norm = ev.multiple_choice(Uniform(), enc, items, 'cpu')
+    raw, norm = likelihood.multiple_choice(Uniform(), enc, items, 'cpu')
     # per character, without the space: -2 log 320 / 1 < -4 log 320 / 3; with it, a tie that argmax gives to ' a'
     assert raw == [0.0] and norm == [1.0]
 

@@ -6,6 +6,7 @@ import torch.nn as nn
 import checkpoint
 import data
 import eval as ev
+import likelihood
 import stats
 from model import GPTConfig
 
@@ -28,7 +29,7 @@ def test_multiple_choice_picks_the_likely_continuation():
     enc = data.get_tokenizer('bytes')
     items = [dict(prompt='The pet is a', choices=[' cat', ' bbb', ' dog'], answer=1),
              dict(prompt='x', choices=[' b', ' a'], answer=0)]
-    raw, norm = ev.multiple_choice(FixedPreference(ord('b')), enc, items, 'cpu')
+    raw, norm = likelihood.multiple_choice(FixedPreference(ord('b')), enc, items, 'cpu')
     assert raw == [1.0, 1.0] and norm == [1.0, 1.0]
 
 
@@ -37,7 +38,7 @@ def test_length_normalization_changes_the_pick():
     # one favoured byte then an unlikely one (' b' + 'x'), against a single unlikely byte: the total log-likelihood
     # prefers the shorter choice, the per-byte average the longer one
     items = [dict(prompt='q', choices=['bbbx', 'x'], answer=0)]
-    raw, norm = ev.multiple_choice(FixedPreference(ord('b')), enc, items, 'cpu')
+    raw, norm = likelihood.multiple_choice(FixedPreference(ord('b')), enc, items, 'cpu')
     assert raw == [0.0] and norm == [1.0]
 
 

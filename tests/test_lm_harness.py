@@ -11,7 +11,7 @@ lm_eval = pytest.importorskip('lm_eval')  # optional for users; .ci/run installs
 import benchmarks  # noqa: E402
 import checkpoint  # noqa: E402
 import data  # noqa: E402
-import eval as ev  # noqa: E402
+import likelihood  # noqa: E402
 import lm_harness  # noqa: E402
 from conftest import REFERENCE, jsonl  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
@@ -62,7 +62,7 @@ def test_the_harness_and_eval_py_agree_item_by_item(ckpt, tmp_path):
     samples = sorted(out['samples']['nanovlp_piqa_local'], key=lambda s: s['doc_id'])
     model, info = checkpoint.load_model(ckpt)
     items, _ = benchmarks.read_task('piqa', str(tmp_path))
-    raw, norm = ev.multiple_choice(model, data.get_tokenizer('bytes'), items, 'cpu')
+    raw, norm = likelihood.multiple_choice(model, data.get_tokenizer('bytes'), items, 'cpu')
     assert [s['acc'] for s in samples] == raw and [s['acc_norm'] for s in samples] == norm
     assert 0 < sum(raw) < len(raw) or 0 < sum(norm) < len(norm)  # the items are not all alike
 
@@ -72,7 +72,7 @@ def test_rolling_loglikelihood_and_generation(ckpt):
     request = lambda *args: type('Request', (), {'args': args})()
     text = 'The favorite color of Bumi is red. ' * 8  # longer than block_size: several windows
     tokens = lm.enc.encode_ordinary(text)
-    whole = sum(lp for lp, _ in ev.continuation_logprobs(lm.model, [([lm.eot], tokens[:127])], 'cpu'))
+    whole = sum(lp for lp, _ in likelihood.continuation_logprobs(lm.model, [([lm.eot], tokens[:127])], 'cpu'))
     first_window = lm.loglikelihood_rolling([request(text[:127])])[0]
     assert first_window == pytest.approx(whole, abs=1e-3)
     assert lm.loglikelihood_rolling([request(text)])[0] < first_window  # more tokens, more (negative) log-probability

@@ -10,6 +10,7 @@ import torch
 import checkpoint
 import data
 import grounding
+import images
 import shapes
 import eval as ev
 import train
@@ -21,7 +22,7 @@ N = 36  # image tokens of every tiny encoder at 48 px
 @pytest.fixture(scope='module')
 def world(shapes_dir):
     shapes.prepare_images(os.path.join(shapes_dir, 'shapes'), 48, 200, 150, 20)
-    return shapes.ImageWorld(os.path.join(shapes_dir, 'shapes'), 48, n_captions=200, n_instruct=150, n_eval=20)
+    return images.ImageWorld(os.path.join(shapes_dir, 'shapes'), 48, n_captions=200, n_instruct=150, n_eval=20)
 
 
 @pytest.fixture(scope='module')

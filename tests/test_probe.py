@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import data
+import images
 import probe
 import shapes
 
@@ -16,7 +17,7 @@ N = 36
 @pytest.fixture(scope='module')
 def world(shapes_dir):
     shapes.prepare_images(os.path.join(shapes_dir, 'shapes'), 48, 20, 20, 40)
-    return shapes.ImageWorld(os.path.join(shapes_dir, 'shapes'), 48, n_captions=20, n_instruct=20, n_eval=40)
+    return images.ImageWorld(os.path.join(shapes_dir, 'shapes'), 48, n_captions=20, n_instruct=20, n_eval=40)
 
 
 def test_the_probe_asks_in_caption_form_and_scores_seen_and_held_out_apart(world, monkeypatch):
