@@ -1,15 +1,19 @@
 """
-What the image-text stage grounded, asked in the captions' own words: a probe of a checkpoint's knowledge of the
-shapes world that needs no fine-tuning. Each item of the grounding task (a color and a shape named, a scene of two
-or more objects whose others share the named values' halves) becomes, after its image, the caption prefix
-`The {shape} at the`, and the answer is the place whose continuation ` {place} is {color}` is likeliest: the one
-place where the named color and shape are together. Chance is 1/9. Split, as the vision tasks are, into items that
-name only what fine-tuning names (seen) and the others (held out).
+What the image-text stage grounded, asked in the captions' own words: probes of a checkpoint's knowledge of the
+shapes world that need no fine-tuning. Each item of the grounding task (a color and a shape named, a scene of two
+or more objects whose others share the named values' halves) becomes, after its image, a caption prefix, and the
+answer is its likeliest continuation (PROBES):
 
-A model that never saw a caption scores near chance; one whose captions grounded every name scores as well on the
-held-out names as on the seen ones. Read on the image stage's checkpoint, it says what the image-text stage taught
-before fine-tuning; read after fine-tuning too, whether fine-tuning kept it. docs/results.md reads it beside the
-vision score, which asks the same things as questions.
+    place   `The {shape} at the` + ` {place} is {color}`: where the named color and shape are     (chance 1/9)
+    color   `The {shape} at the {place} is` + ` {color}`: the color of the object named and placed  (chance 1/6)
+    shape   `The {color} object at the {place} is a` + ` {shape}`: its shape                        (chance 1/4)
+
+'place' finds an object by its names; 'color' and 'shape' only read the object at a named place. Each is split, as
+the vision tasks are, into items that name only what fine-tuning names (seen) and the others (held out). A model
+that never saw a caption scores near chance; one whose captions grounded every name scores as well on the held-out
+names as on the seen ones. Read on the image stage's checkpoint, they say what the image-text stage taught before
+fine-tuning; read after fine-tuning too, whether fine-tuning kept it. docs/results.md reads them beside the vision
+score, which asks the same things as questions.
 
     python probe.py --ckpt=out/image/image                 # prints the accuracies, writes out/image/image/probe.json
 """
@@ -36,28 +40,44 @@ eval_items = 500  # the first this many items of the grounding task
 # -----------------------------------------------------------------------------
 
 
+# The probes: what the prompt after the image says (of the named object, the item's first), the replies it ranks and
+# the right one. 'place' finds an object by its name; 'color' and 'shape' read an object the prompt points at by
+# place as well, so a model that reads scenes but cannot find things by name passes them and fails 'place'.
+PROBES = {
+    'place': (lambda o: f"The {o['shape']} at the",
+              lambda o: [f" {p} is {o['color']}" for p in shapes.POSITIONS],
+              lambda o: f" {shapes.POSITIONS[o['cell']]} is {o['color']}"),
+    'color': (lambda o: f"The {o['shape']} at the {shapes.POSITIONS[o['cell']]} is",
+              lambda o: [f' {c}' for c in shapes.COLORS], lambda o: f" {o['color']}"),
+    'shape': (lambda o: f"The {o['color']} object at the {shapes.POSITIONS[o['cell']]} is a",
+              lambda o: [f' {k}' for k in shapes.SHAPES], lambda o: f" {o['shape']}"),
+}
+
+
 def caption_probe(model, enc, world, device, eval_items=500):
-    """{accuracy, accuracy_seen, accuracy_held_out, chance, n} of the caption probe on the world's grounding items."""
+    """
+    {probe: {accuracy, accuracy_seen, accuracy_held_out, chance}, n} of the caption probes (PROBES) on the world's
+    grounding items: after the item's image, the prompt, and the likeliest of its replies.
+    """
     kept = [i for i in shapes.first_per_task(world.eval_items, eval_items) if world.eval_items[i]['task'] == 'grounding']
     items = [world.eval_items[i] for i in kept]
+    pictures = list(world.images[world.eval_ids[kept]])
     image = [data.special_id(enc, '<|image|>')] * model.encoder.num_tokens
-    prompts, choices = [], []
-    for it in items:
-        target = it['scene'][0]  # the named object (grounding scenes keep it first)
-        context = f"The {target['shape']} at the"
-        ctx = enc.encode_ordinary(context)
-        prompts.append(image + ctx)
-        choices.append([enc.encode_ordinary(f"{context} {place} is {target['color']}")[len(ctx):]
-                        for place in shapes.POSITIONS])
-    picks = likeliest(model, prompts, list(world.images[world.eval_ids[kept]]), choices, device)
-    right = np.array([shapes.POSITIONS[k] == shapes.POSITIONS[it['scene'][0]['cell']] for k, it in zip(picks, items)])
     held = np.array([it['held_out'] for it in items])
-    return dict(accuracy=float(right.mean()), accuracy_seen=float(right[~held].mean()),
-                accuracy_held_out=float(right[held].mean()), chance=1 / len(shapes.POSITIONS), n=len(items))
+    result = {'n': len(items)}
+    for name, (prefix, replies, truth) in PROBES.items():
+        targets = [it['scene'][0] for it in items]  # the named object: grounding scenes keep it first
+        prompts = [image + enc.encode_ordinary(prefix(o)) for o in targets]
+        picks = likeliest(model, prompts, pictures, [[enc.encode_ordinary(r) for r in replies(o)] for o in targets],
+                          device)
+        right = np.array([replies(o)[k] == truth(o) for k, o in zip(picks, targets)])
+        result[name] = dict(accuracy=float(right.mean()), accuracy_seen=float(right[~held].mean()),
+                            accuracy_held_out=float(right[held].mean()), chance=1 / len(replies(targets[0])))
+    return result
 
 
 def probe_checkpoint(ckpt_dir, device='cpu', data_dir='data', eval_items=500):
-    """The caption probe of the VLM in ckpt_dir, written to ckpt_dir/probe.json; returns it."""
+    """The caption probes of the VLM in ckpt_dir, written to ckpt_dir/probe.json; returns them."""
     model, info = load_model(ckpt_dir, device)
     c = info['config']
     if 'encoder' not in info or c['dataset'] != 'shapes':
@@ -80,5 +100,7 @@ if __name__ == '__main__':
         r = probe_checkpoint(cfg['ckpt'], cfg['device'], cfg['data_dir'], cfg['eval_items'])
     except (ValueError, FileNotFoundError) as err:
         sys.exit(f'error: {err}')
-    print(f"caption probe of {cfg['ckpt']}: {r['accuracy']:.3f} (seen {r['accuracy_seen']:.3f}, held out "
-          f"{r['accuracy_held_out']:.3f}; chance {r['chance']:.3f}, {r['n']} items)")
+    for name, p in r.items():
+        if name != 'n':
+            print(f"caption probe '{name}' of {cfg['ckpt']}: {p['accuracy']:.3f} (seen {p['accuracy_seen']:.3f}, held "
+                  f"out {p['accuracy_held_out']:.3f}; chance {p['chance']:.3f}, {r['n']} items)")

@@ -1,5 +1,5 @@
-"""probe.py: the caption probe asks, after each grounding item's image, in the captions' own words where the named
-color and shape are, and scores seen and held-out names apart."""
+"""probe.py: the caption probes ask, after each grounding item's image, in the captions' own words where the named
+object is and what the object at a named place looks like, and score seen and held-out names apart."""
 import os
 
 import numpy as np
@@ -20,27 +20,37 @@ def world(shapes_dir):
     return images.ImageWorld(os.path.join(shapes_dir, 'shapes'), 48, n_captions=20, n_instruct=20, n_eval=40)
 
 
-def test_the_probe_asks_in_caption_form_and_scores_seen_and_held_out_apart(world, monkeypatch):
+def test_the_probes_ask_in_caption_form_and_score_seen_and_held_out_apart(world, monkeypatch):
     enc, asked = data.get_tokenizer('bytes'), []
     items = [it for it in world.eval_items if it['task'] == 'grounding']
-    truth = [shapes.POSITIONS.index(shapes.POSITIONS[it['scene'][0]['cell']]) for it in items]
+    targets = [it['scene'][0] for it in items]
+    truth = {'place': [o['cell'] for o in targets], 'color': [shapes.COLORS.index(o['color']) for o in targets],
+             'shape': [shapes.SHAPES.index(o['shape']) for o in targets]}
 
     def likeliest(model, prompts, images, choices, device):  # right on held-out names, wrong on seen ones
         asked.append((prompts, images, choices))
-        return [k if it['held_out'] else (k + 1) % 9 for k, it in zip(truth, items)]
+        name = list(probe.PROBES)[len(asked) - 1]
+        return [k if it['held_out'] else (k + 1) % len(c) for k, it, c in zip(truth[name], items, choices)]
 
     monkeypatch.setattr(probe, 'likeliest', likeliest)
     model = type('VLM', (), {'encoder': type('E', (), {'num_tokens': N})()})()
     r = probe.caption_probe(model, enc, world, 'cpu', eval_items=40)
-    assert r == dict(accuracy=float(np.mean([it['held_out'] for it in items])), accuracy_seen=0.0,
-                     accuracy_held_out=1.0, chance=1 / 9, n=len(items))
-    prompts, images, choices = asked[0]
+    assert len(asked) == len(probe.PROBES) == 3
+    share = float(np.mean([it['held_out'] for it in items]))
+    assert r == {'n': len(items), **{name: dict(accuracy=share, accuracy_seen=0.0, accuracy_held_out=1.0, chance=c)
+                                     for name, c in (('place', 1 / 9), ('color', 1 / 6), ('shape', 1 / 4))}}
     image = data.special_id(enc, '<|image|>')
-    for prompt, options, it, picture in zip(prompts, choices, items, images):
-        target = it['scene'][0]
-        assert prompt[:N] == [image] * N and enc.decode(prompt[N:]) == f"The {target['shape']} at the"
-        assert [enc.decode(o) for o in options] == [f" {p} is {target['color']}" for p in shapes.POSITIONS]
-        assert (picture == shapes.render(it['scene'], 48)).all()  # the item's own picture
+    words = {'place': lambda o: (f"The {o['shape']} at the", [f" {p} is {o['color']}" for p in shapes.POSITIONS]),
+             'color': lambda o: (f"The {o['shape']} at the {shapes.POSITIONS[o['cell']]} is",
+                                 [' red', ' green', ' blue', ' yellow', ' purple', ' orange']),
+             'shape': lambda o: (f"The {o['color']} object at the {shapes.POSITIONS[o['cell']]} is a",
+                                 [' circle', ' square', ' triangle', ' cross'])}
+    for name, (prompts, pictures, choices) in zip(probe.PROBES, asked):
+        for prompt, options, o, it, picture in zip(prompts, choices, targets, items, pictures):
+            context, replies = words[name](o)
+            assert prompt[:N] == [image] * N and enc.decode(prompt[N:]) == context
+            assert [enc.decode(r) for r in options] == replies
+            assert (picture == shapes.render(it['scene'], 48)).all()  # the item's own picture
     assert 0 < sum(it['held_out'] for it in items) < len(items)
 
 
