@@ -21,6 +21,7 @@ score, which asks the same things as questions.
 import json
 import os
 import sys
+from typing import Callable, NamedTuple
 
 import numpy as np
 
@@ -29,7 +30,7 @@ import images
 import shapes
 from checkpoint import load_model
 from configurator import configure, script_config
-from likelihood import likeliest
+from likelihood import harness_tokens, likeliest
 
 # -----------------------------------------------------------------------------
 # config for `python probe.py`
@@ -40,17 +41,23 @@ eval_items = 500  # the first this many items of the grounding task
 # -----------------------------------------------------------------------------
 
 
-# The probes: what the prompt after the image says (of the named object, the item's first), the replies it ranks and
-# the right one. 'place' finds an object by its name; 'color' and 'shape' read an object the prompt points at by
-# place as well, so a model that reads scenes but cannot find things by name passes them and fails 'place'.
-PROBES = {
-    'place': (lambda o: f"The {o['shape']} at the",
-              lambda o: [f" {p} is {o['color']}" for p in shapes.POSITIONS],
-              lambda o: f" {shapes.POSITIONS[o['cell']]} is {o['color']}"),
-    'color': (lambda o: f"The {o['shape']} at the {shapes.POSITIONS[o['cell']]} is",
-              lambda o: [f' {c}' for c in shapes.COLORS], lambda o: f" {o['color']}"),
-    'shape': (lambda o: f"The {o['color']} object at the {shapes.POSITIONS[o['cell']]} is a",
-              lambda o: [f' {k}' for k in shapes.SHAPES], lambda o: f" {o['shape']}"),
+class Probe(NamedTuple):
+    prompt: Callable  # the named object (a grounding item's first) -> the caption prefix after the image
+    values: list  # what the reply may say
+    value_of: Callable  # the object -> the value that is right
+    reply: Callable  # (the object, a value) -> the continuation ranked
+
+
+def place(o):
+    return shapes.POSITIONS[o['cell']]
+
+
+PROBES = {  # the module docstring's table
+    'place': Probe(lambda o: f"The {o['shape']} at the", shapes.POSITIONS, place, lambda o, v: f" {v} is {o['color']}"),
+    'color': Probe(lambda o: f"The {o['shape']} at the {place(o)} is", shapes.COLORS, lambda o: o['color'],
+                   lambda o, v: f' {v}'),
+    'shape': Probe(lambda o: f"The {o['color']} object at the {place(o)} is a", shapes.SHAPES, lambda o: o['shape'],
+                   lambda o, v: f' {v}'),
 }
 
 
@@ -61,18 +68,21 @@ def caption_probe(model, enc, world, device, eval_items=500):
     """
     kept = [i for i in shapes.first_per_task(world.eval_items, eval_items) if world.eval_items[i]['task'] == 'grounding']
     items = [world.eval_items[i] for i in kept]
+    targets = [it['scene'][0] for it in items]  # the named object: grounding scenes keep it first
     pictures = list(world.images[world.eval_ids[kept]])
     image = [data.special_id(enc, '<|image|>')] * model.encoder.num_tokens
     held = np.array([it['held_out'] for it in items])
     result = {'n': len(items)}
-    for name, (prefix, replies, truth) in PROBES.items():
-        targets = [it['scene'][0] for it in items]  # the named object: grounding scenes keep it first
-        prompts = [image + enc.encode_ordinary(prefix(o)) for o in targets]
-        picks = likeliest(model, prompts, pictures, [[enc.encode_ordinary(r) for r in replies(o)] for o in targets],
-                          device)
-        right = np.array([replies(o)[k] == truth(o) for k, o in zip(picks, targets)])
+    for name, p in PROBES.items():
+        prompts, choices = [], []
+        for o in targets:
+            requests = [harness_tokens(enc, p.prompt(o), p.reply(o, v)) for v in p.values]
+            prompts.append(image + requests[0][0])
+            choices.append([cont for _, cont in requests])
+        picks = likeliest(model, prompts, pictures, choices, device)
+        right = np.array([p.values[k] == p.value_of(o) for k, o in zip(picks, targets)])
         result[name] = dict(accuracy=float(right.mean()), accuracy_seen=float(right[~held].mean()),
-                            accuracy_held_out=float(right[held].mean()), chance=1 / len(replies(targets[0])))
+                            accuracy_held_out=float(right[held].mean()), chance=1 / len(p.values))
     return result
 
 
