@@ -14,6 +14,13 @@ sys.path.insert(0, ROOT)
 
 import shapes  # noqa: E402
 
+# The README runs the suite on two workers (pytest-xdist, -n 2). Most tests drive tiny models that one thread runs
+# as fast as two, so each worker, and every process a test starts, runs on one thread: two workers then share the
+# cores instead of four threads contending for two.
+if os.environ.get('PYTEST_XDIST_WORKER'):
+    torch.set_num_threads(1)
+    os.environ['OMP_NUM_THREADS'] = '1'
+
 with open(os.path.join(ROOT, 'tests', 'reference_records.json')) as _f:
     REFERENCE = json.load(_f)  # genuine published records, and what the reference scorers make of them
 
