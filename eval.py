@@ -146,8 +146,7 @@ def evaluate(model, enc, folder, device, world_args=(), eval_items=shapes.EVAL_I
     results = {'vision_stable_score': None, 'vision_stable_score_ci95': None,
                'vision_blind_stable_score': None, 'vision_blind_stable_score_ci95': None}
     if isinstance(model, VLM) and world_args:
-        shapes.prepare_images(folder, *world_args)
-        world = images.ImageWorld(folder, *world_args)
+        world = images.ImageWorld.rendered(folder, *world_args)
         vision = vision_tasks(model, enc, world, device, rng, eval_items=eval_items)
         blind = vision_tasks(model, enc, world, device, rng, blind=True, eval_items=eval_items)
         tasks.update(vision)
@@ -225,7 +224,7 @@ def evaluate_checkpoint(ckpt_dir, device='cpu', data_dir='data', eval_items=0, t
     if not os.path.exists(os.path.join(folder, 'text_tasks.json')):
         raise ValueError(f'{ckpt_dir} was trained on dataset={folder}, which has no built-in tasks: score it on '
                          f'benchmarks with --tasks=... --bench_dir=...')
-    world_args = (c['scene_size'], c['caption_scenes'], c['conversations']) if 'encoder' in info else ()
+    world_args = images.ImageWorld.args_of(c) if 'encoder' in info else ()
     eval_items = eval_items or c.get('eval_items')
     if not eval_items:
         raise ValueError(f'{ckpt_dir}/config.json: its config has no eval_items; say how many items per task to '

@@ -313,6 +313,17 @@ class ImageWorld:
             raise ValueError(f'{path} does not match the scene lists: delete it to render it again')
         self.skipped = Counter()  # rendered pictures never fail; images.RealImages counts its skips here
 
+    @classmethod
+    def rendered(cls, folder, scene_size, n_captions=8000, n_instruct=6000, n_eval=shapes.EVAL_ITEMS):
+        """The world, its pictures rendered first when they are missing (shapes.prepare_images)."""
+        shapes.prepare_images(folder, scene_size, n_captions, n_instruct, n_eval)
+        return cls(folder, scene_size, n_captions, n_instruct, n_eval)
+
+    @staticmethod
+    def args_of(config):
+        """The world arguments (after the folder) of the run whose config (config.json's) is given."""
+        return config['scene_size'], config['caption_scenes'], config['conversations']
+
     # the image source interface that mixture_batch and the fine-tuning rows use (images.RealImages has it too):
     # samples are (tokens, loss mask, image refs), and a ref is an index into self.images
     @property

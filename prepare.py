@@ -250,9 +250,7 @@ def prepare_run(cfg, reads_images, verbose=True):
         if verbose:
             print(f'image data: {source.summary()}', flush=True)
     else:
-        world = (folder, cfg.scene_size, cfg.caption_scenes, cfg.conversations)
-        shapes.prepare_images(*world)
-        source = images.ImageWorld(*world)
+        source = images.ImageWorld.rendered(folder, cfg.scene_size, cfg.caption_scenes, cfg.conversations)
     prep = Prepared(folder, enc, weights, source)
     if caches_features(cfg):
         with torch.random.fork_rng(devices=[]):

@@ -94,9 +94,8 @@ def probe_checkpoint(ckpt_dir, device='cpu', data_dir='data', eval_items=500):
         raise ValueError(f'{ckpt_dir} is not a VLM of the shapes world: the probe asks about its scenes')
     enc = data.get_tokenizer(info['tokenizer'])
     folder = shapes.prepare_text(data_dir, verbose=False)
-    world_args = (c['scene_size'], c['caption_scenes'], c['conversations'])
-    shapes.prepare_images(folder, *world_args)
-    result = caption_probe(model, enc, images.ImageWorld(folder, *world_args), device, eval_items)
+    world = images.ImageWorld.rendered(folder, *images.ImageWorld.args_of(c))
+    result = caption_probe(model, enc, world, device, eval_items)
     with open(os.path.join(ckpt_dir, 'probe.json'), 'w') as f:
         json.dump(result, f)
     return result
