@@ -86,11 +86,28 @@ def question_prompt(enc, question, n_image_tokens):
     return chat_sample(enc, [(question, None)], n_image_tokens)[0]
 
 
-def caption_sample(enc, text, n_image_tokens):
-    """<|image|> x N, the caption, <|endoftext|>: the loss is on the caption and its end."""
-    image = special_id(enc, '<|image|>')
-    words = enc.encode_ordinary(text) + [special_id(enc, '<|endoftext|>')]
-    return [image] * n_image_tokens + words, [False] * n_image_tokens + [True] * len(words)
+def caption_sample(enc, caption, n_image_tokens):
+    """
+    <|image|> x N, the caption, <|endoftext|>. A caption is a str, scored whole, or (a shapes world question-form
+    caption) a list of (question, answer) pairs written "question answer." one after another, scored on the answers.
+    The loss is on what is scored and on the end.
+    """
+    tokens, mask = [special_id(enc, '<|image|>')] * n_image_tokens, [False] * n_image_tokens
+
+    def add(text, scored):
+        ids = enc.encode_ordinary(text)
+        tokens.extend(ids)
+        mask.extend([scored] * len(ids))
+
+    if isinstance(caption, str):
+        add(caption, True)
+    else:
+        for i, (question, answer) in enumerate(caption):
+            add(f'{" " if i else ""}{question}', False)
+            add(f' {answer}.', True)  # the space with the answer: " green" is one BPE token
+    tokens.append(special_id(enc, '<|endoftext|>'))
+    mask.append(True)
+    return tokens, mask
 
 
 def pack_row(samples, block_size, eot):

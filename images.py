@@ -295,11 +295,12 @@ class ImageWorld:
     """
     The shapes world's image data, as rendered by prepare_images: the caption scenes and the instruction
     conversations of the train split (fixed sets, so a frozen encoder's features can be cached), and the vision
-    eval items of the test split.
+    eval items of the test split. Captions take the form caption_form names (shapes.CAPTIONS).
     """
 
-    def __init__(self, folder, scene_size, n_captions=8000, n_instruct=6000, n_eval=shapes.EVAL_ITEMS):
-        self.folder, self.scene_size = folder, scene_size
+    def __init__(self, folder, scene_size, n_captions=8000, n_instruct=6000, n_eval=shapes.EVAL_ITEMS,
+                 caption_form='sentences'):
+        self.folder, self.scene_size, self.write_caption = folder, scene_size, shapes.CAPTIONS[caption_form]
         self.caption_scenes, self.conversations, self.eval_items = shapes.image_sets(n_captions, n_instruct, n_eval)
         path = shapes.images_path(folder, scene_size, n_captions, n_instruct, n_eval)
         if not os.path.exists(path):
@@ -314,10 +315,10 @@ class ImageWorld:
         self.skipped = Counter()  # rendered pictures never fail; images.RealImages counts its skips here
 
     @classmethod
-    def rendered(cls, folder, scene_size, n_captions=8000, n_instruct=6000, n_eval=shapes.EVAL_ITEMS):
+    def rendered(cls, folder, scene_size, n_captions=8000, n_instruct=6000, n_eval=shapes.EVAL_ITEMS, **kw):
         """The world, its pictures rendered first when they are missing (shapes.prepare_images)."""
         shapes.prepare_images(folder, scene_size, n_captions, n_instruct, n_eval)
-        return cls(folder, scene_size, n_captions, n_instruct, n_eval)
+        return cls(folder, scene_size, n_captions, n_instruct, n_eval, **kw)
 
     @staticmethod
     def args_of(config):
@@ -335,8 +336,9 @@ class ImageWorld:
         return len(self.conversation_ids)
 
     def caption_sample(self, i, enc, n_image_tokens, generator):
-        text = shapes.caption(self.caption_scenes[i], random.Random(data.randint(generator, 2 ** 31)))  # a phrasing per draw
-        return data.caption_sample(enc, text, n_image_tokens) + ([int(self.caption_ids[i])],)
+        rng = random.Random(data.randint(generator, 2 ** 31))  # a phrasing (or a choice of facts) per draw
+        caption = self.write_caption(self.caption_scenes[i], rng)
+        return data.caption_sample(enc, caption, n_image_tokens) + ([int(self.caption_ids[i])],)
 
     def conversation_sample(self, i, enc, n_image_tokens):
         return data.chat_sample(enc, self.conversations[i][1], n_image_tokens) + ([int(self.conversation_ids[i])],)

@@ -62,7 +62,7 @@ RANGES.update({k: f'{RANGES.get(k, ">= 0")} and <= {top}' for k, top in dict(
 MAX_TOKENS_PER_STEP = 2 ** 27  # batch_size x block_size: 134M tokens, 256 x the 1b preset's
 MAX_IMAGE_BYTES = 2 ** 36  # the shapes world's rendered pictures, uint8 (64 GiB)
 CHOICES = dict(model=PRESETS, encoder=ENCODERS, dtype=('auto', 'float32', 'bfloat16'), init_from=('scratch', 'resume'),
-               image_ratio_of=('rows', 'tokens'))  # the keys that take one of a few values
+               image_ratio_of=('rows', 'tokens'), caption_form=shapes.CAPTIONS)  # keys that take one of a few values
 
 
 def check_config(cfg, reads_images):
@@ -250,7 +250,8 @@ def prepare_run(cfg, reads_images, verbose=True):
         if verbose:
             print(f'image data: {source.summary()}', flush=True)
     else:
-        source = images.ImageWorld.rendered(folder, cfg.scene_size, cfg.caption_scenes, cfg.conversations)
+        source = images.ImageWorld.rendered(folder, cfg.scene_size, cfg.caption_scenes, cfg.conversations,
+                                            caption_form=cfg.caption_form)
     prep = Prepared(folder, enc, weights, source)
     if caches_features(cfg):
         with torch.random.fork_rng(devices=[]):

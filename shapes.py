@@ -231,6 +231,10 @@ REFERENTS = {'color': COLORS, 'shape': SHAPES}  # what evaluation's questions na
 # The closed answer set of each task but grounding (a box): evaluation ranks them by likelihood (eval.vision_tasks)
 ANSWERS = {'color': SEEN['color'], 'shape': SEEN['shape'], 'count': NUMBER_WORDS[1:MAX_OBJECTS + 1],
            'exists': ['yes', 'no'], 'position': POSITIONS}
+# each task's question, the one place it is worded: evaluation, fine-tuning and question-form captions ask it so
+QUESTIONS = {'color': 'What color is the {shape}?', 'shape': 'What shape is the {color} object?',
+             'count': 'How many shapes are there?', 'exists': 'Is there {a} {color} {shape}?',
+             'position': 'Where is the {shape}?'}
 GROUNDING_PROMPT = 'Please provide the bounding box coordinate of the region this sentence describes: the {} {}.'
 GROUNDING_IOU = 0.5  # a box counts when its IoU with the object's reaches this (RefCOCO's threshold)
 TEXT_TASKS = ('facts', 'rare_facts', 'arithmetic', 'long_arithmetic', 'sequence')
@@ -239,6 +243,11 @@ EVAL_ITEMS = 1000  # items made per task, text and vision; a run scores the firs
 
 def article(word):
     return 'an' if word[0] in 'aeiou' else 'a'
+
+
+def ask(task, color='', shape=''):
+    """The question of a task (QUESTIONS) about the object of this color and/or shape."""
+    return QUESTIONS[task].format(color=color, shape=shape, a=article(color or 'x'))
 
 
 def half(kind, value):
@@ -315,6 +324,31 @@ def caption(scene, rng):
     return text[0].upper() + text[1:]
 
 
+def question_caption(scene, rng, n_facts=4):
+    """
+    A caption in question form: n_facts of the facts the vision questions ask of the scene (a different few each draw),
+    each a (question, answer) pair in QUESTIONS' words, naming every color and shape, held out or not: the count, each
+    object's color by its shape and its place (when no other object has that shape), its shape by its color (likewise),
+    its presence, and the absence of one color-shape pair. data.caption_sample scores the answers.
+    """
+    facts = [(ask('count'), NUMBER_WORDS[len(scene)])]
+    for o in scene:
+        if sum(p['shape'] == o['shape'] for p in scene) == 1:
+            facts += [(ask('color', shape=o['shape']), o['color']), (ask('position', shape=o['shape']),
+                                                                      POSITIONS[o['cell']])]
+        if sum(p['color'] == o['color'] for p in scene) == 1:
+            facts.append((ask('shape', o['color']), o['shape']))
+        facts.append((ask('exists', o['color'], o['shape']), 'yes'))
+    absent = [(c, s) for c in COLORS for s in SHAPES if all((o['color'], o['shape']) != (c, s) for o in scene)]
+    facts = list(dict.fromkeys(facts + [(ask('exists', *rng.choice(absent)), 'no')]))  # two red circles: one fact
+    return rng.sample(facts, min(n_facts, len(facts)))
+
+
+# the forms a shapes-world caption can take (config key caption_form): a caption is a str, scored whole, or a list of
+# (question, answer) pairs, whose answers are scored (data.caption_sample)
+CAPTIONS = {'sentences': caption, 'questions': question_caption}
+
+
 def scene_with(rng, first, n=None, fewest=1, colors=COLORS, shapes=SHAPES):
     """A scene of n objects (fewest .. MAX_OBJECTS, fewer more often) whose first object has the attributes in
     `first`; the others avoid its shape and its color, so a question about it by shape or by color has one answer,
@@ -345,14 +379,14 @@ def question(rng, task, referents=REFERENTS, fewest=1):
     if task == 'color':  # the color of the one object of a shape
         answer = rng.choice(ANSWERS['color'])
         scene = scene_with(rng, {'color': answer, 'shape': shape}, **dict(alike, colors=ANSWERS['color']))
-        return scene, f'What color is the {shape}?', answer, 1 / len(ANSWERS['color']), named[1:]
+        return scene, ask('color', shape=shape), answer, 1 / len(ANSWERS['color']), named[1:]
     if task == 'shape':
         answer = rng.choice(ANSWERS['shape'])
         scene = scene_with(rng, {'color': color, 'shape': answer}, **dict(alike, shapes=ANSWERS['shape']))
-        return scene, f'What shape is the {color} object?', answer, 1 / len(ANSWERS['shape']), named[:1]
+        return scene, ask('shape', color), answer, 1 / len(ANSWERS['shape']), named[:1]
     if task == 'count':
         n = rng.randint(1, MAX_OBJECTS)
-        return scene_with(rng, {}, n), 'How many shapes are there?', NUMBER_WORDS[n], 1 / MAX_OBJECTS, []
+        return scene_with(rng, {}, n), ask('count'), NUMBER_WORDS[n], 1 / MAX_OBJECTS, []
     if task == 'exists':  # a color and a shape named, present together in the scene or not
         if rng.random() < 0.5:
             scene, answer = scene_with(rng, {'color': color, 'shape': shape}, **alike), 'yes'
@@ -362,11 +396,11 @@ def question(rng, task, referents=REFERENTS, fewest=1):
                 scene = scene_with(rng, {'color': rng.choice(alike['colors']), 'shape': rng.choice(alike['shapes'])},
                                    **alike)
         rng.shuffle(scene)
-        return scene, f'Is there {article(color)} {color} {shape}?', answer, 1 / 2, named
+        return scene, ask('exists', color, shape), answer, 1 / 2, named
     if task == 'position':
         cell = rng.randrange(9)
         scene = scene_with(rng, {'shape': shape, 'cell': cell}, **alike)
-        return scene, f'Where is the {shape}?', POSITIONS[cell], 1 / len(POSITIONS), named[1:]
+        return scene, ask('position', shape=shape), POSITIONS[cell], 1 / len(POSITIONS), named[1:]
     if task == 'grounding':  # a referring expression in, its box out, as RefCOCO asks (cells and sizes uniform)
         scene = scene_with(rng, {'color': color, 'shape': shape, 'cell': rng.randrange(9), 'size': rng.choice(SIZES)},
                            **alike)
@@ -382,7 +416,7 @@ def conversation(rng):
     scene, q, a, _, _ = question(rng, rng.choice(VISION_TASKS), SEEN)
     turns = [(q, a)]
     if rng.random() < 0.3:  # a second turn that any scene answers
-        turns.append(('How many shapes are there?', NUMBER_WORDS[len(scene)]))
+        turns.append((ask('count'), NUMBER_WORDS[len(scene)]))
     return scene, turns
 
 

@@ -102,6 +102,7 @@ instruct_data = ''  # a LLaVA json of conversations: fine-tuning and instruct_ra
 instruct_images = ''  # the folder instruct_data's image paths start from; '': the json's own folder
 scene_size = 48  # shapes-world pictures are rendered at this many pixels; the encoder resizes to its own size
 caption_scenes = 8000  # shapes-world scenes with captions for the image stage (a fixed set: features can be cached)
+caption_form = 'sentences'  # their captions: 'sentences' (scored whole) or 'questions' (facts, answers scored)
 conversations = 6000  # shapes-world instruction conversations (fine-tuning, and instruct_ratio in the image stage)
 
 # finetune stage
@@ -298,7 +299,7 @@ STAGES = {
         'seed', 'encoder_seed', 'image_inject_frac', 'image_iters', 'image_ratio', 'image_ratio_of', 'instruct_ratio',
         'image_lr', 'rewarm_iters', 'encoder', 'encoder_scale', 'encoder_weights', 'freeze_encoder', 'encoder_lr',
         'projector', 'image_inject_layer', 'cache_features', 'image_data', 'caption_key', 'instruct_data',
-        'instruct_images', 'scene_size', 'caption_scenes', 'conversations', 'text_checkpoint')),
+        'instruct_images', 'scene_size', 'caption_scenes', 'caption_form', 'conversations', 'text_checkpoint')),
     'finetune': StageKind(finetune_stage, after='image', reads_images=True, keys=(
         'finetune_epochs', 'finetune_conversations', 'finetune_lr', 'finetune_text_ratio')),
 }

@@ -152,6 +152,70 @@ def test_caption_describes_every_object_in_some_phrasing():
     assert phrasings == {'list', 'shape first', 'place last', 'color first'}
 
 
+def true_answer(scene, question):
+    """The answer a question-form caption's question has in the scene, worked out from the scene itself."""
+    for o in scene:
+        color, shape = o['color'], o['shape']
+        if question == shapes.ask('color', shape=shape):
+            return color
+        if question == shapes.ask('position', shape=shape):
+            return shapes.POSITIONS[o['cell']]
+        if question == shapes.ask('shape', color):
+            return shape
+    if question == shapes.ask('count'):
+        return shapes.NUMBER_WORDS[len(scene)]
+    pairs = [(c, s) for c in shapes.COLORS for s in shapes.SHAPES if question == shapes.ask('exists', c, s)]
+    assert len(pairs) == 1, question
+    return 'yes' if pairs[0] in [(o['color'], o['shape']) for o in scene] else 'no'
+
+
+def test_question_caption_states_true_facts_naming_every_color_and_shape():
+    rng, named, kinds = random.Random(2), set(), set()
+    for _ in range(300):
+        scene = shapes.scene_with(rng, {})
+        facts = shapes.question_caption(scene, rng)
+        assert 1 <= len(facts) <= 4 and len(set(facts)) == len(facts)
+        for question, answer in facts:
+            assert answer == true_answer(scene, question), (scene, question, answer)
+            kinds.add(answer if answer in ('yes', 'no') else question.split()[0])
+            named.update(w.rstrip('?') for w in question.split())
+        # a question by shape or color is asked only of a shape or color that one object has
+        for question, _ in facts:
+            for o in scene:
+                if question in (shapes.ask('color', shape=o['shape']), shapes.ask('position', shape=o['shape'])):
+                    assert sum(p['shape'] == o['shape'] for p in scene) == 1
+    assert kinds == {'How', 'What', 'Where', 'yes', 'no'}
+    assert set(shapes.COLORS) | set(shapes.SHAPES) <= named  # held-out names as well as seen ones
+
+
+def test_a_question_caption_is_scored_on_its_answers_only(enc):
+    facts = [('What color is the square?', 'green'), ('Is there a red cross?', 'no')]
+    tokens, mask = data.caption_sample(enc, facts, N)
+    eot = data.special_id(enc, '<|endoftext|>')
+    assert tokens[:N] == [data.special_id(enc, '<|image|>')] * N and not any(mask[:N])
+    assert enc.decode(tokens[N:-1]) == 'What color is the square? green. Is there a red cross? no.'
+    assert [t for t, m in zip(tokens, mask) if m] == enc.encode_ordinary(' green.') + enc.encode_ordinary(' no.') + [eot]
+    words, whole = data.caption_sample(enc, 'A green square.', N)  # a str caption is scored whole
+    assert all(whole[N:]) and enc.decode(words[N:-1]) == 'A green square.'
+
+
+def test_caption_form_picks_the_world_s_captions(world, shapes_dir, enc):
+    asked = images.ImageWorld(os.path.join(shapes_dir, 'shapes'), 48, n_captions=200, n_instruct=150, n_eval=20,
+                              caption_form='questions')
+    gen = torch.Generator().manual_seed(0)
+    tokens, mask, refs = asked.caption_sample(3, enc, N, gen)
+    text = enc.decode(tokens[N:-1])
+    facts = [f + '.' for f in text.rstrip('.').split('. ')]
+    assert refs == [3] and 1 <= len(facts) <= 4
+    for fact in facts:
+        question, answer = fact.split('? ')
+        assert answer.rstrip('.') == true_answer(asked.caption_scenes[3], question + '?')
+    gen = torch.Generator().manual_seed(0)
+    assert enc.decode(world.caption_sample(3, enc, N, gen)[0][N:-1]).count('?') == 0  # 'sentences', the default
+    with pytest.raises(ConfigError, match='caption_form'):
+        train.get_config(['--caption_form=dialogue'])
+
+
 def test_loss_mask_covers_exactly_the_answers(enc):
     turns = [('What color is the circle?', 'red'), ('How many shapes are there?', 'two')]
     tokens, mask = data.chat_sample(enc, turns, N)
