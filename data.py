@@ -403,21 +403,28 @@ def finetune_row(source, enc, indices, block_size, n_image_tokens):
     return pack_row(samples, block_size, special_id(enc, '<|endoftext|>'))
 
 
-def finetune_batch(source, enc, conversation_rows, text_tokens, n_text, block_size, n_image_tokens, features,
-                   generator, rows=slice(None)):
+def finetune_batch(source, enc, conversation_rows, text_tokens, n_text, captions, block_size, n_image_tokens,
+                   features, generator, rows=slice(None)):
     """
     One fine-tuning step's rows: first the packed conversation rows (finetune_plan's, built by finetune_row), then
-    n_text rows of plain text from the generator. Only the rows in the slice `rows` are built, as in mixture_batch.
-    Returns inputs, targets and the model inputs of the rows' images.
+    n_text rows from the generator: plain text, or (captions > 0, fine-tuning rehearsing the image stage) the image
+    stage's mixture with that share of caption rows. Only the rows in the slice `rows` are built, as in
+    mixture_batch. Returns inputs, targets and the model inputs of the rows' images.
     """
     n_conv = len(conversation_rows)
     start, stop, _ = rows.indices(n_conv + n_text)
     batch = [finetune_row(source, enc, indices, block_size, n_image_tokens)
              for indices in conversation_rows[start:stop]]
-    if stop > n_conv:
-        x, y = text_batch(text_tokens, n_text, block_size, generator, slice(max(start - n_conv, 0), stop - n_conv))
-        batch += [(x[i], y[i], []) for i in range(len(x))]
     refs = [r for row in batch for r in row[2]]
+    if stop > n_conv:
+        part = slice(max(start - n_conv, 0), stop - n_conv)
+        if captions:
+            x, y, rehearsed = mixture_batch(source, enc, text_tokens, n_text, block_size, n_image_tokens, captions,
+                                            0.0, generator, part)
+            refs += rehearsed
+        else:  # plain text windows
+            x, y = text_batch(text_tokens, n_text, block_size, generator, part)
+        batch += [(x[i], y[i]) for i in range(len(x))]
     return torch.stack([r[0] for r in batch]), torch.stack([r[1] for r in batch]), batch_inputs(source, features, refs)
 
 

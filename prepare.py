@@ -261,6 +261,13 @@ def prepare_run(cfg, reads_images, verbose=True):
     return prep
 
 
+def caption_row_ratio(cfg, prep, n_image_tokens, verbose=False):
+    """The share of the image stage's rows that are caption rows (data.caption_row_ratio: image_ratio of its rows or
+    tokens); the fine-tuning rehearses at that share (finetune_rehearsal)."""
+    return data.caption_row_ratio(prep.source, prep.enc, cfg.block_size, n_image_tokens, cfg.image_ratio,
+                                  cfg.image_ratio_of, cfg.instruct_ratio, cfg.seed, verbose=verbose)
+
+
 def feature_cache(cfg, prep, encoder, create=False, verbose=False):
     """
     A frozen encoder's features of the shapes world's fixed image set (encoders.cached_features), or None. The

@@ -110,6 +110,7 @@ finetune_epochs = 6  # passes over the instruction conversations (config/ablate_
 finetune_conversations = 0  # fine-tune on the first this many of them (0: all): the fine-tuning set's size
 finetune_lr = 1e-3  # peak LR of fine-tuning (re-warmed)
 finetune_text_ratio = 0.25  # fraction of each fine-tuning batch that is plain text, so text is not forgotten
+finetune_rehearsal = False  # those rows rehearse the image stage's mixture: captions at its share of rows, then text
 
 # system
 device = 'auto'  # 'auto' (cuda when available), 'cpu', 'cuda', 'cuda:1', ...
@@ -242,10 +243,8 @@ def image_stage(cfg, rt, prep):
     vlm = VLM(gpt, encoder, data.special_id(prep.enc, '<|image|>'), cfg.projector, cfg.image_inject_layer).to(rt.device)
     log(rt, f'image stage: {cfg.encoder} ({"frozen" if encoder.frozen else "trained"}, {encoder.num_tokens} tokens '
             f'x {encoder.dim}) into {text_ckpt}, {cfg.image_iters} steps at image ratio {cfg.image_ratio}')
-    features = prepare.feature_cache(cfg, prep, encoder)
-    text_tokens = data.open_shard(prep.folder, 'train')
-    row_ratio = data.caption_row_ratio(prep.source, prep.enc, cfg.block_size, encoder.num_tokens, cfg.image_ratio,
-                                       cfg.image_ratio_of, cfg.instruct_ratio, cfg.seed, verbose=rt.master)
+    features, text_tokens = prepare.feature_cache(cfg, prep, encoder), data.open_shard(prep.folder, 'train')
+    row_ratio = prepare.caption_row_ratio(cfg, prep, encoder.num_tokens, verbose=rt.master)
 
     def batch(step, rows):
         x, y, refs = data.mixture_batch(prep.source, prep.enc, text_tokens, cfg.batch_size, cfg.block_size,
@@ -262,20 +261,20 @@ def finetune_stage(cfg, rt, prep):
     torch.manual_seed(cfg.seed)
     vlm = stage_input(cfg, rt, prep, 'finetune')[1].train()
     n_image_tokens, source, enc = vlm.encoder.num_tokens, prep.source, prep.enc
-    features = prepare.feature_cache(cfg, prep, vlm.encoder)
-    text_tokens = data.open_shard(prep.folder, 'train')
+    features, text_tokens = prepare.feature_cache(cfg, prep, vlm.encoder), data.open_shard(prep.folder, 'train')
     epochs = data.finetune_plan(source, enc, cfg.block_size, n_image_tokens, cfg.finetune_epochs, cfg.seed + 2,
                                 cfg.finetune_conversations, verbose=rt.master)
     n_conv, n_text, steps_per_epoch = data.finetune_split(len(epochs[0]), cfg.batch_size, cfg.finetune_text_ratio)
     iters = steps_per_epoch * cfg.finetune_epochs
-    log(rt, f'finetune stage: {sum(map(len, epochs[0])):,} conversations in {len(epochs[0])} rows, '
-            f'{cfg.finetune_epochs} epochs = {iters} steps of {n_conv} conversation + {n_text} text rows')
+    captions = prepare.caption_row_ratio(cfg, prep, n_image_tokens) if cfg.finetune_rehearsal else 0.0
+    log(rt, f'finetune stage: {sum(map(len, epochs[0])):,} conversations in {len(epochs[0])} rows, {cfg.finetune_epochs} '
+            f'epochs = {iters} steps of {n_conv} conversation + {n_text} text rows ({captions:.0%} captions)')
 
     def batch(step, rows):
         epoch, s = divmod(step, steps_per_epoch)
         return data.finetune_batch(source, enc, epochs[epoch][s * n_conv:(s + 1) * n_conv], text_tokens, n_text,
-                                   cfg.block_size, n_image_tokens, features, data.seeded_generator(cfg.seed + 2, step),
-                                   rows)
+                                   captions, cfg.block_size, n_image_tokens, features,
+                                   data.seeded_generator(cfg.seed + 2, step), rows)
 
     lr = lambda step: cosine_lr(step, cfg.finetune_lr, cfg.rewarm_iters, iters, cfg.min_lr)  # re-warmed
     return Stage(vlm, data.counting_skips(source, batch), iters, lr, encoder_schedule(cfg, iters, lr),
@@ -301,7 +300,7 @@ STAGES = {
         'projector', 'image_inject_layer', 'cache_features', 'image_data', 'caption_key', 'instruct_data',
         'instruct_images', 'scene_size', 'caption_scenes', 'caption_form', 'conversations', 'text_checkpoint')),
     'finetune': StageKind(finetune_stage, after='image', reads_images=True, keys=(
-        'finetune_epochs', 'finetune_conversations', 'finetune_lr', 'finetune_text_ratio')),
+        'finetune_epochs', 'finetune_conversations', 'finetune_lr', 'finetune_text_ratio', 'finetune_rehearsal')),
 }
 
 

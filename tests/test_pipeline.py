@@ -249,6 +249,33 @@ def test_packing_never_splits_and_fits_block(world, enc, shapes_dir):
         assert text.count('?') + text.count('describes:') >= len(ids)  # each conversation kept its question
 
 
+def test_finetune_rehearsal_rows_carry_captions_with_their_images(world, enc, shapes_dir):
+    text = data.open_shard(os.path.join(shapes_dir, 'shapes'), 'train')
+    image, user = data.special_id(enc, '<|image|>'), data.special_id(enc, '<|user|>')
+    features = np.arange(len(world.images), dtype=np.float32)[:, None, None] * np.ones((1, N, 2), np.float32)
+    plan = data.finetune_plan(world, enc, 256, N, epochs=1, seed=0)
+    caption_rows = 0
+    for step in range(30):
+        make = lambda captions, rows=slice(None): data.finetune_batch(
+            world, enc, plan[0][step % len(plan[0]):][:2], text, 6, captions, 256, N, features,
+            torch.Generator().manual_seed(step), rows)
+        x, y, inputs = make(0.5)
+        assert x.shape == (8, 256)
+        assert not any((row == user).any() for row in x[2:])  # conversations only in the first rows
+        caption_rows += sum(bool((row == image).any()) for row in x[2:])
+        rehearsed = sum(len(image_runs(row, image)) for row in x[2:])  # the images of the caption rows
+        # the features follow the images in row order: a caption row's own scene, each image whole
+        refs = inputs['features'][:, 0, 0].long().tolist()
+        assert len(refs) == sum(len(image_runs(row, image)) for row in x)
+        assert all(r in world.caption_ids for r in refs[len(refs) - rehearsed:])
+        assert all(r in world.conversation_ids for r in refs[:len(refs) - rehearsed])
+        parts = [make(0.5, slice(a, b)) for a, b in ((0, 3), (3, 8))]  # any split of the rows builds the same rows
+        assert torch.equal(torch.cat([p[0] for p in parts]), x) and torch.equal(torch.cat([p[1] for p in parts]), y)
+        plain, _, plain_inputs = make(0.0)
+        assert not (plain[2:] == image).any() and len(plain_inputs['features']) == len(refs) - rehearsed
+    assert 0.35 < caption_rows / (30 * 6) < 0.65  # captions=0.5 of the rehearsal rows
+
+
 def test_realized_ratios_match_config(world, enc, shapes_dir):
     text = data.open_shard(os.path.join(shapes_dir, 'shapes'), 'train')
     gen = torch.Generator().manual_seed(0)
@@ -358,8 +385,8 @@ def test_normalized_exact_match():
 
 @pytest.mark.slow
 @pytest.mark.parametrize('encoder,freeze,extra', [
-    ('siglip', True, '--image_ratio_of=tokens'),  # image_ratio as a share of tokens, converted to rows
-    ('patch', False, '--image_inject_frac=0'),  # images from scratch: no text stage
+    ('siglip', True, ['--image_ratio_of=tokens', '--finetune_rehearsal=True']),  # a share of tokens, made rows
+    ('patch', False, ['--image_inject_frac=0']),  # images from scratch: no text stage
 ])
 def test_all_stages_end_to_end(tmp_path, shapes_dir, encoder, freeze, extra, capsys):
     out = str(tmp_path / 'run')
@@ -368,15 +395,16 @@ def test_all_stages_end_to_end(tmp_path, shapes_dir, encoder, freeze, extra, cap
         '--save_fracs=[0.5,1.0]', '--image_inject_frac=0.5', '--warmup_iters=2', '--batch_size=4', '--image_iters=4',
         '--image_ratio=0.5', '--caption_scenes=40', '--conversations=40', '--finetune_epochs=1', '--rewarm_iters=1',
         '--log_interval=2', f'--encoder={encoder}', f'--freeze_encoder={freeze}', '--device=cpu',
-        '--encoder_weights=random', '--eval_items=20', extra])  # 'shapes' would pre-train for a minute: tests/test_pretrain_encoders.py
+        '--encoder_weights=random', '--eval_items=20', *extra])  # 'shapes' would pre-train for a minute: tests/test_pretrain_encoders.py
     train.main(cfg)
     printed = capsys.readouterr().out
     assert 'steps of 3 conversation + 1 text rows' in printed  # finetune_text_ratio=0.25 of 4
-    from_scratch = extra == '--image_inject_frac=0'
+    from_scratch = '--image_inject_frac=0' in extra
     assert ('text stage: not needed' in printed) == from_scratch and os.path.exists(f'{out}/text/ckpt_100') != from_scratch
     if not from_scratch:  # 0.5 of the tokens: more than half of the rows, as caption rows hold padding
         share = float(printed.split('of the tokens is ')[1].split()[0])
         assert 0.5 < share < 0.75
+        assert f'text rows ({share:.0%} captions)' in printed  # finetune_rehearsal: the image stage's share
     for stage, vision in (('image', False), ('finetune', True)):  # the image stage has not learned to answer yet
         with open(os.path.join(out, stage, 'eval.json')) as f:
             result = json.load(f)
