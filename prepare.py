@@ -98,6 +98,9 @@ def check_config(cfg, reads_images):
         raise ConfigError(f'image_ratio={cfg.image_ratio} and instruct_ratio={cfg.instruct_ratio} sum to more than 1')
     if not reads_images:
         return
+    if cfg.caption_form != 'sentences' and real_image_data(cfg):
+        raise ConfigError(f"caption_form={cfg.caption_form!r} writes the shapes world's captions, and this run reads "
+                          f"real image data (image_data, instruct_data): leave caption_form='sentences'")
     source = check_text_checkpoint(cfg) if cfg.text_checkpoint else None  # import_lm.py's, or another run's
     n_layer = source['model_args']['n_layer'] if source else PRESETS[cfg.model]['n_layer']
     if cfg.image_inject_layer >= n_layer:

@@ -214,6 +214,8 @@ def test_caption_form_picks_the_world_s_captions(world, shapes_dir, enc):
     assert enc.decode(world.caption_sample(3, enc, N, gen)[0][N:-1]).count('?') == 0  # 'sentences', the default
     with pytest.raises(ConfigError, match='caption_form'):
         train.get_config(['--caption_form=dialogue'])
+    with pytest.raises(ConfigError, match="caption_form='questions' writes the shapes world's captions"):
+        train.get_config(['--caption_form=questions', f'--image_data={shapes_dir}/none.tar'])
 
 
 def test_loss_mask_covers_exactly_the_answers(enc):
