@@ -344,9 +344,7 @@ def question_caption(scene, rng, n_facts=4):
     return rng.sample(facts, min(n_facts, len(facts)))
 
 
-# the forms a shapes-world caption can take (config key caption_form): a caption is a str, scored whole, or a list of
-# (question, answer) pairs, whose answers are scored (data.caption_sample)
-CAPTIONS = {'sentences': caption, 'questions': question_caption}
+CAPTIONS = {'sentences': caption, 'questions': question_caption}  # caption_form's: a str, or (question, answer) pairs
 
 
 def scene_with(rng, first, n=None, fewest=1, colors=COLORS, shapes=SHAPES):
