@@ -86,6 +86,11 @@ def question_prompt(enc, question, n_image_tokens):
     return chat_sample(enc, [(question, None)], n_image_tokens)[0]
 
 
+def caption_answer(answer):
+    """How a question-form caption writes an answer after its question (probe.py ranks replies so written)."""
+    return f' {answer}.'  # the space with the answer: " green" is one BPE token
+
+
 def caption_sample(enc, caption, n_image_tokens):
     """
     <|image|> x N, the caption, <|endoftext|>. A caption is a str, scored whole, or (a shapes world question-form
@@ -104,7 +109,7 @@ def caption_sample(enc, caption, n_image_tokens):
     else:
         for i, (question, answer) in enumerate(caption):
             add(f'{" " if i else ""}{question}', False)
-            add(f' {answer}.', True)  # the space with the answer: " green" is one BPE token
+            add(caption_answer(answer), True)
     tokens.append(special_id(enc, '<|endoftext|>'))
     mask.append(True)
     return tokens, mask

@@ -60,7 +60,8 @@ def place(it):
 
 
 def question_probe(task):
-    return Probe(task, lambda it: it['question'], shapes.ANSWERS[task], lambda it: it['answer'], lambda it, v: f' {v}.')
+    return Probe(task, lambda it: it['question'], shapes.ANSWERS[task], lambda it: it['answer'],
+                 lambda it, v: data.caption_answer(v))
 
 
 PROBES = {  # per caption form (shapes.CAPTIONS), the module docstring's probes
@@ -82,9 +83,9 @@ def caption_probe(model, enc, world, device, eval_items=500, caption_form='sente
     of its replies.
     """
     image = [data.special_id(enc, '<|image|>')] * model.encoder.num_tokens
-    result = {}
+    result, first = {}, shapes.first_per_task(world.eval_items, eval_items)
     for name, p in PROBES[caption_form].items():
-        kept = [i for i in shapes.first_per_task(world.eval_items, eval_items) if world.eval_items[i]['task'] == p.task]
+        kept = [i for i in first if world.eval_items[i]['task'] == p.task]
         items = [world.eval_items[i] for i in kept]
         prompts, choices = [], []
         for it in items:
