@@ -315,13 +315,16 @@ def rows_for_token_share(source, enc, block_size, n_image_tokens, share, seed):
 
 
 def caption_row_fill(source, enc, block_size, n_image_tokens, seed, rows=100):
-    """The mean share of a packed image-caption row that its samples fill (the rest is padding), over `rows` rows."""
-    gen, eot = seeded_generator(seed, 0, 1), special_id(enc, '<|endoftext|>')  # apart from (seed, step)
+    """
+    The mean share of a packed image-caption row that its samples fill (the rest is padding), over `rows` rows. A
+    sample counts whole, its image, its caption and its end: a question-form caption's questions are image-text data
+    the model reads although its loss is on the answers alone.
+    """
+    gen = seeded_generator(seed, 0, 1)  # apart from (seed, step)
     used = 0
     for _ in range(rows):
         samples, _ = fill_row(lambda: draw_sample(source, enc, 'caption', gen, n_image_tokens, block_size), block_size)
-        scored = (pack_row(samples, block_size, eot)[1] != -1).sum().item()
-        used += scored + n_image_tokens * sum(len(s[2]) for s in samples)
+        used += sum(len(tokens) for tokens, _, _ in samples)
     return used / (rows * block_size)
 
 

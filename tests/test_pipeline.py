@@ -1,4 +1,5 @@
 """The image and fine-tuning stages on the shapes world: samples, packing, mixtures, schedules, the whole run."""
+from collections import Counter
 import json
 import os
 import random
@@ -216,6 +217,24 @@ def test_caption_form_picks_the_world_s_captions(world, shapes_dir, enc):
         train.get_config(['--caption_form=dialogue'])
     with pytest.raises(ConfigError, match="caption_form='questions' writes the shapes world's captions"):
         train.get_config(['--caption_form=questions', f'--image_data={shapes_dir}/none.tar'])
+
+
+def test_a_token_share_counts_a_caption_whole_questions_included(world, shapes_dir, enc):
+    asked = images.ImageWorld(os.path.join(shapes_dir, 'shapes'), 48, n_captions=200, n_instruct=150, n_eval=20,
+                              caption_form='questions')
+    for source in (world, asked):
+        gen, parts = data.seeded_generator(0, 0, 1), Counter()  # caption_row_fill's rows, drawn again
+        for _ in range(20):
+            samples, _ = data.fill_row(lambda: data.draw_sample(source, enc, 'caption', gen, N, 256), 256)
+            for tokens, mask, refs in samples:
+                parts.update(all=len(tokens), scored=sum(mask), image=N * len(refs))
+        fill = data.caption_row_fill(source, enc, 256, N, seed=0, rows=20)
+        assert fill == pytest.approx(parts['all'] / (20 * 256))
+        scored_or_image = (parts['scored'] + parts['image']) / (20 * 256)
+        if source is world:  # a sentence caption is scored whole: all it fills is image or scored
+            assert fill == pytest.approx(scored_or_image)
+        else:  # the questions are read, not scored: they are more of the row than the answers
+            assert fill > scored_or_image + (parts['scored'] / (20 * 256))
 
 
 def test_loss_mask_covers_exactly_the_answers(enc):
