@@ -22,6 +22,7 @@ size: a FIFO or /dev/zero is an error naming it, never a hang. One run writes a 
 
 import ast
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -412,7 +413,10 @@ class StaleCheckpoint(ValueError):
 def code_digest(path):
     """
     A digest of a module's code with comments and docstrings left out (its syntax tree): a comment edit keeps a
-    checkpoint, any change to what the code does makes it stale.
+    checkpoint, any change to what the code does makes it stale. The same code has the same digest on every Python
+    from 3.11: the tree is written out as 3.11 writes it, without the fields later versions added to the grammar
+    (type_params, 3.12) where the code does not use them, and with the empty fields 3.13 stopped writing. Else a
+    run made under one Python would be stale under another, and the shapes world made again under a new name.
     """
     with open(path, 'rb') as f:
         source = f.read()
@@ -424,11 +428,14 @@ def code_digest(path):
             if isinstance(body, list) and body and isinstance(body[0], ast.Expr) and \
                     isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str):
                 node.body = body[1:] or [ast.Pass()]
-        _code_digests[key] = hashlib.sha1(ast.dump(tree).encode()).hexdigest()[:16]
+            if getattr(node, 'type_params', None) == []:
+                del node.type_params  # ast.dump leaves out a field the node lacks
+        _code_digests[key] = hashlib.sha1(ast.dump(tree, **_DUMP_EMPTY).encode()).hexdigest()[:16]
     return _code_digests[key]
 
 
 _code_digests = {}
+_DUMP_EMPTY = {'show_empty': True} if 'show_empty' in inspect.signature(ast.dump).parameters else {}  # 3.13+
 
 
 _digests = {}
