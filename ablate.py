@@ -6,6 +6,7 @@ fixed, seeds random, seeds and questions crossed), with Holm-adjusted p and the 
     python ablate.py                                  # the encoder ablation: 4 encoders x frozen/trained + patch
     python ablate.py config/ablate_injection.py       # a sweep of the paper's own axes (see config/ablate_*.py)
     python ablate.py --image_iters=100 --seeds=[1,2,3,4,5]  # any train.py key passes to every cell
+    python ablate.py config/ablate_check.py --seeds=[3,4,5,6,7,8,9,10] --jobs=8  # on a GPU: 8 seeds side by side
 
 The plan is checked whole first (its cells, baseline, primary contrasts). Every cell is one `python train.py` run in
 its own process, in {runs_dir}/<cell>/seed<seed>; cells with the same text settings share one text stage. Finished
@@ -61,6 +62,9 @@ study = []  # plans' out_dirs: run nothing, Holm-correct all their primary contr
 seeds = [1, 2, 3]  # every cell runs once per seed (each seed reseeds every stage and the shapes encoders)
 target = {'vision': 0.05, 'text': 0.03}  # the detectable effect (exact, 80 % power) the primary contrasts should reach
 max_seeds = 0  # > len(seeds): add seeds to the primary contrasts' cells, one at a time, until they reach the target
+jobs = 1  # > 1: runs that share no folder (the seeds) side by side, this many at a time, each seed's cells in order.
+# For a GPU, where one demo-sized process is bound by its own CPU thread (docs/performance.md: an H200 gave 3.7x
+# with 8 side by side); on a CPU they only share its cores
 # -----------------------------------------------------------------------------
 ABLATE_KEYS = tuple(script_config(globals()))
 WHERE = ('out_dir', 'text_out_dir', 'image_out_dir', 'data_dir')  # where a run reads and writes, not what it is
@@ -174,6 +178,8 @@ def same_runs_once(plan_runs, runs_dir):
 
 TRAIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'train.py')  # what every cell runs
 STOP_GRACE_S = 5.0  # a cell stopped with its plan (SIGTERM) has this long to end before it is killed
+CHILDREN = set()  # the train.py processes running now (several with jobs > 1), stopped with the plan
+STOPPING = threading.Event()  # the plan is stopping: no worker starts another cell
 
 
 def run_cell(run):
@@ -188,11 +194,16 @@ def run_cell(run):
         log.write(f'\n=== {time.strftime("%Y-%m-%d %H:%M:%S")}: python train.py {" ".join(run["args"])}\n')
         log.flush()
         child = subprocess.Popen([sys.executable, TRAIN] + run['args'], stdout=log, stderr=subprocess.STDOUT)
+        CHILDREN.add(child)
+        if STOPPING.is_set():  # the plan stopped while this one started: run_plan's stop may have missed it
+            stop_process(child)
         try:
             code = child.wait()
         except BaseException:
             stop_process(child)
             raise
+        finally:
+            CHILDREN.discard(child)
     if code == 0 and os.path.exists(runs.eval_path(run)):
         return None
     with open(log_path, errors='replace') as f:
@@ -215,10 +226,12 @@ def stop_on_sigterm(signum, frame):
     raise KeyboardInterrupt(signum)
 
 
-def run_plan(plan_runs):
+def run_plan(plan_runs, jobs=1):
     """
     Run every unfinished cell; returns {index: error} for the cells that failed, or were not run because their
-    results are stale (run_state). SIGINT or SIGTERM stops the plan and its running cell (run_cell) and exits.
+    results are stale (run_state). With jobs > 1, that many groups of runs at a time (folder_groups: in practice the
+    seeds), each group's runs in order, after their inputs are made here (prepare_inputs: side by side, runs would
+    race to make them). SIGINT or SIGTERM stops the plan and its running cells (run_cell) and exits.
     """
     errors, todo = {}, []
     for i, r in enumerate(plan_runs):
@@ -235,31 +248,64 @@ def run_plan(plan_runs):
         f'\n    cannot run {plan_runs[i]["cell"]} seed {plan_runs[i]["seed"]}: {e}' for i, e in errors.items()), flush=True)
     on_main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, stop_on_sigterm) if on_main else None
-    durations, ran = [], set()
+    durations, ran, started = [], set(), []
+    STOPPING.clear()
+
+    def run_one(i):
+        r = plan_runs[i]
+        started.append(i)
+        n = len(started)
+        if r['out_dir'] in ran and runs.run_state(r)[0] == 'done':  # the same experiment as a cell run just now
+            print(f'[{n}/{len(todo)}] {r["cell"]} seed {r["seed"]}: done, as {r.get("same_as")}', flush=True)
+            return
+        extra, note = runs.resume_args(r)
+        eta = f', ETA {format_time(np.mean(durations) * (len(todo) - n + 1) / jobs)}' if durations else ''
+        print(f'[{n}/{len(todo)}] {r["cell"]} seed {r["seed"]}: running ({len(durations)} done, {len(errors)} failed'
+              f'{eta})' + (f'; {note}' if note else ''), flush=True)
+        t0 = time.time()
+        ran.add(r['out_dir'])
+        error = run_cell(dict(r, args=r['args'] + extra) if extra else r)
+        durations.append(time.time() - t0)
+        e, why = (None, None) if error else runs.read_eval(runs.eval_path(r))
+        if error or why:
+            errors[i] = error or why
+            print(f'    {r["cell"]} seed {r["seed"]} failed: {errors[i]}', flush=True)
+        else:
+            print(f'    {r["cell"]} seed {r["seed"]} done in {format_time(durations[-1])}: ' + ', '.join(
+                f'{name} {e[k]:.3f}' for k, (name, _, _) in STABLE_SCORES.items() if e[k] is not None), flush=True)
+
     try:
-        for n, i in enumerate(todo):
-            r = plan_runs[i]
-            if r['out_dir'] in ran and runs.run_state(r)[0] == 'done':  # the same experiment as a cell run just now
-                print(f'[{n + 1}/{len(todo)}] {r["cell"]} seed {r["seed"]}: done, as {r.get("same_as")}', flush=True)
-                continue
-            extra, note = runs.resume_args(r)
-            eta = f', ETA {format_time(np.mean(durations) * (len(todo) - n))}' if durations else ''
-            print(f'[{n + 1}/{len(todo)}] {r["cell"]} seed {r["seed"]}: running ({n} done, {len(errors)} failed{eta})'
-                  + (f'; {note}' if note else ''), flush=True)
-            t0 = time.time()
-            ran.add(r['out_dir'])
-            error = run_cell(dict(r, args=r['args'] + extra) if extra else r)
-            durations.append(time.time() - t0)
-            e, why = (None, None) if error else runs.read_eval(runs.eval_path(r))
-            if error or why:
-                errors[i] = error or why
-                print(f'    failed: {errors[i]}', flush=True)
-            else:
-                print(f'    done in {format_time(durations[-1])}: ' + ', '.join(
-                    f'{name} {e[k]:.3f}' for k, (name, _, _) in STABLE_SCORES.items() if e[k] is not None), flush=True)
+        if jobs <= 1:
+            for i in todo:
+                run_one(i)
+        else:
+            groups = folder_groups(plan_runs, todo)
+            prepare_inputs([plan_runs[i] for i in todo])
+            threads = []
+
+            def worker():
+                while not STOPPING.is_set():
+                    try:
+                        group = groups.pop(0)  # atomic: each group goes to one worker
+                    except IndexError:
+                        return
+                    for i in group:
+                        if STOPPING.is_set():
+                            return
+                        run_one(i)
+
+            for _ in range(min(jobs, len(groups))):
+                threads.append(threading.Thread(target=worker, daemon=True))
+                threads[-1].start()
+            for t in threads:
+                while t.is_alive():
+                    t.join(0.5)  # a timed join: the main thread stays free to take SIGINT / SIGTERM
     except KeyboardInterrupt as stop:
+        STOPPING.set()
+        for child in list(CHILDREN):
+            stop_process(child)
         signum = stop.args[0] if stop.args and isinstance(stop.args[0], int) else signal.SIGINT
-        print(f'\nstopped by {signal.Signals(signum).name}: the running cell was stopped with the plan. Run the same '
+        print(f'\nstopped by {signal.Signals(signum).name}: the running cells were stopped with the plan. Run the same '
               f'command again to go on: finished runs are kept, and an interrupted one resumes from its last '
               f'periodic checkpoint', flush=True)
         raise SystemExit(128 + signum) from None
@@ -267,6 +313,44 @@ def run_plan(plan_runs):
         if on_main:
             signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
     return errors
+
+
+def folder_groups(plan_runs, todo):
+    """
+    The runs of todo in groups, each in todo's order, such that runs of two groups share no folder they write (out_dir,
+    text_out_dir, image_out_dir): groups may run side by side, a group's runs one after another. The seeds of a plan
+    are its groups, unless it fixes text_seed, which gives all of them one text stage.
+    """
+    parent = {}
+
+    def root(folder):
+        while parent.setdefault(folder, folder) != folder:
+            folder = parent[folder]
+        return folder
+
+    for i in todo:
+        r = plan_runs[i]
+        for key in ('text_out_dir', 'image_out_dir'):
+            if runs.arg(r, key):
+                parent[root(runs.arg(r, key))] = root(r['out_dir'])
+    groups = {}
+    for i in todo:
+        groups.setdefault(root(plan_runs[i]['out_dir']), []).append(i)
+    return list(groups.values())
+
+
+def prepare_inputs(plan_runs):
+    """Make what the runs read (the data, the shapes encoders, the feature caches: prepare.prepare_run, as train.py
+    calls it), once for each setting, before runs start side by side."""
+    done = set()
+    for r in plan_runs:
+        cfg = runs.run_config(r)
+        reads_images = any(train.STAGES[name].reads_images for name in cfg.stages.split(','))
+        key = json.dumps({k: v for k, v in sorted(vars(cfg).items()) if k not in prepare.RUN_KEYS or k == 'data_dir'})
+        if key not in done:
+            done.add(key)
+            prepare.prepare_run(cfg, reads_images)
+
 
 def check_plan(cfg, plan_runs):
     """The plan as a whole, before its first cell runs: its baseline and its primary contrasts name cells it has,
@@ -328,7 +412,7 @@ def add_seeds(cfg, passed, plan_runs, errors):
         print(f'seed {seeds[-1]} for {", ".join(sorted(cells))}: detectable effects above the target '
               f'{cfg["target"]}: {"; ".join(wide)}', flush=True)
         more = [r for r in expand(dict(cfg, seeds=seeds[-1:]), passed)[0] if r['cell'] in cells]
-        errors.update({len(plan_runs) + i: e for i, e in run_plan(more).items()})
+        errors.update({len(plan_runs) + i: e for i, e in run_plan(more, cfg['jobs']).items()})
         plan_runs += more
     return plan_runs
 
@@ -374,7 +458,7 @@ def main(args):
     for reason in skipped:
         print(f'skipped {reason}')
     t0 = time.time()
-    errors = {} if cfg['report_only'] else run_plan(plan_runs)
+    errors = {} if cfg['report_only'] else run_plan(plan_runs, cfg['jobs'])
     if cfg['max_seeds'] and not cfg['report_only']:
         plan_runs = add_seeds(cfg, passed, plan_runs, errors)
     table, failed = collect(cfg, plan_runs, errors, baseline_name, skipped)

@@ -1,9 +1,11 @@
 """Tests for ablate.py: the plan expands to the right runs, finished cells are skipped, a failing cell does not stop
 the others, the paired bootstrap behaves, and the table holds every cell."""
 
+import _thread
 import json
 import os
 import re
+import time
 
 import numpy as np
 import pytest
@@ -383,3 +385,50 @@ def test_the_referent_table_gives_each_task_seen_and_held_out_accuracy_over_seed
     assert lines[0] == '| cell | seeds | shape: seen / held out |'  # count names nothing: not a column
     assert lines[2] == '| cell | 2 | 0.900 / 0.400 |'
     assert report.referent_table({'cell': {1: fake_eval([1.0] * 4, [1.0] * 4)}}) == ''  # no referents: no table
+
+
+def test_jobs_run_the_seeds_side_by_side_each_seeds_cells_in_order(tmp_path, monkeypatch):
+    events, active, most = [], set(), []
+
+    def fake_run(run):
+        key = (run['cell'], run['seed'])
+        events.append(('start', key))
+        active.add(key)
+        most.append(len(active))
+        time.sleep(0.2)
+        active.discard(key)
+        events.append(('end', key))
+        finish(run)
+
+    monkeypatch.setattr(ablate, 'run_cell', fake_run)
+    monkeypatch.setattr(ablate, 'prepare_inputs', lambda runs: events.append(('prepare', len(runs))))
+    _, runs, _ = plan([f'--out_dir={tmp_path}', "--grid={'image_ratio': [0.1, 0.2]}", '--seeds=[1,2,3]'])
+    assert [len(g) for g in ablate.folder_groups(runs, range(6))] == [2, 2, 2]  # a text stage per seed
+    assert ablate.run_plan(runs, jobs=2) == {}
+    assert events[0] == ('prepare', 6) and max(most) == 2 and len(events) == 13
+    for seed in (1, 2, 3):  # a seed's cells one after another, in the plan's order (they share its text stage)
+        mine = [e for e in events[1:] if e[1][1] == seed]
+        assert [e[0] for e in mine] == ['start', 'end', 'start', 'end']
+        assert [e[1][0] for e in mine[::2]] == ['image_ratio=0.1', 'image_ratio=0.2']
+    _, shared, _ = plan([f'--out_dir={tmp_path}/b', "--grid={'image_ratio': [0.1]}", '--seeds=[1,2]', '--text_seed=7'])
+    assert ablate.folder_groups(shared, range(2)) == [[0, 1]]  # one text stage for both seeds: never side by side
+
+
+def test_a_stopped_plan_with_jobs_starts_no_other_cell(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_run(run):
+        calls.append(run['seed'])
+        if len(calls) == 1:
+            _thread.interrupt_main()  # ctrl-C while two cells run (taken by the main thread within its 0.5 s join)
+        time.sleep(1.0)
+        finish(run)
+
+    monkeypatch.setattr(ablate, 'run_cell', fake_run)
+    monkeypatch.setattr(ablate, 'prepare_inputs', lambda runs: None)
+    _, runs, _ = plan([f'--out_dir={tmp_path}', "--grid={'image_ratio': [0.1, 0.2]}", '--seeds=[1,2,3]'])
+    with pytest.raises(SystemExit) as stopped:
+        ablate.run_plan(runs, jobs=2)
+    assert stopped.value.code == 128 + 2
+    time.sleep(1.5)  # the two running cells end; their workers start nothing after the stop
+    assert sorted(calls) == [1, 2]
