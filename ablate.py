@@ -281,6 +281,8 @@ def run_plan(plan_runs, jobs=1):
         else:
             groups = folder_groups(plan_runs, todo)
             prepare_inputs([plan_runs[i] for i in todo])
+            print(f'{len(groups)} groups of runs that share no folder (seeds), {min(jobs, len(groups))} side by side',
+                  flush=True)
             threads = []
 
             def worker():
