@@ -179,7 +179,8 @@ def same_runs_once(plan_runs, runs_dir):
 TRAIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'train.py')  # what every cell runs
 STOP_GRACE_S = 5.0  # a cell stopped with its plan (SIGTERM) has this long to end before it is killed
 CHILDREN = set()  # the train.py processes running now (several with jobs > 1), stopped with the plan
-STOPPING = threading.Event()  # the plan is stopping: no worker starts another cell
+STOPPING = threading.Event()  # the plan is stopping: no other cell starts
+CHILDREN_LOCK = threading.Lock()
 
 
 def run_cell(run):
@@ -193,17 +194,19 @@ def run_cell(run):
     with open(log_path, 'a') as log:  # an interrupted attempt's log is kept, above the next one's
         log.write(f'\n=== {time.strftime("%Y-%m-%d %H:%M:%S")}: python train.py {" ".join(run["args"])}\n')
         log.flush()
-        child = subprocess.Popen([sys.executable, TRAIN] + run['args'], stdout=log, stderr=subprocess.STDOUT)
-        CHILDREN.add(child)
-        if STOPPING.is_set():  # the plan stopped while this one started: run_plan's stop may have missed it
-            stop_process(child)
+        with CHILDREN_LOCK:  # a plan that stops (stop_children) sees every child started, and no later one starts
+            if STOPPING.is_set():
+                return 'not started: the plan was stopped'
+            child = subprocess.Popen([sys.executable, TRAIN] + run['args'], stdout=log, stderr=subprocess.STDOUT)
+            CHILDREN.add(child)
         try:
             code = child.wait()
         except BaseException:
-            stop_process(child)
+            stop_children()
             raise
         finally:
-            CHILDREN.discard(child)
+            with CHILDREN_LOCK:
+                CHILDREN.discard(child)
     if code == 0 and os.path.exists(runs.eval_path(run)):
         return None
     with open(log_path, errors='replace') as f:
@@ -211,12 +214,19 @@ def run_cell(run):
     return f'exit code {code}: ' + ' | '.join(tail) + f' (full log: {log_path})'
 
 
-def stop_process(child):
-    """End a child process: SIGTERM (train.py releases its locks and exits), then SIGKILL after STOP_GRACE_S."""
-    if child.poll() is None:
-        child.terminate()
+def stop_children():
+    """End every running train.py and start no other: SIGTERM to all (train.py releases its locks and exits), then
+    SIGKILL to those still running STOP_GRACE_S later."""
+    with CHILDREN_LOCK:
+        STOPPING.set()
+        children = list(CHILDREN)
+    for child in children:
+        if child.poll() is None:
+            child.terminate()
+    deadline = time.time() + STOP_GRACE_S
+    for child in children:
         try:
-            child.wait(STOP_GRACE_S)
+            child.wait(max(0.0, deadline - time.time()))
         except subprocess.TimeoutExpired:
             child.kill()
             child.wait()
@@ -248,18 +258,19 @@ def run_plan(plan_runs, jobs=1):
         f'\n    cannot run {plan_runs[i]["cell"]} seed {plan_runs[i]["seed"]}: {e}' for i, e in errors.items()), flush=True)
     on_main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, stop_on_sigterm) if on_main else None
-    durations, ran, started = [], set(), []
+    durations, ran, threads, numbers, numbering = [], set(), [], itertools.count(1), threading.Lock()
+    parallel = max(1, min(jobs, len(todo)))
     STOPPING.clear()
 
     def run_one(i):
         r = plan_runs[i]
-        started.append(i)
-        n = len(started)
+        with numbering:
+            n = next(numbers)
         if r['out_dir'] in ran and runs.run_state(r)[0] == 'done':  # the same experiment as a cell run just now
             print(f'[{n}/{len(todo)}] {r["cell"]} seed {r["seed"]}: done, as {r.get("same_as")}', flush=True)
             return
         extra, note = runs.resume_args(r)
-        eta = f', ETA {format_time(np.mean(durations) * (len(todo) - n + 1) / jobs)}' if durations else ''
+        eta = f', ETA {format_time(np.mean(durations) * (len(todo) - n + 1) / parallel)}' if durations else ''
         print(f'[{n}/{len(todo)}] {r["cell"]} seed {r["seed"]}: running ({len(durations)} done, {len(errors)} failed'
               f'{eta})' + (f'; {note}' if note else ''), flush=True)
         t0 = time.time()
@@ -281,9 +292,8 @@ def run_plan(plan_runs, jobs=1):
         else:
             groups = folder_groups(plan_runs, todo)
             prepare_inputs([plan_runs[i] for i in todo])
-            print(f'{len(groups)} groups of runs that share no folder (seeds), {min(jobs, len(groups))} side by side',
-                  flush=True)
-            threads = []
+            parallel = min(jobs, len(groups))
+            print(f'{len(groups)} groups of runs that share no folder (seeds), {parallel} side by side', flush=True)
 
             def worker():
                 while not STOPPING.is_set():
@@ -294,18 +304,23 @@ def run_plan(plan_runs, jobs=1):
                     for i in group:
                         if STOPPING.is_set():
                             return
-                        run_one(i)
+                        try:
+                            run_one(i)
+                        except Exception as e:  # the cell's own failure, recorded as run_one records one
+                            errors[i] = f'{type(e).__name__}: {e}'
+                            print(f'    {plan_runs[i]["cell"]} seed {plan_runs[i]["seed"]} failed: {errors[i]}',
+                                  flush=True)
 
-            for _ in range(min(jobs, len(groups))):
+            for _ in range(parallel):
                 threads.append(threading.Thread(target=worker, daemon=True))
                 threads[-1].start()
             for t in threads:
                 while t.is_alive():
                     t.join(0.5)  # a timed join: the main thread stays free to take SIGINT / SIGTERM
     except KeyboardInterrupt as stop:
-        STOPPING.set()
-        for child in list(CHILDREN):
-            stop_process(child)
+        stop_children()
+        for t in threads:
+            t.join(STOP_GRACE_S)  # their cells ended: each worker records its cell and starts no other
         signum = stop.args[0] if stop.args and isinstance(stop.args[0], int) else signal.SIGINT
         print(f'\nstopped by {signal.Signals(signum).name}: the running cells were stopped with the plan. Run the same '
               f'command again to go on: finished runs are kept, and an interrupted one resumes from its last '
@@ -343,15 +358,20 @@ def folder_groups(plan_runs, todo):
 
 def prepare_inputs(plan_runs):
     """Make what the runs read (the data, the shapes encoders, the feature caches: prepare.prepare_run, as train.py
-    calls it), once for each setting, before runs start side by side."""
+    calls it), once for each setting, before runs start side by side. A run whose inputs cannot be made is left to
+    its train.py, which fails that cell alone and says why."""
     done = set()
     for r in plan_runs:
-        cfg = runs.run_config(r)
-        reads_images = any(train.STAGES[name].reads_images for name in cfg.stages.split(','))
-        key = json.dumps({k: v for k, v in sorted(vars(cfg).items()) if k not in prepare.RUN_KEYS or k == 'data_dir'})
-        if key not in done:
-            done.add(key)
-            prepare.prepare_run(cfg, reads_images)
+        try:
+            cfg = runs.run_config(r)
+            reads_images = any(train.STAGES[name].reads_images for name in cfg.stages.split(','))
+            key = json.dumps([reads_images, {k: v for k, v in sorted(vars(cfg).items()) if 'out_dir' not in k}])
+            if key not in done:
+                done.add(key)
+                prepare.prepare_run(cfg, reads_images)
+        except (ConfigError, OSError, ValueError) as e:
+            print(f'    {r["cell"]} seed {r["seed"]}: its inputs were not made here ({e}); its train.py will say why',
+                  flush=True)
 
 
 def check_plan(cfg, plan_runs):
@@ -455,6 +475,8 @@ def main(args):
             f.write(table + '\n')
         print(f'{table}\n\nwritten to {cfg["out_dir"]}/study.md')
         return True
+    if not isinstance(cfg['jobs'], int) or cfg['jobs'] < 1:
+        raise ConfigError(f'jobs={cfg["jobs"]!r}: how many seeds run side by side, 1 or more')
     plan_runs, skipped = expand(cfg, passed)
     baseline_name = check_plan(cfg, plan_runs)
     for reason in skipped:

@@ -419,7 +419,7 @@ def test_a_stopped_plan_with_jobs_starts_no_other_cell(tmp_path, monkeypatch):
 
     def fake_run(run):
         calls.append(run['seed'])
-        if len(calls) == 1:
+        if len(calls) == 2:
             _thread.interrupt_main()  # ctrl-C while two cells run (taken by the main thread within its 0.5 s join)
         time.sleep(1.0)
         finish(run)
@@ -432,3 +432,38 @@ def test_a_stopped_plan_with_jobs_starts_no_other_cell(tmp_path, monkeypatch):
     assert stopped.value.code == 128 + 2
     time.sleep(1.5)  # the two running cells end; their workers start nothing after the stop
     assert sorted(calls) == [1, 2]
+
+
+def test_inputs_are_made_once_a_setting_and_a_failure_is_left_to_the_cell(tmp_path, monkeypatch, capsys):
+    made = []
+
+    def fake_prepare(cfg, reads_images, verbose=True):
+        made.append((cfg.seed, cfg.image_ratio, reads_images))
+        if cfg.seed == 2:
+            raise OSError(f'{cfg.data_dir}/shapes/meta.json: disk full')
+
+    monkeypatch.setattr(ablate.prepare, 'prepare_run', fake_prepare)
+    _, runs, _ = plan([f'--out_dir={tmp_path}', "--grid={'image_ratio': [0.1, 0.2]}", '--seeds=[1,2]'])
+    ablate.prepare_inputs(runs + runs)  # each run's setting once, however often it comes
+    assert sorted(made) == [(1, 0.1, True), (1, 0.2, True), (2, 0.1, True), (2, 0.2, True)]
+    assert capsys.readouterr().out.count('disk full') == 2  # named, and left to those cells' train.py
+
+
+def test_jobs_must_be_a_positive_count(tmp_path):
+    with pytest.raises(ConfigError, match='jobs=0'):
+        ablate.main([f'--out_dir={tmp_path}', '--jobs=0'])
+
+
+def test_a_cell_that_raises_beside_others_is_recorded_as_failed(tmp_path, monkeypatch):
+    def fake_run(run):
+        if run['seed'] == 2 and run['cell'] == 'image_ratio=0.1':
+            raise RuntimeError('eval.json holds a list')
+        finish(run)
+
+    monkeypatch.setattr(ablate, 'run_cell', fake_run)
+    monkeypatch.setattr(ablate, 'prepare_inputs', lambda runs: None)
+    _, runs, _ = plan([f'--out_dir={tmp_path}', "--grid={'image_ratio': [0.1, 0.2]}", '--seeds=[1,2]'])
+    errors = ablate.run_plan(runs, jobs=2)
+    failed = next(i for i, r in enumerate(runs) if r['seed'] == 2 and r['cell'] == 'image_ratio=0.1')
+    assert errors == {failed: 'RuntimeError: eval.json holds a list'}
+    assert sum(os.path.exists(eval_path(r)) for r in runs) == 3

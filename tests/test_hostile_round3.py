@@ -349,18 +349,22 @@ time.sleep(60)
 '''
 
 
+@pytest.mark.parametrize('jobs', [1, 2])
 @pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT])
-def test_a_signal_to_ablate_ends_its_cell_and_frees_the_cells_lock(tmp_path, monkeypatch, signum):
-    out, fake, log = str(tmp_path / 'cell'), tmp_path / 'stubborn_train.py', tmp_path / 'plan.log'
+def test_a_signal_to_ablate_ends_its_cells_and_frees_their_locks(tmp_path, monkeypatch, signum, jobs):
+    outs, fake, log = [str(tmp_path / f'cell{s}') for s in range(1, jobs + 1)], tmp_path / 'stubborn_train.py', \
+        tmp_path / 'plan.log'
     fake.write_text(STUBBORN)
     monkeypatch.setattr(ablate, 'TRAIN', str(fake))
     monkeypatch.setattr(ablate, 'STOP_GRACE_S', 0.3)
+    monkeypatch.setattr(ablate, 'prepare_inputs', lambda runs: None)
     plan_pid = os.fork()
-    if plan_pid == 0:  # ablate.py running a plan of one cell, its output to plan.log
+    if plan_pid == 0:  # ablate.py running a plan of one cell a seed, its output to plan.log
         code = 1
         try:
             sys.stdout = sys.stderr = open(log, 'w', buffering=1)
-            ablate.run_plan([dict(cell='c', seed=1, out_dir=out, identity={'seed': 1}, args=[f'--out_dir={out}'])])
+            ablate.run_plan([dict(cell='c', seed=s, out_dir=out, identity={'seed': s}, args=[f'--out_dir={out}'])
+                             for s, out in enumerate(outs, 1)], jobs)
         except SystemExit as e:
             code = e.code
         finally:
@@ -368,12 +372,12 @@ def test_a_signal_to_ablate_ends_its_cell_and_frees_the_cells_lock(tmp_path, mon
             os._exit(code)
     try:
         deadline = time.time() + 30
-        while not os.path.exists(os.path.join(out, 'locked')):
+        while not all(os.path.exists(os.path.join(out, 'locked')) for out in outs):  # every cell running
             assert time.time() < deadline, log.read_text()
             time.sleep(0.02)
-        child = json.load(open(os.path.join(out, 'LOCK')))['pid']
+        children = [json.load(open(os.path.join(out, 'LOCK')))['pid'] for out in outs]
         t0 = time.time()
-        os.kill(plan_pid, signum)  # to the plan only: its cell ignores SIGTERM, and hears of no SIGINT
+        os.kill(plan_pid, signum)  # to the plan only: its cells ignore SIGTERM, and hear of no SIGINT
         _, status = os.waitpid(plan_pid, 0)
     except BaseException:
         os.kill(plan_pid, signal.SIGKILL)
@@ -381,9 +385,10 @@ def test_a_signal_to_ablate_ends_its_cell_and_frees_the_cells_lock(tmp_path, mon
     printed = log.read_text()
     assert os.waitstatus_to_exitcode(status) == 128 + signum and time.time() - t0 < 5, printed
     assert f'stopped by {signal.Signals(signum).name}' in printed and 'Traceback' not in printed
-    with pytest.raises(ProcessLookupError):  # no orphan left running
-        os.kill(child, 0)
-    locks.release_lock(locks.acquire_lock(out))  # and the cell's folder is free
+    for child, out in zip(children, outs):
+        with pytest.raises(ProcessLookupError):  # no orphan left running
+            os.kill(child, 0)
+        locks.release_lock(locks.acquire_lock(out))  # and the cell's folder is free
 
 
 # 5, 6. checkpoint names cannot collide; pruning keeps what this run wrote
