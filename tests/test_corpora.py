@@ -114,7 +114,8 @@ def test_train_reads_a_prepared_corpus(tmp_path, capsys):
     out = str(tmp_path / 'corpus')
     corpora.prepare_text([str(inputs)], out, val_fraction=0.3, workers=1, verbose=False)
     ckpts = str(tmp_path / 'text')
-    train.main(train.get_config([f'--dataset={out}', f'--text_out_dir={ckpts}', '--stages=text', '--text_iters=4',
+    train.main(train.get_config([f'--dataset={out}', f'--text_out_dir={ckpts}', f'--out_dir={tmp_path}',
+                                 '--stages=text', '--text_iters=4',
                                  '--save_fracs=[0.5,1.0]', '--block_size=32', '--batch_size=2', '--warmup_iters=1',
                                  '--eval_iters=1', '--device=cpu']))
     printed = capsys.readouterr().out

@@ -80,7 +80,7 @@ def copy_of_the_code(tmp_path):
 def test_changed_model_code_is_never_reused_silently(tmp_path, shapes_dir, monkeypatch, capsys):
     code = copy_of_the_code(tmp_path)
     monkeypatch.setattr(prepare, 'HERE', str(code))  # the fingerprint reads the code from here
-    args = TEXT + [f'--data_dir={shapes_dir}', f'--text_out_dir={tmp_path}/text']
+    args = TEXT + [f'--data_dir={shapes_dir}', f'--text_out_dir={tmp_path}/text', f'--out_dir={tmp_path}']
     train.main(train.get_config(args))
     train.main(train.get_config(args))
     assert 'text stage: already complete' in capsys.readouterr().out  # nothing changed: reused

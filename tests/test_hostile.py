@@ -201,7 +201,8 @@ def test_non_finite_weights_are_never_written_as_a_checkpoint(tmp_path, shapes_d
     monkeypatch.setattr(torch.optim.AdamW, 'step', poisoned)
     out = tmp_path / 'text'
     with pytest.raises(train.TrainingError, match=r'step 4: the weights hold NaN or inf, so .*ckpt_050 was not written'):
-        train.main(train.get_config(TEXT + [f'--data_dir={shapes_dir}', f'--text_out_dir={out}']))
+        train.main(train.get_config(TEXT + [f'--data_dir={shapes_dir}', f'--text_out_dir={out}',
+                                            f'--out_dir={tmp_path}']))
     assert not os.path.exists(out / 'ckpt_050')
 
 

@@ -20,7 +20,8 @@ FAST = ['--stages=text', '--block_size=64', '--batch_size=4', '--text_iters=12',
 
 def run(tmp_path, shapes_dir, *extra, name='text'):
     out = str(tmp_path / name)
-    cfg = train.get_config(FAST + [f'--data_dir={shapes_dir}', f'--text_out_dir={out}', *extra])
+    cfg = train.get_config(FAST + [f'--data_dir={shapes_dir}', f'--text_out_dir={out}', f'--out_dir={tmp_path}',
+                                   *extra])
     train.main(cfg)
     return out
 
