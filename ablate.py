@@ -259,7 +259,7 @@ def run_plan(plan_runs, jobs=1):
     on_main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, stop_on_sigterm) if on_main else None
     durations, ran, threads, numbers, numbering = [], set(), [], itertools.count(1), threading.Lock()
-    parallel = max(1, min(jobs, len(todo)))
+    parallel = 1  # cells running at once (the ETA's divisor); jobs > 1 sets it below
     STOPPING.clear()
 
     def run_one(i):
