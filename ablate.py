@@ -8,11 +8,11 @@ fixed, seeds random, seeds and questions crossed), with Holm-adjusted p and the 
     python ablate.py --image_iters=100 --seeds=[1,2,3,4,5]  # any train.py key passes to every cell
     python ablate.py config/ablate_check.py --seeds=[3,4,5,6,7,8,9,10] --jobs=8  # on a GPU: 8 seeds side by side
 
-The plan is checked whole first (its cells, baseline, primary contrasts). Every cell is one `python train.py` run in
-its own process, in {runs_dir}/<cell>/seed<seed>; cells with the same text settings share one text stage. Finished
-runs are skipped, so an interrupted plan resumes; plans that share a runs_dir run an experiment they have in common
-once. Outputs in out_dir: results.json, results.md (the tables), results.png (vision against text), curves.png (loss
-curves) and, for a grid with one numeric key, sweep.png (both scores against it); the plots need matplotlib.
+The plan is checked whole first (cells, baseline, primary contrasts). Every cell is one `python train.py` process, in
+{runs_dir}/<cell>/seed<seed>; cells with the same text settings share a text stage. Finished runs are skipped, so an
+interrupted plan resumes; plans sharing a runs_dir run an experiment they have in common once. Outputs in out_dir:
+results.json, .md (the tables), .png (vision against text), curves.png (loss curves) and, for a grid with one numeric
+key, sweep.png (both scores against it); the plots need matplotlib.
 """
 
 import glob
@@ -62,9 +62,9 @@ study = []  # plans' out_dirs: run nothing, Holm-correct all their primary contr
 seeds = [1, 2, 3]  # every cell runs once per seed (each seed reseeds every stage and the shapes encoders)
 target = {'vision': 0.05, 'text': 0.03}  # the detectable effect (exact, 80 % power) the primary contrasts should reach
 max_seeds = 0  # > len(seeds): add seeds to the primary contrasts' cells, one at a time, until they reach the target
-jobs = 1  # > 1: runs that share no folder (the seeds) side by side, this many at a time, each seed's cells in order.
-# For a GPU, where one demo-sized process is bound by its own CPU thread (docs/performance.md: an H200 gave 3.7x
-# with 8 side by side); on a CPU they only share its cores
+jobs = 1  # > 1: runs that share no folder (the seeds) side by side, this many at a time, each seed's cells in order,
+# each with its share of the CPU cores as torch threads (unless OMP_NUM_THREADS is set). For a GPU, where one
+# demo-sized process is bound by its own CPU thread (docs/performance.md: an H200 gave 3.7x with 8 side by side)
 # -----------------------------------------------------------------------------
 ABLATE_KEYS = tuple(script_config(globals()))
 WHERE = ('out_dir', 'text_out_dir', 'image_out_dir', 'data_dir')  # where a run reads and writes, not what it is
@@ -185,9 +185,9 @@ CHILDREN_LOCK = threading.Lock()
 
 def run_cell(run):
     """
-    One train.py process; its output is appended to {out_dir}/log.txt. Returns None or the error's last lines.
-    Stopped itself (SIGINT, SIGTERM: KeyboardInterrupt here), it stops the process first, SIGTERM and after
-    STOP_GRACE_S SIGKILL, so no train.py outlives its plan holding a cell's locks.
+    One train.py process (with run['threads'] torch threads, if given); its output is appended to {out_dir}/log.txt.
+    Returns None or the error's last lines. Stopped itself (SIGINT, SIGTERM: KeyboardInterrupt here), it stops the
+    process first, SIGTERM and after STOP_GRACE_S SIGKILL, so no train.py outlives its plan holding a cell's locks.
     """
     os.makedirs(run['out_dir'], exist_ok=True)
     log_path = os.path.join(run['out_dir'], 'log.txt')
@@ -197,7 +197,8 @@ def run_cell(run):
         with CHILDREN_LOCK:  # a plan that stops (stop_children) sees every child started, and no later one starts
             if STOPPING.is_set():
                 return 'not started: the plan was stopped'
-            child = subprocess.Popen([sys.executable, TRAIN] + run['args'], stdout=log, stderr=subprocess.STDOUT)
+            child = subprocess.Popen([sys.executable, TRAIN] + run['args'], stdout=log, stderr=subprocess.STDOUT, env=dict(
+                os.environ, OMP_NUM_THREADS=str(run['threads'])) if run.get('threads') else None)
             CHILDREN.add(child)
         try:
             code = child.wait()
@@ -275,7 +276,8 @@ def run_plan(plan_runs, jobs=1):
               f'{eta})' + (f'; {note}' if note else ''), flush=True)
         t0 = time.time()
         ran.add(r['out_dir'])
-        error = run_cell(dict(r, args=r['args'] + extra) if extra else r)
+        threads = max(1, (os.cpu_count() or 1) // parallel) if parallel > 1 and 'OMP_NUM_THREADS' not in os.environ else 0
+        error = run_cell(dict(r, args=r['args'] + extra, threads=threads))  # side by side, the cells share the cores
         durations.append(time.time() - t0)
         e, why = (None, None) if error else runs.read_eval(runs.eval_path(r))
         if error or why:
@@ -357,9 +359,8 @@ def folder_groups(plan_runs, todo):
 
 
 def prepare_inputs(plan_runs):
-    """Make what the runs read (the data, the shapes encoders, the feature caches: prepare.prepare_run, as train.py
-    calls it), once for each setting, before runs start side by side. A run whose inputs cannot be made is left to
-    its train.py, which fails that cell alone and says why."""
+    """Make what the runs read (data, shapes encoders, feature caches: prepare.prepare_run, as train.py calls it) once
+    a setting, before runs start side by side; a run whose inputs fail is left to its train.py, which says why."""
     done = set()
     for r in plan_runs:
         try:
@@ -375,8 +376,7 @@ def prepare_inputs(plan_runs):
 
 
 def check_plan(cfg, plan_runs):
-    """The plan as a whole, before its first cell runs: its baseline and its primary contrasts name cells it has,
-    each on a score it measures. Returns the baseline's name."""
+    """The plan whole, before a cell runs: its baseline and primary contrasts name its cells; returns the baseline."""
     cells = list(dict.fromkeys(r['cell'] for r in plan_runs))
     if cfg['grid'] != grid and cfg['primary'] == primary:  # a grid of one's own: the default plan's contrasts go
         cfg['primary'] = []

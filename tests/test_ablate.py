@@ -467,3 +467,26 @@ def test_a_cell_that_raises_beside_others_is_recorded_as_failed(tmp_path, monkey
     failed = next(i for i, r in enumerate(runs) if r['seed'] == 2 and r['cell'] == 'image_ratio=0.1')
     assert errors == {failed: 'RuntimeError: eval.json holds a list'}
     assert sum(os.path.exists(eval_path(r)) for r in runs) == 3
+
+
+THREADS_TRAIN = '''
+import os, sys
+out = next(a.split('=', 1)[1] for a in sys.argv if a.startswith('--out_dir='))
+open(os.path.join(out, 'threads'), 'w').write(os.environ.get('OMP_NUM_THREADS', 'unset'))
+'''
+
+
+@pytest.mark.parametrize('jobs,user,expected', [(1, None, 'unset'), (2, None, str(max(1, (os.cpu_count() or 1) // 2))),
+                                                (2, '3', '3')])
+def test_cells_side_by_side_share_the_cores_unless_the_user_says(tmp_path, monkeypatch, jobs, user, expected):
+    fake = tmp_path / 'train.py'
+    fake.write_text(THREADS_TRAIN)
+    monkeypatch.setattr(ablate, 'TRAIN', str(fake))
+    monkeypatch.setattr(ablate, 'prepare_inputs', lambda runs: None)
+    monkeypatch.delenv('OMP_NUM_THREADS', raising=False)
+    if user:
+        monkeypatch.setenv('OMP_NUM_THREADS', user)
+    _, runs, _ = plan([f'--out_dir={tmp_path}/plan', '--seeds=[1,2]', "--grid={'image_ratio': [0.1]}"])
+    errors = ablate.run_plan(runs, jobs=jobs)
+    assert len(errors) == 2  # the fake writes no eval.json
+    assert [open(os.path.join(r['out_dir'], 'threads')).read() for r in runs] == [expected] * 2
