@@ -12,6 +12,7 @@ import pytest
 
 import ablate
 import report
+import scheduler
 import stats
 import eval as ev
 import train
@@ -111,10 +112,10 @@ def test_plans_sharing_a_runs_dir_run_an_experiment_once(tmp_path, monkeypatch):
     """The encoder plan's cells are, under other names, the encoder LR plan's frozen and 1e-5 cells and the
     injection sweep's 0.8 cell: with one runs_dir they run once; a cell of another config does not match."""
     calls = []
-    monkeypatch.setattr(ablate, 'run_cell', lambda run: calls.append(run['cell']) or finish(run))
+    monkeypatch.setattr(scheduler, 'run_cell', lambda run: calls.append(run['cell']) or finish(run))
     runs_dir = str(tmp_path / 'runs')
     cfg, runs, _ = plan([f'--runs_dir={runs_dir}', f'--out_dir={tmp_path}/encoder'])
-    ablate.run_plan(runs)
+    scheduler.run_plan(runs)
     assert len(calls) == 9 and all(r['out_dir'].startswith(runs_dir) for r in runs)
     _, lr_runs, _ = plan([os.path.join(CONFIG, 'ablate_encoder_lr.py'), f'--runs_dir={runs_dir}',
                           f'--out_dir={tmp_path}/lr'])
@@ -123,7 +124,7 @@ def test_plans_sharing_a_runs_dir_run_an_experiment_once(tmp_path, monkeypatch):
     assert reused['siglip_unfrozen encoder_lr=1e-05'] == 'siglip_unfrozen'
     assert reused['siglip_unfrozen encoder_lr=0.0001'] == 'siglip_unfrozen_encoder_lr=0.0001'  # a new experiment
     calls.clear()
-    ablate.run_plan(lr_runs)
+    scheduler.run_plan(lr_runs)
     assert len(calls) == 8 and not any(c.endswith('=1e-05') or c.endswith('_frozen') for c in calls)
     _, sweep, _ = plan([os.path.join(CONFIG, 'ablate_injection.py'), f'--runs_dir={runs_dir}',
                         f'--out_dir={tmp_path}/injection'])
@@ -134,13 +135,13 @@ def test_plans_sharing_a_runs_dir_run_an_experiment_once(tmp_path, monkeypatch):
 
 
 def test_a_folder_holding_another_experiment_is_not_taken_for_the_cell(tmp_path, monkeypatch):
-    monkeypatch.setattr(ablate, 'run_cell', finish)
+    monkeypatch.setattr(scheduler, 'run_cell', finish)
     cfg, runs, _ = plan([f'--out_dir={tmp_path}', "--grid={'image_ratio': [0.1, 0.2]}"])
-    assert ablate.run_plan(runs) == {}
+    assert scheduler.run_plan(runs) == {}
     with open(os.path.join(runs[1]['out_dir'], 'cell.json')) as f:
         assert json.load(f)['image_ratio'] == 0.2
     _, changed, _ = plan([f'--out_dir={tmp_path}', "--grid={'image_ratio': [0.1, 0.2]}", '--finetune_epochs=1'])
-    errors = ablate.run_plan(changed)  # the same cell names, another experiment: not silently the old results
+    errors = scheduler.run_plan(changed)  # the same cell names, another experiment: not silently the old results
     assert sorted(errors) == [0, 1] and 'cell.json differs in finetune_epochs' in errors[1]
 
 
@@ -149,7 +150,7 @@ def test_report_only_tables_the_finished_runs_and_runs_nothing(tmp_path, monkeyp
     _, runs, _ = plan([f'--out_dir={tmp_path}', grid, '--seeds=[1,2]'])
     assert claim_folder(runs[2]) is None  # a finished run has its cell.json
     finish(runs[2])  # image_ratio=0.2 seed 1 only; the baseline has no finished seed
-    monkeypatch.setattr(ablate, 'run_cell', lambda run: pytest.fail('report_only ran a cell'))
+    monkeypatch.setattr(scheduler, 'run_cell', lambda run: pytest.fail('report_only ran a cell'))
     assert ablate.main([f'--out_dir={tmp_path}', grid, '--seeds=[1,2]', '--report_only=True'])
     with open(tmp_path / 'results.md') as f:
         md = f.read()
@@ -159,9 +160,9 @@ def test_report_only_tables_the_finished_runs_and_runs_nothing(tmp_path, monkeyp
 
 def test_identical_cells_of_one_plan_run_once(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(ablate, 'run_cell', lambda run: calls.append(run['cell']) or finish(run))
+    monkeypatch.setattr(scheduler, 'run_cell', lambda run: calls.append(run['cell']) or finish(run))
     _, runs, _ = plan([f'--out_dir={tmp_path}', "--grid=[{'image_ratio': [0.1]}, {'image_inject_frac': [0.8]}]"])
-    assert runs[0]['out_dir'] == runs[1]['out_dir'] and ablate.run_plan(runs) == {}
+    assert runs[0]['out_dir'] == runs[1]['out_dir'] and scheduler.run_plan(runs) == {}
     assert calls == ['image_ratio=0.1']
 
 
@@ -262,8 +263,8 @@ def test_resume_skips_finished_and_survives_failures(tmp_path, monkeypatch):
         finish(run)
         return None
 
-    monkeypatch.setattr(ablate, 'run_cell', fake_run)
-    errors = ablate.run_plan(runs)
+    monkeypatch.setattr(scheduler, 'run_cell', fake_run)
+    errors = scheduler.run_plan(runs)
     assert calls == ['image_ratio=0.1', 'image_ratio=0.2', 'image_ratio=0.5']  # the failure did not stop the plan
     assert list(errors) == [1] and 'boom' in errors[1]
     table, failed = ablate.collect(cfg, runs, errors, ablate.check_plan(cfg, runs))
@@ -274,7 +275,7 @@ def test_resume_skips_finished_and_survives_failures(tmp_path, monkeypatch):
     with open(tmp_path / 'results.json') as f:
         assert [('error' in r) for r in json.load(f)['runs']] == [False, True, False]
     calls.clear()
-    ablate.run_plan(runs)  # a rerun runs only the cell that has no eval.json yet
+    scheduler.run_plan(runs)  # a rerun runs only the cell that has no eval.json yet
     assert calls == ['image_ratio=0.2']
 
 
@@ -304,7 +305,7 @@ def test_the_tables_judge_every_contrast_by_one_model_for_the_plan():
 
 
 def test_a_plan_is_checked_whole_before_any_cell_runs(tmp_path, monkeypatch):
-    monkeypatch.setattr(ablate, 'run_cell', lambda run: pytest.fail('a cell ran'))
+    monkeypatch.setattr(scheduler, 'run_cell', lambda run: pytest.fail('a cell ran'))
     with pytest.raises(ConfigError, match=r"baseline='image_inject_frac=1.0' is not a cell of the plan"):
         ablate.main([os.path.join(CONFIG, 'ablate_injection.py'), "--grid={'image_inject_frac': [0, 0.8]}",
                      '--seeds=[5]', f'--out_dir={tmp_path}'])
@@ -365,7 +366,7 @@ def test_seeds_are_added_to_the_primary_cells_until_their_contrasts_reach_the_ta
         with open(eval_path(run), 'w') as f:
             json.dump(fake_eval(list((rng.random(200) < p).astype(float)), [1.0] * 40), f)
 
-    monkeypatch.setattr(ablate, 'run_cell', fake_run)
+    monkeypatch.setattr(scheduler, 'run_cell', fake_run)
     common = [f'--out_dir={tmp_path}', "--grid={'image_ratio': [0.1, 0.2, 0.5]}", '--seeds=[1,2]',
               "--primary=[('image_ratio=0.2', 'image_ratio=0.1', 'vision')]", '--max_seeds=5']
     assert ablate.main(common + ["--target={'vision': 10.0}"])
@@ -400,18 +401,18 @@ def test_jobs_run_the_seeds_side_by_side_each_seeds_cells_in_order(tmp_path, mon
         events.append(('end', key))
         finish(run)
 
-    monkeypatch.setattr(ablate, 'run_cell', fake_run)
-    monkeypatch.setattr(ablate, 'prepare_inputs', lambda runs: events.append(('prepare', len(runs))))
+    monkeypatch.setattr(scheduler, 'run_cell', fake_run)
+    monkeypatch.setattr(scheduler, 'prepare_inputs', lambda runs: events.append(('prepare', len(runs))))
     _, runs, _ = plan([f'--out_dir={tmp_path}', "--grid={'image_ratio': [0.1, 0.2]}", '--seeds=[1,2,3]'])
-    assert [len(g) for g in ablate.folder_groups(runs, range(6))] == [2, 2, 2]  # a text stage per seed
-    assert ablate.run_plan(runs, jobs=2) == {}
+    assert [len(g) for g in scheduler.folder_groups(runs, range(6))] == [2, 2, 2]  # a text stage per seed
+    assert scheduler.run_plan(runs, jobs=2) == {}
     assert events[0] == ('prepare', 6) and max(most) == 2 and len(events) == 13
     for seed in (1, 2, 3):  # a seed's cells one after another, in the plan's order (they share its text stage)
         mine = [e for e in events[1:] if e[1][1] == seed]
         assert [e[0] for e in mine] == ['start', 'end', 'start', 'end']
         assert [e[1][0] for e in mine[::2]] == ['image_ratio=0.1', 'image_ratio=0.2']
     _, shared, _ = plan([f'--out_dir={tmp_path}/b', "--grid={'image_ratio': [0.1]}", '--seeds=[1,2]', '--text_seed=7'])
-    assert ablate.folder_groups(shared, range(2)) == [[0, 1]]  # one text stage for both seeds: never side by side
+    assert scheduler.folder_groups(shared, range(2)) == [[0, 1]]  # one text stage for both seeds: never side by side
 
 
 def test_a_stopped_plan_with_jobs_starts_no_other_cell(tmp_path, monkeypatch):
@@ -424,11 +425,11 @@ def test_a_stopped_plan_with_jobs_starts_no_other_cell(tmp_path, monkeypatch):
         time.sleep(1.0)
         finish(run)
 
-    monkeypatch.setattr(ablate, 'run_cell', fake_run)
-    monkeypatch.setattr(ablate, 'prepare_inputs', lambda runs: None)
+    monkeypatch.setattr(scheduler, 'run_cell', fake_run)
+    monkeypatch.setattr(scheduler, 'prepare_inputs', lambda runs: None)
     _, runs, _ = plan([f'--out_dir={tmp_path}', "--grid={'image_ratio': [0.1, 0.2]}", '--seeds=[1,2,3]'])
     with pytest.raises(SystemExit) as stopped:
-        ablate.run_plan(runs, jobs=2)
+        scheduler.run_plan(runs, jobs=2)
     assert stopped.value.code == 128 + 2
     time.sleep(1.5)  # the two running cells end; their workers start nothing after the stop
     assert sorted(calls) == [1, 2]
@@ -444,7 +445,7 @@ def test_inputs_are_made_once_a_setting_and_a_failure_is_left_to_the_cell(tmp_pa
 
     monkeypatch.setattr(ablate.prepare, 'prepare_run', fake_prepare)
     _, runs, _ = plan([f'--out_dir={tmp_path}', "--grid={'image_ratio': [0.1, 0.2]}", '--seeds=[1,2]'])
-    ablate.prepare_inputs(runs + runs)  # each run's setting once, however often it comes
+    scheduler.prepare_inputs(runs + runs)  # each run's setting once, however often it comes
     assert sorted(made) == [(1, 0.1, True), (1, 0.2, True), (2, 0.1, True), (2, 0.2, True)]
     assert capsys.readouterr().out.count('disk full') == 2  # named, and left to those cells' train.py
 
@@ -460,10 +461,10 @@ def test_a_cell_that_raises_beside_others_is_recorded_as_failed(tmp_path, monkey
             raise RuntimeError('eval.json holds a list')
         finish(run)
 
-    monkeypatch.setattr(ablate, 'run_cell', fake_run)
-    monkeypatch.setattr(ablate, 'prepare_inputs', lambda runs: None)
+    monkeypatch.setattr(scheduler, 'run_cell', fake_run)
+    monkeypatch.setattr(scheduler, 'prepare_inputs', lambda runs: None)
     _, runs, _ = plan([f'--out_dir={tmp_path}', "--grid={'image_ratio': [0.1, 0.2]}", '--seeds=[1,2]'])
-    errors = ablate.run_plan(runs, jobs=2)
+    errors = scheduler.run_plan(runs, jobs=2)
     failed = next(i for i, r in enumerate(runs) if r['seed'] == 2 and r['cell'] == 'image_ratio=0.1')
     assert errors == {failed: 'RuntimeError: eval.json holds a list'}
     assert sum(os.path.exists(eval_path(r)) for r in runs) == 3
@@ -481,12 +482,12 @@ open(os.path.join(out, 'threads'), 'w').write(os.environ.get('OMP_NUM_THREADS', 
 def test_cells_side_by_side_share_the_cores_unless_the_user_says(tmp_path, monkeypatch, jobs, user, expected):
     fake = tmp_path / 'train.py'
     fake.write_text(THREADS_TRAIN)
-    monkeypatch.setattr(ablate, 'TRAIN', str(fake))
-    monkeypatch.setattr(ablate, 'prepare_inputs', lambda runs: None)
+    monkeypatch.setattr(scheduler, 'TRAIN', str(fake))
+    monkeypatch.setattr(scheduler, 'prepare_inputs', lambda runs: None)
     monkeypatch.delenv('OMP_NUM_THREADS', raising=False)
     if user:
         monkeypatch.setenv('OMP_NUM_THREADS', user)
     _, runs, _ = plan([f'--out_dir={tmp_path}/plan', '--seeds=[1,2]', "--grid={'image_ratio': [0.1]}"])
-    errors = ablate.run_plan(runs, jobs=jobs)
+    errors = scheduler.run_plan(runs, jobs=jobs)
     assert len(errors) == 2  # the fake writes no eval.json
     assert [open(os.path.join(r['out_dir'], 'threads')).read() for r in runs] == [expected] * 2

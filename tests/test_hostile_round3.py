@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 import ablate
+import scheduler
 import checkpoint
 import corpora
 import encoders
@@ -263,8 +264,8 @@ def test_a_finished_cell_that_train_py_would_refuse_is_not_counted(tmp_path, sha
     assert run_state(runs[0]) == ('done', None)
     state, why = run_state(runs[1])
     assert state == 'stale' and 'code model.py differs' in why and '--allow_stale=True' in why
-    monkeypatch.setattr(ablate, 'run_cell', lambda run: pytest.fail('ran a cell'))
-    errors = ablate.run_plan(runs)  # refused as train.py refuses it: not run, not counted
+    monkeypatch.setattr(scheduler, 'run_cell', lambda run: pytest.fail('ran a cell'))
+    errors = scheduler.run_plan(runs)  # refused as train.py refuses it: not run, not counted
     assert list(errors) == [1] and errors[1].startswith('stale: ') and 'finetune' in errors[1]
     ablate.collect(cfg, runs, errors, ablate.check_plan(cfg, runs))
     records = json.load(open(tmp_path / 'plan' / 'results.json'))['runs']
@@ -279,7 +280,7 @@ def test_a_cell_json_missing_partial_or_broken_is_never_adopted_as_finished(tmp_
     finish_for_real(runs[0])
     finish_for_real(runs[1])
     path, calls = os.path.join(runs[1]['out_dir'], 'cell.json'), []
-    monkeypatch.setattr(ablate, 'run_cell', lambda run: calls.append(run['out_dir']))  # train.py decides
+    monkeypatch.setattr(scheduler, 'run_cell', lambda run: calls.append(run['out_dir']))  # train.py decides
     for cell_json, claimed in ((None, True), (b'{}', True), (b'{"seed": 1}', True), (b'{"seed": 1, "image_ra', False),
                                (b'[1, 2]', False), ('folder', False)):
         os.rmdir(path) if os.path.isdir(path) else os.remove(path)
@@ -289,7 +290,7 @@ def test_a_cell_json_missing_partial_or_broken_is_never_adopted_as_finished(tmp_
             open(path, 'wb').write(cell_json)
         assert run_state(runs[1])[0] == 'todo', cell_json
         calls.clear()
-        errors = ablate.run_plan(runs)
+        errors = scheduler.run_plan(runs)
         if claimed:  # completed (atomically) and run: train.py reuses what is current, or refuses what is not
             assert errors == {} and calls == [runs[1]['out_dir']], cell_json
             assert json.load(open(path)) == runs[1]['identity'] and not os.path.exists(path + '.tmp')
@@ -322,17 +323,17 @@ def test_an_interrupted_cell_resumes_from_its_last_periodic_checkpoint(tmp_path,
         fake_checkpoint(run, folder, 'text')
     # a finished text stage keeps its last periodic checkpoints: a new cell that shares it was not interrupted
     fake_checkpoint(run, os.path.join(prepare.steps_dir(c, 'text'), 'step_000400'), 'text', step=400)
-    monkeypatch.setattr(ablate, 'run_cell', lambda r: calls.append(r['args']) or 'exit code 1: stopped')
-    ablate.run_plan(runs)
+    monkeypatch.setattr(scheduler, 'run_cell', lambda r: calls.append(r['args']) or 'exit code 1: stopped')
+    scheduler.run_plan(runs)
     assert '--init_from=resume' not in calls[-1] and 'resumes' not in capsys.readouterr().out
     fake_checkpoint(run, os.path.join(prepare.steps_dir(c, 'image'), 'step_000150'), 'image', step=150)
-    ablate.run_plan(runs)
+    scheduler.run_plan(runs)
     assert calls[-1][-1] == '--init_from=resume' and 'resumes from its last periodic checkpoint' in \
         capsys.readouterr().out
     # made by other code: train.py could not continue it, so the stage starts again, and the line says why
     fake_checkpoint(run, os.path.join(prepare.steps_dir(c, 'image'), 'step_000150'), 'image', step=150,
                     code={'encoders.py': 'an older encoders.py'})
-    ablate.run_plan(runs)
+    scheduler.run_plan(runs)
     assert '--init_from=resume' not in calls[-1]
     assert 'starts from step 0: its last periodic checkpoint cannot be continued' in capsys.readouterr().out
 
@@ -353,12 +354,12 @@ time.sleep(60)
 # another thread held at that moment, and hang before its cells start
 PLAN = '''
 import signal, sys
-import ablate
+import scheduler
 signal.signal(signal.SIGINT, signal.default_int_handler)  # even where this worker's SIGINT is ignored, and inherited
 fake, jobs, outs = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
-ablate.TRAIN, ablate.STOP_GRACE_S, ablate.prepare_inputs = fake, 0.3, lambda runs: None
-ablate.run_plan([dict(cell='c', seed=s, out_dir=out, identity={'seed': s}, args=[f'--out_dir={out}'])
-                 for s, out in enumerate(outs, 1)], jobs)
+scheduler.TRAIN, scheduler.STOP_GRACE_S, scheduler.prepare_inputs = fake, 0.3, lambda runs: None
+scheduler.run_plan([dict(cell='c', seed=s, out_dir=out, identity={'seed': s}, args=[f'--out_dir={out}'])
+                    for s, out in enumerate(outs, 1)], jobs)
 '''
 
 
