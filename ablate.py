@@ -11,9 +11,8 @@ fixed, seeds random, seeds and questions crossed), with Holm-adjusted p and the 
 The plan is checked whole first (cells, baseline, primary contrasts). Every cell is one `python train.py` process
 (scheduler.py runs them), in {runs_dir}/<cell>/seed<seed>; cells with the same text settings share a text stage.
 Finished runs are skipped, so an interrupted plan resumes; plans sharing a runs_dir run an experiment they have in
-common once. Outputs in out_dir:
-results.json, .md (the tables), .png (vision against text), curves.png (loss curves) and, for a grid with one numeric
-key, sweep.png (both scores against it); the plots need matplotlib.
+common once. Outputs in out_dir: results.json, results.md (the tables), results.png (vision against text), curves.png
+(loss curves) and, for a grid with one numeric key, sweep.png (both scores against it); the plots need matplotlib.
 """
 
 import glob
@@ -59,8 +58,8 @@ seeds = [1, 2, 3]  # every cell runs once per seed (each seed reseeds every stag
 target = {'vision': 0.05, 'text': 0.03}  # the detectable effect (exact, 80 % power) the primary contrasts should reach
 max_seeds = 0  # > len(seeds): add seeds to the primary contrasts' cells, one at a time, until they reach the target
 jobs = 1  # > 1: runs that share no folder (the seeds) side by side, this many at a time, each seed's cells in order,
-# each with its share of the CPU cores as torch threads (unless OMP_NUM_THREADS is set). For a GPU, where one
-# demo-sized process is bound by its own CPU thread (docs/performance.md: an H200 gave 3.7x with 8 side by side)
+# each with its share of the CPU cores as torch threads (unless OMP_NUM_THREADS is set). Worth most on a GPU, where
+# one demo-sized process is bound by its own CPU thread (docs/performance.md: an H200 gave 3.7x with 8 side by side)
 # -----------------------------------------------------------------------------
 ABLATE_KEYS = tuple(script_config(globals()))
 WHERE = ('out_dir', 'text_out_dir', 'image_out_dir', 'data_dir')  # where a run reads and writes, not what it is
@@ -196,7 +195,7 @@ def gather(plan_runs, errors):
     for i, r in enumerate(plan_runs):
         seeds = results.setdefault(r['cell'], {})
         record = dict(cell=r['cell'], seed=r['seed'], out_dir=r['out_dir'], args=r['args'])
-        state, why = runs.run_state(r)  # finished: its cell.json, its eval.json and current checkpoints (run_plan's rule)
+        state, why = runs.run_state(r)  # finished: its cell.json, its eval.json and current checkpoints (runs.run_state)
         if state == 'done':
             record['eval'] = seeds[r['seed']] = runs.read_eval(runs.eval_path(r))[0]
             times_path = os.path.join(r['out_dir'], 'times.json')  # where the cell's run spent its time

@@ -43,8 +43,8 @@ def run_cell(run):
         with CHILDREN_LOCK:  # a plan that stops (stop_children) sees every child started, and no later one starts
             if STOPPING.is_set():
                 return 'not started: the plan was stopped'
-            child = subprocess.Popen([sys.executable, TRAIN] + run['args'], stdout=log, stderr=subprocess.STDOUT, env=dict(
-                os.environ, OMP_NUM_THREADS=str(run['threads'])) if run.get('threads') else None)
+            env = dict(os.environ, OMP_NUM_THREADS=str(run['threads'])) if run.get('threads') else None
+            child = subprocess.Popen([sys.executable, TRAIN] + run['args'], stdout=log, stderr=subprocess.STDOUT, env=env)
             CHILDREN.add(child)
         try:
             code = child.wait()
@@ -59,6 +59,11 @@ def run_cell(run):
     with open(log_path, errors='replace') as f:
         tail = [line.rstrip() for line in f if line.strip()][-3:]
     return f'exit code {code}: ' + ' | '.join(tail) + f' (full log: {log_path})'
+
+
+def cores():
+    """The CPU cores this process may use (a container's or a taskset's, not the host's)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
 
 
 def stop_children():
@@ -122,8 +127,8 @@ def run_plan(plan_runs, jobs=1):
               f'{eta})' + (f'; {note}' if note else ''), flush=True)
         t0 = time.time()
         ran.add(r['out_dir'])
-        threads = max(1, (os.cpu_count() or 1) // parallel) if parallel > 1 and 'OMP_NUM_THREADS' not in os.environ else 0
-        error = run_cell(dict(r, args=r['args'] + extra, threads=threads))  # side by side, the cells share the cores
+        share = cores() // parallel if parallel > 1 and 'OMP_NUM_THREADS' not in os.environ else 0  # side by side,
+        error = run_cell(dict(r, args=r['args'] + extra, threads=max(1, share) if share else 0))  # share the cores
         durations.append(time.time() - t0)
         e, why = (None, None) if error else runs.read_eval(runs.eval_path(r))
         if error or why:

@@ -443,7 +443,7 @@ def test_inputs_are_made_once_a_setting_and_a_failure_is_left_to_the_cell(tmp_pa
         if cfg.seed == 2:
             raise OSError(f'{cfg.data_dir}/shapes/meta.json: disk full')
 
-    monkeypatch.setattr(ablate.prepare, 'prepare_run', fake_prepare)
+    monkeypatch.setattr(scheduler.prepare, 'prepare_run', fake_prepare)
     _, runs, _ = plan([f'--out_dir={tmp_path}', "--grid={'image_ratio': [0.1, 0.2]}", '--seeds=[1,2]'])
     scheduler.prepare_inputs(runs + runs)  # each run's setting once, however often it comes
     assert sorted(made) == [(1, 0.1, True), (1, 0.2, True), (2, 0.1, True), (2, 0.2, True)]
@@ -477,9 +477,10 @@ open(os.path.join(out, 'threads'), 'w').write(os.environ.get('OMP_NUM_THREADS', 
 '''
 
 
-@pytest.mark.parametrize('jobs,user,expected', [(1, None, 'unset'), (2, None, str(max(1, (os.cpu_count() or 1) // 2))),
-                                                (2, '3', '3')])
-def test_cells_side_by_side_share_the_cores_unless_the_user_says(tmp_path, monkeypatch, jobs, user, expected):
+@pytest.mark.parametrize('jobs,user,text_seed,expected', [
+    (1, None, '', 'unset'), (2, None, '', str(max(1, scheduler.cores() // 2))), (2, '3', '', '3'),
+    (2, None, '--text_seed=7', 'unset')])  # one text stage for both seeds: one group, run alone with every core
+def test_cells_side_by_side_share_the_cores_unless_the_user_says(tmp_path, monkeypatch, jobs, user, text_seed, expected):
     fake = tmp_path / 'train.py'
     fake.write_text(THREADS_TRAIN)
     monkeypatch.setattr(scheduler, 'TRAIN', str(fake))
@@ -487,7 +488,8 @@ def test_cells_side_by_side_share_the_cores_unless_the_user_says(tmp_path, monke
     monkeypatch.delenv('OMP_NUM_THREADS', raising=False)
     if user:
         monkeypatch.setenv('OMP_NUM_THREADS', user)
-    _, runs, _ = plan([f'--out_dir={tmp_path}/plan', '--seeds=[1,2]', "--grid={'image_ratio': [0.1]}"])
+    _, runs, _ = plan([f'--out_dir={tmp_path}/plan', '--seeds=[1,2]', "--grid={'image_ratio': [0.1]}"] +
+                      ([text_seed] if text_seed else []))
     errors = scheduler.run_plan(runs, jobs=jobs)
     assert len(errors) == 2  # the fake writes no eval.json
     assert [open(os.path.join(r['out_dir'], 'threads')).read() for r in runs] == [expected] * 2

@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 
 import ablate
-import scheduler
 import checkpoint
 import corpora
 import encoders
@@ -26,6 +25,7 @@ import locks
 import prepare
 import runtime
 import sample
+import scheduler
 import train
 from runs import claim_folder, eval_path, expected_inputs, run_config, run_state, stage_names
 from configurator import ConfigError, configure, script_config
@@ -369,9 +369,9 @@ def test_a_signal_to_ablate_ends_its_cells_and_frees_their_locks(tmp_path, signu
     outs, fake, log = [str(tmp_path / f'cell{s}') for s in range(1, jobs + 1)], tmp_path / 'stubborn_train.py', \
         tmp_path / 'plan.log'
     fake.write_text(STUBBORN)
-    with open(log, 'w') as out:  # ablate.py running a plan of one cell a seed, its output to plan.log
+    with open(log, 'w') as out:  # a plan of one cell a seed, its output to plan.log, in a session of its own
         plan = subprocess.Popen([sys.executable, '-c', PLAN, str(fake), str(jobs)] + outs, cwd=ROOT, stdout=out,
-                                stderr=subprocess.STDOUT)
+                                stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONPATH=ROOT), start_new_session=True)
     try:
         deadline = time.time() + 60
         while not all(os.path.exists(os.path.join(out, 'locked')) for out in outs):  # every cell running
@@ -382,7 +382,8 @@ def test_a_signal_to_ablate_ends_its_cells_and_frees_their_locks(tmp_path, signu
         plan.send_signal(signum)  # to the plan only: its cells ignore SIGTERM, and hear of no SIGINT
         code = plan.wait(30)
     except BaseException:
-        plan.kill()
+        os.killpg(plan.pid, signal.SIGKILL)  # the plan and its stubborn cells, which would hold their locks for 60 s
+        plan.wait()
         raise
     printed = log.read_text()
     assert code == 128 + signum and time.time() - t0 < 5, printed
