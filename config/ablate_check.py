@@ -6,5 +6,5 @@ baseline = 'check image_ratio=0.1 finetune_epochs=1'
 # the paper: the image-text stage is where vision comes from; the target is +0.15 vision at 10 % against none
 primary = [('check image_ratio=0.1 finetune_epochs=1', 'check image_ratio=0.0 finetune_epochs=1', 'vision'),
            ('check image_ratio=0.1 finetune_epochs=3', 'check image_ratio=0.0 finetune_epochs=3', 'vision')]
-seeds = [1, 2]
+seeds = [1, 2, 3]
 out_dir = 'out/ablate_check'  # its results; its runs too, unless runs_dir names a folder plans share
