@@ -215,8 +215,9 @@ def gather(plan_runs, errors):
 def add_seeds(cfg, passed, plan_runs, errors):
     """
     With max_seeds and a target: while a primary contrast's detectable effect is above its modality's target, run
-    one more seed of every cell the primary contrasts name (so they keep one seed set, and one model), up to
-    max_seeds seeds. The rule reads each contrast's precision, never its estimate, so its looks spend no alpha.
+    more seeds of every cell the primary contrasts name (so they keep one seed set, and one model), `jobs` at a time
+    (side by side), up to max_seeds seeds. The rule reads each contrast's precision, never its estimate, so its
+    looks spend no alpha.
     """
     seeds = list(cfg['seeds'])
     cells = {c for entry in cfg['primary'] for c in entry[:2]}
@@ -226,10 +227,11 @@ def add_seeds(cfg, passed, plan_runs, errors):
                 if c['mde'] > cfg['target'].get(c['modality'], float('inf'))]
         if not wide:
             break
-        seeds.append(max(seeds) + 1)
-        print(f'seed {seeds[-1]} for {", ".join(sorted(cells))}: detectable effects above the target '
-              f'{cfg["target"]}: {"; ".join(wide)}', flush=True)
-        more = [r for r in expand(dict(cfg, seeds=seeds[-1:]), passed)[0] if r['cell'] in cells]
+        added = list(range(max(seeds) + 1, max(seeds) + 1 + min(cfg['jobs'], cfg['max_seeds'] - len(seeds))))
+        seeds += added
+        print(f'seed{"s" if len(added) > 1 else ""} {", ".join(map(str, added))} for {", ".join(sorted(cells))}: '
+              f'detectable effects above the target {cfg["target"]}: {"; ".join(wide)}', flush=True)
+        more = [r for r in expand(dict(cfg, seeds=added), passed)[0] if r['cell'] in cells]
         errors.update({len(plan_runs) + i: e for i, e in scheduler.run_plan(more, cfg['jobs']).items()})
         plan_runs += more
     return plan_runs

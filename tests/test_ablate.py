@@ -376,6 +376,12 @@ def test_seeds_are_added_to_the_primary_cells_until_their_contrasts_reach_the_ta
     assert 'seed 3 for image_ratio=0.1, image_ratio=0.2: detectable effects above the target' in capsys.readouterr().out
     with open(tmp_path / 'results.json') as f:
         assert json.load(f)['primary'][0]['seeds'] == 5
+    monkeypatch.setattr(scheduler, 'prepare_inputs', lambda runs: None)
+    del ran[:]
+    assert ablate.main(common + ["--target={'vision': 1e-4}", f'--out_dir={tmp_path}/jobs', '--max_seeds=6', '--jobs=3'])
+    assert sorted(s for _, s in ran[6:12]) == [3, 3, 4, 4, 5, 5]  # jobs seeds at a time, side by side ...
+    assert sorted(s for _, s in ran[12:]) == [6, 6]  # ... then what is left to max_seeds
+    assert 'seeds 3, 4, 5 for image_ratio=0.1, image_ratio=0.2' in capsys.readouterr().out
 
 
 def test_the_referent_table_gives_each_task_seen_and_held_out_accuracy_over_seeds():
