@@ -86,22 +86,29 @@ def primary_table(results, primary):
     The plan's primary contrasts, declared in its config before it ran ((cell, versus, modality): the paper's
     finding it tests): each estimate with its 95 % interval, raw and Holm-adjusted p over the family, the exact 80 %
     minimum detectable effect and the model and df it was judged with: one model over the cells they name (the cells
-    ablate.py adds seeds to). Markdown and the rows as dicts.
+    ablate.py adds seeds to); and how many seeds' own differences are positive, with their range. Markdown and the
+    rows as dicts.
     """
     cells = {c for entry in primary for c in entry[:2]}  # one model over the cells the contrasts name
     models = plan_models({cell: seeds for cell, seeds in results.items() if cell in cells})
     found = [((c, v, m), contrast(models, f'{m}_stable_score', c, v)) for c, v, m in primary]
     tested = [(c, e) for c, e in found if e is not None]
     adjusted = dict(zip(range(len(tested)), stats.holm([e.p for _, e in tested])))
-    rows = ['| primary contrast | score | Δ [95 % interval] | p | Holm p | detectable Δ | model (df) |',
-            '|---|---|---|---|---|---|---|']
+    rows = ['| primary contrast | score | Δ [95 % interval] | p | Holm p | detectable Δ | model (df) | seeds: Δ > 0 |',
+            '|---|---|---|---|---|---|---|---|']
     records = []
     for i, ((cell, versus, modality), est) in enumerate(tested):
+        key = f'{modality}_stable_score'  # each seed's own difference: how often, and how far, the seeds agree
+        per_seed = {s: results[cell][s][key] - results[versus][s][key] for s in sorted(results[cell])
+                    if s in results[versus] and results[cell][s][key] is not None and results[versus][s][key] is not None}
+        agree = (f'{sum(d > 0 for d in per_seed.values())} of {len(per_seed)} ({min(per_seed.values()):+.3f} to '
+                 f'{max(per_seed.values()):+.3f})') if per_seed else ''
         rows.append(f'| {cell} − {versus} | {modality} | {est.value:+.3f} [{est.ci95[0]:+.3f}, {est.ci95[1]:+.3f}] | '
-                    f'{fmt_p(est.p)} | {fmt_p(adjusted[i])} | {est.mde:.3f} | {est.model} ({est.df:.1f}) |')
+                    f'{fmt_p(est.p)} | {fmt_p(adjusted[i])} | {est.mde:.3f} | {est.model} ({est.df:.1f}) | {agree} |')
         records.append(dict(cell=cell, versus=versus, modality=modality, estimate=est.value, ci95=list(est.ci95),
-                            p=est.p, holm_p=adjusted[i], mde=est.mde, df=est.df, model=est.model, seeds=est.seeds))
-    rows += [f'| {c} − {v} | {m} | not scored yet | | | | |' for (c, v, m), e in found if e is None]
+                            p=est.p, holm_p=adjusted[i], mde=est.mde, df=est.df, model=est.model, seeds=est.seeds,
+                            per_seed=per_seed))
+    rows += [f'| {c} − {v} | {m} | not scored yet | | | | | |' for (c, v, m), e in found if e is None]
     return '\n'.join(rows), records
 
 
