@@ -133,7 +133,8 @@ def run_plan(plan_runs, jobs=1):
         e, why = (None, None) if error else runs.read_eval(runs.eval_path(r))
         if error or why:
             errors[i] = error or why
-            print(f'    {r["cell"]} seed {r["seed"]} failed: {errors[i]}', flush=True)
+            print(f'    {r["cell"]} seed {r["seed"]} ' + ('stopped with the plan' if STOPPING.is_set() else
+                                                         f'failed: {errors[i]}'), flush=True)
         else:
             print(f'    {r["cell"]} seed {r["seed"]} done in {format_time(durations[-1])}: ' + ', '.join(
                 f'{name} {e[k]:.3f}' for k, (name, _, _) in STABLE_SCORES.items() if e[k] is not None), flush=True)

@@ -388,6 +388,7 @@ def test_a_signal_to_ablate_ends_its_cells_and_frees_their_locks(tmp_path, signu
     printed = log.read_text()
     assert code == 128 + signum and time.time() - t0 < 5, printed
     assert f'stopped by {signal.Signals(signum).name}' in printed and 'Traceback' not in printed
+    assert ' failed:' not in printed  # a cell the plan stopped did not fail
     for child, out in zip(children, outs):
         with pytest.raises(ProcessLookupError):  # no orphan left running
             os.kill(child, 0)
