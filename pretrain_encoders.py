@@ -17,8 +17,9 @@ Objectives, one per family (dino_siglip is the two pre-trained halves; patch has
                 (24 labels, multi-label) and how many objects (4 classes), predicted by the model's own timm head;
                 the ResNet also has deep supervision on the stage the VLM reads (what each 3x3 grid cell holds).
 The weights are the full timm model's state dict (timm's key layout, heads included) in
-{data_dir}/shapes/encoders/<family>-seed<seed>.safetensors, and load through encoders.build_encoder(weights=PATH). train.py
-resolves encoder_weights='shapes' to these paths (shapes_weights) when it prepares a run.
+{data_dir}/shapes/encoders/<family>-seed<seed>-<steps>x<batch>-lr<lr>.safetensors (a new budget, a new file), and load
+through encoders.build_encoder(weights=PATH). train.py resolves encoder_weights='shapes' to these paths
+(shapes_weights) when it prepares a run.
 """
 
 import copy
@@ -41,19 +42,21 @@ from encoders import ENCODERS, RESNET_STAGES, SHAPES_CLASSES, build_encoder, cre
 
 # -----------------------------------------------------------------------------
 # config for `python pretrain_encoders.py`
-families = 'siglip,dinov2,vit,resnet'  # comma-separated families to pre-train when their weights are missing
+families = 'siglip,dinov2,vit,resnet'  # comma-separated families to pre-train when their weights are missing (or to
+# run the plateau pilot for)
 force = False  # pre-train them again even when their weights exist
 probe = False  # instead of pre-training: print the linear-probe table (random init vs pre-trained) of every family
-data_dir = 'data'  # weights go to {data_dir}/shapes/encoders/<family>-seed<seed>.safetensors
+data_dir = 'data'  # weights go to {data_dir}/shapes/encoders/<family>-seed<seed>-<budget>.safetensors
 seed = 1337  # of the pre-training run (initial weights, batches); train.py uses the weights of its encoder_seed
 plateau = []  # e.g. [1, 2, 4]: instead, pre-train every family at these multiples of its step budget and probe each
 # -----------------------------------------------------------------------------
 
-# steps x batch per family, on 2 CPU cores: siglip about 2 min, dinov2 about 1.5 min, vit and resnet under 1 min.
-# The ViT learns far more from many small steps than from few large ones at the same compute: 1600 x 32 probes at
-# 0.85 pairs, 800 x 64 at 0.67, 400 x 128 at 0.33.
+# steps x batch per family, on 2 CPU cores: siglip about 2.5 min, dinov2 about 1 min, vit 1.5 min, resnet 0.4 min.
+# From the plateau pilot (--plateau=[1,2,4], docs/results.md): resnet is at its probes' plateau; vit gains 0.29
+# pairs from 1,600 to 3,200 steps and 0.01 beyond (many small steps: at equal compute 1600 x 32 probed far above
+# 400 x 128); siglip and dinov2 still gain at 4x, so their plateau lies beyond what the pilot ran.
 BUDGETS = {'siglip': dict(steps=600, batch_size=128, lr=1e-3), 'dinov2': dict(steps=400, batch_size=64, lr=1e-3),
-           'vit': dict(steps=1600, batch_size=32, lr=2e-3), 'resnet': dict(steps=300, batch_size=128, lr=3e-3)}
+           'vit': dict(steps=3200, batch_size=32, lr=2e-3), 'resnet': dict(steps=300, batch_size=128, lr=3e-3)}
 SCENE_SEEDS = {'train': 101, 'probe_train': 102, 'probe_test': 103}  # disjoint from the ImageWorld's seeds
 N_PAIRS = len(shapes.COLORS) * len(shapes.SHAPES)
 assert N_PAIRS + shapes.MAX_OBJECTS == SHAPES_CLASSES, 'encoders.SHAPES_CLASSES must match the supervised labels'
@@ -287,8 +290,11 @@ OBJECTIVES = {'siglip': SigLIPObjective, 'dinov2': DINOObjective, 'vit': Supervi
 
 def weights_path(family, data_dir, seed):
     """Where a family's shapes weights pre-trained with `seed` are cached: each seed of a study trains its own, so
-    the spread over seeds includes the encoder's pre-training run."""
-    return os.path.join(data_dir, 'shapes', 'encoders', f'{family}-seed{seed}.safetensors')
+    the spread over seeds includes the encoder's pre-training run. The name holds the family's budget: weights of
+    another budget are never taken for these."""
+    b = BUDGETS[family]
+    return os.path.join(data_dir, 'shapes', 'encoders',
+                        f'{family}-seed{seed}-{b["steps"]}x{b["batch_size"]}-lr{b["lr"]:g}.safetensors')
 
 
 def pretrain(family, path, seed, steps=None, batch_size=None, lr=None, n_scenes=20000, verbose=True):
@@ -398,14 +404,14 @@ def linear_probe(encoder, n_train=3000, n_test=1000, ridge=1e-3):
     return {'pairs': exact.float().mean().item(), 'count': count.float().mean().item()}
 
 
-def plateau_table(scales, seed, folder):
+def plateau_table(scales, seed, folder, families=tuple(OBJECTIVES)):
     """
     Whether each family's step budget reaches its probes' plateau: the family pre-trained at each multiple in
     scales of its BUDGETS steps (the same batch and peak LR, the cosine stretched), into folder, then probed. A
     budget is at the plateau when a longer one gains little on both probes.
     """
     rows = ['| encoder | steps | pairs | count | minutes |', '|---|---|---|---|---|']
-    for family in OBJECTIVES:
+    for family in families:
         for scale in scales:
             steps = round(BUDGETS[family]['steps'] * scale)
             t0 = time.time()
@@ -434,8 +440,12 @@ def probe_table(data_dir, seed):
 
 if __name__ == '__main__':
     cfg = configure(sys.argv[1:], script_config(globals()), source=__file__)
+    unknown = [f for f in cfg['families'].split(',') if f not in OBJECTIVES]
+    if unknown:
+        sys.exit(f'config error: families: {", ".join(unknown)} has no shapes pre-training (known: {", ".join(OBJECTIVES)})')
     if cfg['plateau']:
-        print(plateau_table(cfg['plateau'], cfg['seed'], os.path.join(cfg['data_dir'], 'shapes', 'plateau')))
+        print(plateau_table(cfg['plateau'], cfg['seed'], os.path.join(cfg['data_dir'], 'shapes', 'plateau'),
+                            cfg['families'].split(',')))
     elif cfg['probe']:
         print(probe_table(cfg['data_dir'], cfg['seed']))
     else:

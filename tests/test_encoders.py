@@ -246,16 +246,20 @@ def test_shapes_weights_are_pretrained_once_under_data_dir(tmp_path, monkeypatch
     monkeypatch.setattr(pretrain_encoders, 'pretrain', fake_pretrain)
     os.makedirs(tmp_path / 'shapes' / 'encoders')
     path = pretrain_encoders.shapes_weights('resnet', str(tmp_path), 3, verbose=False)  # missing: pre-trained first
-    assert path == str(tmp_path / 'shapes' / 'encoders' / 'resnet-seed3.safetensors') and calls == [('resnet', path, 3)]
+    assert path == str(tmp_path / 'shapes' / 'encoders' / 'resnet-seed3-300x128-lr0.003.safetensors')  # its budget
+    assert calls == [('resnet', path, 3)]
     enc = build('resnet', weights=path)
     assert enc.weights == path and torch.equal(enc.resnet.conv1.weight, full.conv1.weight)
     assert pretrain_encoders.shapes_weights('resnet', str(tmp_path), 3, verbose=False) == path  # cached: not retrained
     assert len(calls) == 1
     other = pretrain_encoders.shapes_weights('resnet', str(tmp_path), 4, verbose=False)  # each seed trains its own
     assert other != path and calls[-1] == ('resnet', other, 4)
+    monkeypatch.setitem(pretrain_encoders.BUDGETS, 'resnet', dict(pretrain_encoders.BUDGETS['resnet'], steps=600))
+    longer = pretrain_encoders.shapes_weights('resnet', str(tmp_path), 3, verbose=False)  # another budget: not reused
+    assert longer.endswith('resnet-seed3-600x128-lr0.003.safetensors') and calls[-1] == ('resnet', longer, 3)
     assert pretrain_encoders.shapes_weights('patch', str(tmp_path), 3) == 'random'  # learned from scratch
     halves = pretrain_encoders.shapes_weights('dino_siglip', str(tmp_path), 3, verbose=False)
-    assert set(halves) == {'dinov2', 'siglip'} and [c[0] for c in calls[2:]] == ['dinov2', 'siglip']
+    assert set(halves) == {'dinov2', 'siglip'} and [c[0] for c in calls[3:]] == ['dinov2', 'siglip']
     with pytest.raises(ValueError, match="unknown encoder weights 'shapes'"):
         build('resnet', weights='shapes')  # build_encoder takes random, hub or a path: train.py resolves 'shapes'
 
