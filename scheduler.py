@@ -111,7 +111,8 @@ def run_plan(plan_runs, jobs=1):
     on_main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, stop_on_sigterm) if on_main else None
     durations, ran, threads, numbers, numbering = [], set(), [], itertools.count(1), threading.Lock()
-    parallel = 1  # cells running at once (the ETA's divisor); jobs > 1 sets it below
+    parallel, cell_threads = 1, 0  # cells running at once (the ETA's divisor) and each one's torch threads (0: its own
+    # choice); jobs > 1 sets them below
     STOPPING.clear()
 
     def run_one(i):
@@ -127,8 +128,7 @@ def run_plan(plan_runs, jobs=1):
               f'{eta})' + (f'; {note}' if note else ''), flush=True)
         t0 = time.time()
         ran.add(r['out_dir'])
-        share = cores() // parallel if parallel > 1 and 'OMP_NUM_THREADS' not in os.environ else 0  # side by side,
-        error = run_cell(dict(r, args=r['args'] + extra, threads=max(1, share) if share else 0))  # share the cores
+        error = run_cell(dict(r, args=r['args'] + extra, threads=cell_threads))
         durations.append(time.time() - t0)
         e, why = (None, None) if error else runs.read_eval(runs.eval_path(r))
         if error or why:
@@ -147,6 +147,8 @@ def run_plan(plan_runs, jobs=1):
             groups = folder_groups(plan_runs, todo)
             prepare_inputs([plan_runs[i] for i in todo])
             parallel = min(jobs, len(groups))
+            if parallel > 1 and 'OMP_NUM_THREADS' not in os.environ:  # side by side, the cells share the cores
+                cell_threads = max(1, cores() // parallel)
             print(f'{len(groups)} groups of runs that share no folder (seeds), {parallel} side by side', flush=True)
 
             def worker():
