@@ -7,6 +7,7 @@ fixed, seeds random, seeds and questions crossed), with Holm-adjusted p and the 
     python ablate.py config/ablate_injection.py       # a sweep of the paper's own axes (see config/ablate_*.py)
     python ablate.py --image_iters=100 --seeds=[1,2,3,4,5]  # any train.py key passes to every cell
     python ablate.py config/ablate_check.py --seeds=[3,4,5,6,7,8,9,10] --jobs=8  # on a GPU: 8 seeds side by side
+    python ablate.py --recipe=config/check.py         # the encoder ablation on the check's recipe
 
 The plan is checked whole first (cells, baseline, primary contrasts). Every cell is one `python train.py` process
 (scheduler.py runs them), in {runs_dir}/<cell>/seed<seed>; cells with the same text settings share a text stage.
@@ -46,6 +47,8 @@ grid = [{'config': ['config/siglip_frozen.py', 'config/siglip_unfrozen.py', 'con
                     'config/dino_siglip_unfrozen.py', 'config/vit_frozen.py', 'config/vit_unfrozen.py',
                     'config/resnet_frozen.py', 'config/resnet_unfrozen.py', 'config/patch.py']}]
 baseline = ''  # the cell the others are compared with, by name ('siglip_frozen'); '' = the first
+recipe = ''  # a train.py config file every cell reads before its own: the plan on that recipe ('config/check.py': the
+# one whose image-text stage teaches vision, docs/results.md); cells equal to another plan's runs in runs_dir are them
 
 # the plan's primary contrasts, declared before it runs: (cell, versus, modality) for each finding of the paper it
 # tests, corrected together (Holm); every other comparison is exploratory. A grid of your own has none unless it
@@ -70,13 +73,12 @@ def cell_name(cell):
                     for k, v in cell.items()) or 'default'
 
 
-def cell_args(cell):
-    """A cell's train.py arguments: its config file first (found beside ablate.py too), then its --key=value flags."""
-    args = [f'--{k}={v}' for k, v in cell.items() if k != 'config']
-    if 'config' in cell:
-        path = cell['config']
-        args.insert(0, path if os.path.exists(path) else os.path.join(os.path.dirname(os.path.abspath(__file__)), path))
-    return args
+def cell_args(cell, recipe=''):
+    """A cell's train.py arguments: its config files (the plan's recipe, then the cell's own; found beside ablate.py
+    too), then its --key=value flags, as two lists."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    files = [p if os.path.exists(p) else os.path.join(here, p) for p in (recipe, cell.get('config', '')) if p]
+    return files, [f'--{k}={v}' for k, v in cell.items() if k != 'config']
 
 
 def grid_cells(grid):
@@ -112,12 +114,13 @@ def expand(cfg, passed):
     """The runs of the plan, one per valid cell of the grid and seed, with their train.py arguments and folders;
     and the cells skipped because train.py rejects them, with the reason."""
     cells, skipped = [], []
+    if cfg['recipe'] and not os.path.isfile(cell_args({}, cfg['recipe'])[0][0]):
+        raise ConfigError(f'recipe={cfg["recipe"]!r}: no such train.py config file')
     for cell in grid_cells(cfg['grid']):
-        name, args = cell_name(cell), cell_args(cell)
-        # the cell's config file first, then the plan's flags (passed to every cell), then the cell's own flags; each
-        # cell scores only its last stage, the one the tables read, unless the plan's flags say otherwise
-        passed_here = ['--evaluate=finetune'] + passed
-        args = args[:1] + passed_here + args[1:] if 'config' in cell else passed_here + args
+        (files, flags), name = cell_args(cell, cfg['recipe']), cell_name(cell)
+        # the config files first, then the plan's flags (passed to every cell), then the cell's own flags; each cell
+        # scores only its last stage, the one the tables read, unless the plan's flags say otherwise
+        args = files + ['--evaluate=finetune'] + passed + flags
         try:
             cells.append((name, args, train.get_config(args)))
         except ConfigError as e:

@@ -189,6 +189,32 @@ def test_grid_is_a_product(tmp_path):
     assert len(runs) == 6
 
 
+def test_a_recipe_comes_before_each_cells_file_and_its_cells_are_other_plans_runs(tmp_path):
+    """With a recipe, a cell is `python train.py RECIPE CELL_FILE [flags]`; config/ablate_no_encoder.py's SigLIP cells are
+    the check's captions cells (one experiment, so one run in a shared runs_dir), its patch cells the check's recipe
+    with no encoder; a recipe that is not a file is a config error before anything runs."""
+    _, patch_runs, _ = plan([os.path.join(CONFIG, 'ablate_no_encoder.py'), f'--runs_dir={tmp_path}', '--seeds=[2]'])
+    _, check_runs, _ = plan([os.path.join(CONFIG, 'ablate_check.py'), f'--runs_dir={tmp_path}', '--seeds=[2]'])
+    for run in patch_runs:
+        recipe, own, flags = run['args'][0], run['args'][1], [a for a in run['args'] if a.startswith('--finetune_')]
+        assert recipe.endswith(os.path.join('config', 'check.py')) and own.endswith(('siglip_frozen.py', 'patch.py'))
+        by_hand = vars(train.get_config([recipe, own] + flags + ['--evaluate=finetune', '--seed=2']))
+        assert json.loads(json.dumps({k: v for k, v in by_hand.items() if k not in ablate.WHERE})) == run['identity']
+        assert (run['identity']['caption_form'], run['identity']['image_iters']) == ('questions', 12000)
+    check = {r['cell']: r for r in check_runs}
+    for epochs in (1, 3):
+        siglip, patch = (next(r for r in patch_runs if r['cell'] == f'{c} finetune_epochs={epochs}')
+                         for c in ('siglip_frozen', 'patch'))
+        captions = check[f'check image_ratio=0.1 finetune_epochs={epochs}']
+        assert siglip['identity'] == captions['identity'] and siglip['out_dir'] != captions['out_dir']
+        assert patch['identity']['encoder'] == 'patch' and patch['identity']['image_ratio'] == 0.1
+    assert claim_folder(check_runs[0]) is None  # the check's run exists: the plan points at it
+    _, patch_runs, _ = plan([os.path.join(CONFIG, 'ablate_no_encoder.py'), f'--runs_dir={tmp_path}', '--seeds=[2]'])
+    assert patch_runs[0]['out_dir'] == check_runs[0]['out_dir'] and patch_runs[0]['cell'] == 'siglip_frozen finetune_epochs=1'
+    with pytest.raises(ConfigError, match="recipe='config/nope.py': no such"):
+        plan([f'--out_dir={tmp_path}', '--recipe=config/nope.py'])
+
+
 def test_bad_plans_fail_before_running(tmp_path):
     with pytest.raises(ConfigError, match='unknown config key'):
         plan([f'--out_dir={tmp_path}', '--image_itres=5'])
