@@ -86,9 +86,11 @@ def test_cells_share_a_text_stage_exactly_when_their_text_settings_agree(tmp_pat
 def test_cells_share_an_image_stage_exactly_when_only_fine_tuning_differs(tmp_path):
     arg = lambda r, key: next(a.split('=', 1)[1] for a in r['args'] if a.startswith(f'--{key}='))
     _, runs, _ = plan([os.path.join(CONFIG, 'ablate_finetune_epochs.py'), f'--out_dir={tmp_path}', '--seeds=[1,2]'])
-    assert {arg(r, 'image_out_dir') for r in runs} == {f'{tmp_path}/image/default/seed1',
-                                                        f'{tmp_path}/image/default/seed2'}
-    assert len({r['out_dir'] for r in runs}) == 8  # each cell and seed fine-tunes on its own
+    check = f'{tmp_path}/image/image_iters=12000-image_ratio_of=tokens-caption_form=questions'  # on its recipe
+    assert {arg(r, 'image_out_dir') for r in runs} == {f'{check}/seed1', f'{check}/seed2-encoder_seed=1'}
+    assert len({r['out_dir'] for r in runs}) == 10  # each cell and seed fine-tunes on its own
+    _, runs, _ = plan([os.path.join(CONFIG, 'ablate_finetune_epochs.py'), f'--out_dir={tmp_path}', '--recipe='])
+    assert {arg(r, 'image_out_dir') for r in runs} == {f'{tmp_path}/image/default/seed1'}  # train.py's own recipe
     _, runs, _ = plan([f'--out_dir={tmp_path}'])  # the encoders: an image stage each
     images = {r['cell']: arg(r, 'image_out_dir') for r in runs}
     assert len(set(images.values())) == 9
