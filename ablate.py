@@ -59,10 +59,11 @@ report_only = False  # True: run nothing, write the table and plots of the runs 
 study = []  # plans' out_dirs: run nothing, Holm-correct all their primary contrasts together into {out_dir}/study.md
 seeds = [1, 2, 3]  # every cell runs once per seed (each seed reseeds every stage and the shapes encoders)
 target = {'vision': 0.05, 'text': 0.03}  # the detectable effect (exact, 80 % power) the primary contrasts should reach
-max_seeds = 0  # > len(seeds): add seeds to the primary contrasts' cells, one at a time, until they reach the target
+max_seeds = 0  # > len(seeds): add seeds to the primary contrasts' cells, `jobs` at a time, until they reach the target
 jobs = 1  # > 1: runs that share no folder (the seeds) side by side, this many at a time, each seed's cells in order,
-# each with its share of the CPU cores as torch threads (unless OMP_NUM_THREADS is set). Worth most on a GPU, where
-# one demo-sized process is bound by its own CPU thread (docs/performance.md: an H200 gave 3.7x with 8 side by side)
+# each with its share of the CPU cores as torch threads (unless OMP_NUM_THREADS is set; a seed left to run alone
+# keeps its share, so give seeds in multiples of jobs). Worth most on a GPU, where one demo-sized process is bound by
+# its own CPU thread (docs/performance.md: an H200 gave 3.7x with 8 side by side)
 # -----------------------------------------------------------------------------
 ABLATE_KEYS = tuple(script_config(globals()))
 WHERE = ('out_dir', 'text_out_dir', 'image_out_dir', 'data_dir')  # where a run reads and writes, not what it is

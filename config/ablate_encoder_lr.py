@@ -1,6 +1,7 @@
 # python ablate.py config/ablate_encoder_lr.py -- frozen versus trained as a curve, not one point: every encoder
 # frozen, and trained at three peak encoder LRs spanning 1e-5 to 1e-3 (its own warmup and cosine:
 # train.encoder_schedule). A single encoder_lr would let the freeze answer hinge on one number
+recipe = 'config/check.py'  # every cell on the check's recipe: the one whose image-text stage teaches vision
 grid = [{'config': ['config/siglip_frozen.py', 'config/dino_siglip_frozen.py', 'config/vit_frozen.py',
                     'config/resnet_frozen.py']},
         {'config': ['config/siglip_unfrozen.py', 'config/dino_siglip_unfrozen.py', 'config/vit_unfrozen.py',

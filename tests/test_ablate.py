@@ -57,15 +57,16 @@ def test_a_cell_is_exactly_its_config_file(tmp_path):
     where they write and the seed; and two cells' files never write to one folder."""
     _, runs, _ = plan([os.path.join(CONFIG, 'ablate_encoder_lr.py'), f'--out_dir={tmp_path}'])
     for run in runs:
-        path = run['args'][0]
-        assert path.endswith('.py') and os.path.exists(path)
+        recipe, path = run['args'][:2]  # the plan's recipe, config/check.py, then the cell's own file
+        assert recipe.endswith(os.path.join('config', 'check.py')) and path.endswith('.py') and os.path.exists(path)
         flags = [a for a in run['args'] if a.startswith('--encoder_lr=')]
-        by_ablate, by_hand = vars(train.get_config(run['args'])), vars(train.get_config([path] + flags))
+        by_ablate, by_hand = vars(train.get_config(run['args'])), vars(train.get_config([recipe, path] + flags))
         assert by_ablate.pop('out_dir') == run['out_dir'] and by_hand.pop('out_dir') == f'out/{run["cell"].split()[0]}'
         by_ablate.pop('text_out_dir'), by_hand.pop('text_out_dir'), by_ablate.pop('image_out_dir'), by_hand.pop('image_out_dir')
         assert by_ablate.pop('evaluate') == 'finetune' and by_hand.pop('evaluate') == 'all'  # the tables read finetune
-        for key in ('seed', 'text_seed', 'encoder_seed'):  # a plan sets each seed, and by default the others follow it
+        for key in ('seed', 'text_seed'):  # a plan sets each seed, and by default the others follow it
             assert by_ablate.pop(key) == run['seed'] and by_hand.pop(key) == train.seed
+        assert by_ablate.pop('encoder_seed') == by_hand.pop('encoder_seed') == 1  # the recipe holds it
         assert by_ablate == by_hand
     cells = [f for f in os.listdir(CONFIG) if f.endswith(('frozen.py', 'patch.py'))]
     assert len(cells) == 9 and len({train.get_config([os.path.join(CONFIG, f)]).out_dir for f in cells}) == 9
@@ -111,12 +112,13 @@ def finish(run, vision=(1.0, 0.0)):
 
 
 def test_plans_sharing_a_runs_dir_run_an_experiment_once(tmp_path, monkeypatch):
-    """The encoder plan's cells are, under other names, the encoder LR plan's frozen and 1e-5 cells and the
-    injection sweep's 0.8 cell: with one runs_dir they run once; a cell of another config does not match."""
+    """The encoder plan's cells (on the check's recipe, as the plan files are) are, under other names, the encoder LR
+    plan's frozen and 1e-5 cells and the injection sweep's 0.8 cell: with one runs_dir they run once; a cell of
+    another config does not match."""
     calls = []
     monkeypatch.setattr(scheduler, 'run_cell', lambda run: calls.append(run['cell']) or finish(run))
     runs_dir = str(tmp_path / 'runs')
-    cfg, runs, _ = plan([f'--runs_dir={runs_dir}', f'--out_dir={tmp_path}/encoder'])
+    cfg, runs, _ = plan([f'--runs_dir={runs_dir}', f'--out_dir={tmp_path}/encoder', '--recipe=config/check.py'])
     scheduler.run_plan(runs)
     assert len(calls) == 9 and all(r['out_dir'].startswith(runs_dir) for r in runs)
     _, lr_runs, _ = plan([os.path.join(CONFIG, 'ablate_encoder_lr.py'), f'--runs_dir={runs_dir}',
