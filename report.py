@@ -103,8 +103,10 @@ def primary_table(results, primary):
                     if s in results[versus] and results[cell][s][key] is not None and results[versus][s][key] is not None}
         agree = (f'{sum(d > 0 for d in per_seed.values())} of {len(per_seed)} ({min(per_seed.values()):+.3f} to '
                  f'{max(per_seed.values()):+.3f})') if per_seed else ''
+        # the model over the primary cells alone, not the plan's table of every cell (whose residual, df and so p differ)
+        model = f'plan of {len(models[key].results)} cells' if est.model == 'plan' else est.model
         rows.append(f'| {cell} − {versus} | {modality} | {est.value:+.3f} [{est.ci95[0]:+.3f}, {est.ci95[1]:+.3f}] | '
-                    f'{fmt_p(est.p)} | {fmt_p(adjusted[i])} | {est.mde:.3f} | {est.model} ({est.df:.1f}) | {agree} |')
+                    f'{fmt_p(est.p)} | {fmt_p(adjusted[i])} | {est.mde:.3f} | {model} ({est.df:.1f}) | {agree} |')
         records.append(dict(cell=cell, versus=versus, modality=modality, estimate=est.value, ci95=list(est.ci95),
                             p=est.p, holm_p=adjusted[i], mde=est.mde, df=est.df, model=est.model, seeds=est.seeds,
                             per_seed=per_seed))

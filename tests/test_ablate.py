@@ -332,6 +332,7 @@ def test_the_tables_judge_every_contrast_by_one_model_for_the_plan():
     holm = stats.holm([r['p'] for r in records])
     assert [r['holm_p'] for r in records] == holm and records[0]['p'] == pytest.approx(est.p)
     assert primary.count('\n') == 4 and 'better − base | vision |' in primary
+    assert f'| plan of 3 cells ({est.df:.1f}) |' in primary  # the model names the cells it spans
     diffs = [results['better'][s]['vision_stable_score'] - results['base'][s]['vision_stable_score'] for s in range(3)]
     assert records[0]['per_seed'] == {s: pytest.approx(d) for s, d in enumerate(diffs)}  # each seed's own difference
     agree = f'| {sum(d > 0 for d in diffs)} of 3 ({min(diffs):+.3f} to {max(diffs):+.3f}) |'
