@@ -74,11 +74,15 @@ def cell_name(cell):
                     for k, v in cell.items()) or 'default'
 
 
+def config_path(path):
+    """A train.py config file as named, or beside ablate.py (config/check.py from any folder)."""
+    return path if os.path.exists(path) else os.path.join(os.path.dirname(os.path.abspath(__file__)), path)
+
+
 def cell_args(cell, recipe=''):
-    """A cell's train.py arguments: its config files (the plan's recipe, then the cell's own; found beside ablate.py
-    too), then its --key=value flags, as two lists."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    files = [p if os.path.exists(p) else os.path.join(here, p) for p in (recipe, cell.get('config', '')) if p]
+    """A cell's train.py arguments: its config files (the plan's recipe, then the cell's own), then its --key=value
+    flags, as two lists."""
+    files = [config_path(p) for p in (recipe, cell.get('config', '')) if p]
     return files, [f'--{k}={v}' for k, v in cell.items() if k != 'config']
 
 
@@ -115,7 +119,7 @@ def expand(cfg, passed):
     """The runs of the plan, one per valid cell of the grid and seed, with their train.py arguments and folders;
     and the cells skipped because train.py rejects them, with the reason."""
     cells, skipped = [], []
-    if cfg['recipe'] and not os.path.isfile(cell_args({}, cfg['recipe'])[0][0]):
+    if cfg['recipe'] and not os.path.isfile(config_path(cfg['recipe'])):
         raise ConfigError(f'recipe={cfg["recipe"]!r}: no such train.py config file')
     for cell in grid_cells(cfg['grid']):
         (files, flags), name = cell_args(cell, cfg['recipe']), cell_name(cell)
