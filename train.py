@@ -106,7 +106,7 @@ caption_form = 'sentences'  # their captions: 'sentences' (scored whole) or 'que
 conversations = 6000  # shapes-world instruction conversations (fine-tuning, and instruct_ratio in the image stage)
 
 # finetune stage
-finetune_epochs = 6  # passes over the instruction conversations (config/ablate_finetune_epochs.py sweeps 2-9)
+finetune_epochs = 6  # passes over the instruction conversations (config/ablate_finetune_epochs.py sweeps 1, 2, 3, 4, 6)
 finetune_conversations = 0  # fine-tune on the first this many of them (0: all): the fine-tuning set's size
 finetune_lr = 1e-3  # peak LR of fine-tuning (re-warmed)
 finetune_text_ratio = 0.25  # fraction of each fine-tuning batch that is plain text, so text is not forgotten
