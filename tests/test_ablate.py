@@ -5,6 +5,7 @@ import _thread
 import json
 import os
 import re
+import signal
 import time
 
 import numpy as np
@@ -469,8 +470,13 @@ def test_a_stopped_plan_with_jobs_starts_no_other_cell(tmp_path, monkeypatch):
     monkeypatch.setattr(scheduler, 'run_cell', fake_run)
     monkeypatch.setattr(scheduler, 'prepare_inputs', lambda runs: None)
     _, runs, _ = plan([f'--out_dir={tmp_path}', "--grid={'image_ratio': [0.1, 0.2]}", '--seeds=[1,2,3]'])
-    with pytest.raises(SystemExit) as stopped:
-        scheduler.run_plan(runs, jobs=2)
+    # interrupt_main does nothing where SIGINT is ignored, as in a pytest started in the background (`cmd &`)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            scheduler.run_plan(runs, jobs=2)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert stopped.value.code == 128 + 2
     time.sleep(1.5)  # the two running cells end; their workers start nothing after the stop
     assert sorted(calls) == [1, 2]
